@@ -1,0 +1,260 @@
+# -*- test-case-name: tests.test_store -*-
+"""
+The peer's on-disk stores.
+
+For now this holds the public outbox (the paper's section 4.3, steps 4, 9 and
+11): ciphertexts kept as files named by the lowercase hex SHA-256 of their
+bytes, served to receivers and group members by L{p2pmta.web}.
+"""
+
+import hashlib
+import os
+import re
+import stat
+import tempfile
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.filepath import FilePath
+from zope.interface import implementer
+
+from p2pmta.fileutil import (
+    CHUNK_SIZE,
+    TEMP_PREFIX,
+    AtomicFile,
+    ensureDir,
+    fsyncDir,
+    removeTempFiles,
+)
+from p2pmta.interfaces import IOutbox
+
+_DIGEST = re.compile(r"[0-9a-f]{64}")
+
+
+def isDigest(s: object) -> bool:
+    """
+    @return: whether C{s} is a L{str} holding exactly a lowercase hex SHA-256
+        digest (64 characters of C{0-9a-f}, nothing before or after).
+    """
+    # fullmatch, not "^...$": "$" also matches before a trailing newline.
+    return isinstance(s, str) and _DIGEST.fullmatch(s) is not None
+
+
+def sha256Hex(data: bytes) -> str:
+    """
+    @return: the lowercase hex SHA-256 digest of C{data}.
+    """
+    return hashlib.sha256(data).hexdigest()
+
+
+@implementer(IOutbox)
+class Outbox:
+    """
+    The public outbox: ciphertexts in one folder, each file named by the
+    lowercase hex SHA-256 of its bytes.
+
+    Writes are atomic (temporary file C{.tmp-*}, fsync, rename, fsync of the
+    folder) and run in a threadpool; reads of the listing and of sizes are
+    quick and run where they are called.  Only one L{Outbox} may use a folder
+    at a time: constructing one removes the temporary files of earlier,
+    crashed runs.
+
+    @ivar directory: The outbox folder (L{str}).
+    """
+
+    log = Logger()
+
+    dirMode = 0o700
+    fileMode = 0o600
+
+    def __init__(self, reactor, directory: str, threadpool) -> None:
+        """
+        Open, creating if need be, the outbox in C{directory}.
+
+        @param reactor: The reactor threadpool results are delivered on.
+        @param directory: The outbox folder; created with mode 0700.
+        @param threadpool: The L{twisted.python.threadpool.ThreadPool} (or
+            anything with its C{callInThreadWithCallback}) that runs the
+            hashing and the writes.
+        """
+        self._reactor = reactor
+        self._threadpool = threadpool
+        self.directory = os.path.abspath(directory)
+        ensureDir(self.directory, self.dirMode)
+        for name in removeTempFiles(self.directory):
+            self.log.info(
+                "removed {name} left in the outbox {directory} by a crash",
+                name=name,
+                directory=self.directory,
+            )
+
+    def _inThread(self, f, *args) -> Deferred:
+        return deferToThreadPool(self._reactor, self._threadpool, f, *args)
+
+    def _pathOf(self, digest: str) -> str:
+        return os.path.join(self.directory, digest)
+
+    # -- writing --------------------------------------------------------
+
+    def add(self, data: bytes) -> Deferred:
+        """
+        Store C{data} atomically, unless it is already held.
+
+        @return: a Deferred firing with its digest (L{str}).
+        """
+        return self._inThread(self._add, bytes(data))
+
+    def _add(self, data: bytes) -> str:
+        digest = sha256Hex(data)
+        target = self._pathOf(digest)
+        if not self._isRegularFile(target):
+            with AtomicFile(self.directory, self.fileMode) as f:
+                f.write(data)
+                f.commit(target)
+        return digest
+
+    def addFile(self, path: str, move: bool = False) -> Deferred:
+        """
+        Store the content of the finished file C{path} without holding it in
+        memory: it is copied in chunks, or with C{move} renamed into the
+        outbox (copied, then removed, across file systems), and hashed in
+        chunks as it is stored, so the name always matches the bytes kept.
+
+        @param path: A file nobody writes to any more.
+        @param move: Whether to take the file away from C{path}.
+
+        @return: a Deferred firing with its digest (L{str}).
+        """
+        return self._inThread(self._addFile, os.fspath(path), move)
+
+    def _addFile(self, path: str, move: bool) -> str:
+        if move and self._canAdopt(path):
+            return self._adopt(path)
+        h = hashlib.sha256()
+        with open(path, "rb") as source, AtomicFile(self.directory, self.fileMode) as f:
+            while chunk := source.read(CHUNK_SIZE):
+                h.update(chunk)
+                f.write(chunk)
+            digest = h.hexdigest()
+            f.commit(self._pathOf(digest))
+        if move:
+            os.unlink(path)
+        return digest
+
+    def _canAdopt(self, path: str) -> bool:
+        """
+        Whether C{path} is a regular file (not a link) that can be renamed
+        into the outbox.
+        """
+        st = os.lstat(path)
+        return stat.S_ISREG(st.st_mode) and st.st_dev == os.stat(self.directory).st_dev
+
+    def _adopt(self, path: str) -> str:
+        """
+        Rename C{path} to a temporary name in the outbox, then hash it and
+        rename it to its digest.  Once renamed it is ours: nobody else knows
+        the temporary name, so the digest matches the bytes kept.  On
+        failure it is given back.
+        """
+        fd, temp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=self.directory)
+        os.close(fd)
+        os.replace(path, temp)
+        try:
+            os.chmod(temp, self.fileMode)
+            h = hashlib.sha256()
+            with open(temp, "rb") as source:
+                while chunk := source.read(CHUNK_SIZE):
+                    h.update(chunk)
+                os.fsync(source.fileno())
+            digest = h.hexdigest()
+            os.replace(temp, self._pathOf(digest))
+        except BaseException:
+            os.replace(temp, path)
+            raise
+        fsyncDir(self.directory)
+        fsyncDir(os.path.dirname(os.path.abspath(path)))
+        return digest
+
+    def remove(self, digest: str) -> Deferred:
+        """
+        Remove a stored ciphertext.  Removing one not held, or naming it by
+        a malformed digest, is not an error (and a malformed digest never
+        reaches the file system).
+
+        @return: a Deferred firing with L{None}.
+        """
+        if not isDigest(digest):
+            return succeed(None)
+        return self._inThread(self._remove, digest)
+
+    def _remove(self, digest: str) -> None:
+        try:
+            os.unlink(self._pathOf(digest))
+        except FileNotFoundError:
+            return
+        fsyncDir(self.directory)
+
+    # -- reading --------------------------------------------------------
+
+    @staticmethod
+    def _isRegularFile(path: str) -> bool:
+        try:
+            return stat.S_ISREG(os.lstat(path).st_mode)
+        except OSError:
+            return False
+
+    def path(self, digest: str) -> FilePath | None:
+        """
+        @return: the L{FilePath} of a stored ciphertext, or L{None} if
+            C{digest} is malformed (checked before any file-system access)
+            or not held as a regular file.
+        """
+        if not isDigest(digest):
+            return None
+        path = self._pathOf(digest)
+        if not self._isRegularFile(path):
+            return None
+        return FilePath(path)
+
+    def sizeOf(self, digest: str) -> int | None:
+        """
+        @return: the size in bytes of a stored ciphertext, or L{None} if
+            C{digest} is malformed or not held.
+        """
+        if not isDigest(digest):
+            return None
+        try:
+            st = os.lstat(self._pathOf(digest))
+        except OSError:
+            return None
+        return st.st_size if stat.S_ISREG(st.st_mode) else None
+
+    def digests(self) -> list[str]:
+        """
+        @return: a sorted L{list} of the digests held (temporary files and
+            anything else not named by a digest are left out).
+        """
+        return sorted(name for name, _ in self._entries())
+
+    def totalBytes(self) -> int:
+        """
+        @return: the number of bytes the stored ciphertexts take, for
+            disk-use reporting.  This reads the whole folder.
+        """
+        return sum(size for _, size in self._entries())
+
+    def _entries(self):
+        """
+        The name and size of every regular file named by a digest.
+        """
+        with os.scandir(self.directory) as it:
+            for entry in it:
+                if not isDigest(entry.name):
+                    continue
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                if stat.S_ISREG(st.st_mode):
+                    yield entry.name, st.st_size
