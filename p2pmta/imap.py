@@ -1,0 +1,876 @@
+# -*- test-case-name: tests.test_imap -*-
+"""
+The IMAP4rev1 server the mail client reads the peer's mail with (paper,
+section 4.3, steps 8 and 9), over a L{p2pmta.mailstore.MailStore}.
+
+Twisted's C{IMAP4Server} carries the traps listed in C{TRAPS.md}; this
+protocol keeps Twisted's interfaces (the avatar is an
+L{twisted.mail.imap4.IAccount}, mailboxes provide C{IMailboxInfo} and
+C{ISearchableMailbox}) and Twisted's cred, but reads and answers commands
+itself:
+
+  - one command at a time, in order: pipelined commands wait their turn;
+  - lines up to 64 KiB; anything malformed or too long gets one tagged BAD
+    and the session goes on; literals are bounded, APPEND's by
+    C{maxMessageSize} (C{NO [TOOBIG]} before the literal is read);
+  - each session has its own sequence-number view: other sessions'
+    expunges are announced only where RFC 3501 section 7.4.1 allows (not
+    after FETCH, STORE, SEARCH or COPY by sequence number), and until then
+    the session's numbers still name the messages they named;
+  - a FETCH that needs a body first asks the store for it, which may pull
+    it from its sender; if that fails the FETCH ends C{NO [UNAVAILABLE]}.
+    Header items never do.  Sections are cut from stored bytes and streamed.
+
+Not implemented: CREATE, DELETE and RENAME (the mailboxes are fixed), the
+\\Recent flag (RECENT is always 0), LITERAL+, MOVE, CONDSTORE.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+
+from twisted.cred.credentials import UsernamePassword
+from twisted.cred.error import UnauthorizedLogin
+from twisted.internet import protocol
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.logger import Logger
+from twisted.mail.imap4 import (
+    IAccount,
+    IMailboxInfo,
+    INamespacePresenter,
+    MailboxException,
+)
+from twisted.protocols import policies
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from p2pmta import imapfetch, imapsearch
+from p2pmta.errors import BodyUnavailable
+from p2pmta.imapsearch import Args, BadCommand, SelectedMailbox
+from p2pmta.mailstore import NoSuchMailbox
+
+#: The longest command line accepted (without its CRLF).
+MAX_LINE = 64 * 1024
+#: The most bytes one command (other than APPEND's message) may take.
+MAX_COMMAND = 256 * 1024
+#: The default largest message APPEND accepts.
+MAX_MESSAGE_SIZE = 50 * 1024 * 1024
+#: How many bodies one FETCH asks for at once.
+BODY_CONCURRENCY = 4
+
+_LITERAL = re.compile(rb"\{([0-9]{1,20})(\+?)\}\Z")
+_TAG = re.compile(rb"[^\x00-\x20\x7f(){%*\"\\+]+")
+_COMMAND = re.compile(rb"[^ ]+ +(?:UID +)?([A-Za-z]+)")
+_STORE_ITEM = re.compile(rb"([+-]?)FLAGS(\.SILENT)?", re.IGNORECASE)
+_STATUS_ITEMS = ("MESSAGES", "RECENT", "UIDNEXT", "UIDVALIDITY", "UNSEEN")
+#: The states each command is allowed in.
+_STATES = {
+    name: states
+    for names, states in (
+        (b"CAPABILITY NOOP LOGOUT", ("unauth", "auth", "selected")),
+        (b"STARTTLS LOGIN AUTHENTICATE", ("unauth",)),
+        (b"SELECT EXAMINE CREATE DELETE RENAME SUBSCRIBE", ("auth", "selected")),
+        (b"UNSUBSCRIBE LIST LSUB STATUS APPEND NAMESPACE IDLE", ("auth", "selected")),
+        (b"CHECK CLOSE UNSELECT EXPUNGE SEARCH FETCH STORE COPY", ("selected",)),
+    )
+    for name in names.split()
+}
+_UID_COMMANDS = (b"FETCH", b"STORE", b"COPY", b"SEARCH", b"EXPUNGE")
+#: Commands by sequence number, after which no EXPUNGE may be sent.
+_BY_SEQUENCE = (b"FETCH", b"STORE", b"SEARCH", b"COPY")
+
+
+class _No(Exception):
+    """
+    Answer the command C{NO}, with this text.
+    """
+
+
+def mailboxName(name: str) -> bytes:
+    return imapfetch.quote(name.encode("imap4-utf-7"))
+
+
+@implementer(IMailboxInfo)
+class MailboxInfo:
+    """
+    What LIST shows of a mailbox: C{attributes} are mailbox attributes
+    (e.g. C{\\Sent}), never message flags.
+    """
+
+    def __init__(self, name: str, attributes) -> None:
+        self.name = name
+        self.attributes = ["\\HasNoChildren", *attributes]
+
+    def getFlags(self) -> list:
+        return list(imapsearch.SYSTEM_FLAGS)
+
+    def getHierarchicalDelimiter(self) -> str:
+        return "/"
+
+
+@implementer(IAccount, INamespacePresenter)
+class Account:
+    """
+    The IMAP avatar of the peer's one user: the store's fixed mailboxes.
+    """
+
+    def __init__(self, store) -> None:
+        self.store = store
+
+    def listMailboxes(self, ref, wildcard) -> list:
+        ref = ref.decode("imap4-utf-7") if isinstance(ref, bytes) else ref
+        wildcard = (
+            wildcard.decode("imap4-utf-7") if isinstance(wildcard, bytes) else wildcard
+        )
+        pattern = "".join(
+            ".*" if c == "*" else "[^/]*" if c == "%" else re.escape(c)
+            for c in ref + wildcard
+        )
+        found = []
+        for name, attributes in self.store.mailboxNames():
+            flags = re.IGNORECASE if name == "INBOX" else 0
+            if re.fullmatch(pattern, name, flags):
+                found.append((name, MailboxInfo(name, attributes)))
+        return found
+
+    def select(self, name, rw=True):
+        name = name.decode("imap4-utf-7") if isinstance(name, bytes) else name
+        try:
+            self.store.uidValidity(name)
+        except NoSuchMailbox:
+            return None
+        return SelectedMailbox(
+            self.store, "INBOX" if name.upper() == "INBOX" else name, rw
+        )
+
+    def _fixed(self, *args, **kwargs):
+        raise MailboxException("this server's mailboxes are fixed")
+
+    addMailbox = create = delete = rename = _fixed
+
+    def isSubscribed(self, name) -> bool:
+        return True
+
+    def subscribe(self, name) -> bool:
+        return True
+
+    def unsubscribe(self, name) -> bool:
+        return True
+
+    def getPersonalNamespaces(self):
+        return [["", "/"]]
+
+    def getSharedNamespaces(self):
+        return None
+
+    def getUserNamespaces(self):
+        return None
+
+    def getOtherNamespaces(self):
+        return None
+
+
+def makeAccount(store) -> Account:
+    """
+    The IMAP avatar factory for the cred realm:
+    C{{IAccount: lambda: makeAccount(store)}}.
+    """
+    return Account(store)
+
+
+class IMAPServer(protocol.Protocol, policies.TimeoutMixin):
+    """
+    One IMAP session.  L{IMAPFactory} builds it.
+    """
+
+    log = Logger()
+    preAuthTimeout = 60
+    postAuthTimeout = 31 * 60
+
+    def __init__(self) -> None:
+        self.state = "unauth"
+        self.account = None
+        self.store = None
+        self.selected: SelectedMailbox | None = None
+        self._avatarLogout = None
+        self._buffer = bytearray()
+        self._parts: list = []
+        self._commandBytes = 0
+        self._literalLeft = 0
+        self._literalChunks: list = []
+        self._append = False
+        self._discarding: bytes | None = None
+        self._busy = False
+        self._draining = False
+        self._paused = False
+        self._closed = False
+        self._closing = False
+        self._lineWaiter: Deferred | None = None
+        self._idling = False
+        self._tls = False
+        self._tag = b"*"
+
+    # -- connection ------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        self.callLater = self.factory.clock.callLater
+        self.setTimeout(self.preAuthTimeout)
+        self._send(
+            b"* OK [CAPABILITY " + self.capabilities() + b"] p2pmta IMAP4rev1 ready"
+        )
+
+    def connectionLost(self, reason=protocol.connectionDone) -> None:
+        self._closed = True
+        self.setTimeout(None)
+        self._deselect()
+        if self._lineWaiter is not None:
+            waiter, self._lineWaiter = self._lineWaiter, None
+            waiter.errback(reason)
+        if self._avatarLogout is not None:
+            logout, self._avatarLogout = self._avatarLogout, None
+            logout()
+
+    def timeoutConnection(self) -> None:
+        self._send(b"* BYE Autologout; idle for too long")
+        self.transport.loseConnection()
+
+    def _send(self, line: bytes) -> None:
+        if not self._closed:
+            self.transport.write(line + b"\r\n")
+
+    def capabilities(self) -> bytes:
+        caps = b"IMAP4rev1 IDLE UIDPLUS SPECIAL-USE NAMESPACE UNSELECT".split()
+        if self.factory.tlsOptions is not None and not self._tls:
+            caps.append(b"STARTTLS")
+        caps.append(b"AUTH=PLAIN")
+        return b" ".join(caps)
+
+    # -- reading commands ------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        self.resetTimeout()
+        self._buffer += data
+        self._drain()
+
+    def _drain(self) -> None:
+        if self._draining:
+            return
+        self._draining = True
+        try:
+            self._drainLoop()
+        finally:
+            self._draining = False
+        if self._paused and len(self._buffer) < MAX_COMMAND:
+            self._paused = False
+            self.transport.resumeProducing()
+
+    def _drainLoop(self) -> None:
+        buf = self._buffer
+        while buf and not self._closed and not self._closing:
+            if self._literalLeft:
+                chunk = bytes(buf[: self._literalLeft])
+                del buf[: len(chunk)]
+                self._literalChunks.append(chunk)
+                self._literalLeft -= len(chunk)
+                if not self._literalLeft:
+                    self._parts.append(
+                        imapsearch.Literal(b"".join(self._literalChunks))
+                    )
+                    self._literalChunks = []
+                continue
+            if self._busy and self._lineWaiter is None:
+                if len(buf) > MAX_COMMAND and not self._paused:
+                    self._paused = True
+                    self.transport.pauseProducing()
+                return
+            end = buf.find(b"\n")
+            if end < 0:
+                if len(buf) > MAX_LINE + 1:
+                    if self._discarding is None:
+                        self._discarding = (
+                            bytes(buf[:200])
+                            if not self._parts
+                            else self._parts[0][:200]
+                        )
+                    del buf[:]
+                return
+            line = bytes(buf[:end]).rstrip(b"\r")
+            del buf[: end + 1]
+            if self._discarding is not None or len(line) > MAX_LINE:
+                head = self._discarding or (self._parts[0] if self._parts else line)
+                self._discarding = None
+                self._reset()
+                self._send(_tagOf(head) + b" BAD Command line too long")
+                continue
+            if self._lineWaiter is not None:
+                waiter, self._lineWaiter = self._lineWaiter, None
+                waiter.callback(line)
+                continue
+            self._lineReceived(line)
+
+    def _reset(self) -> None:
+        self._parts = []
+        self._commandBytes = 0
+
+    def _lineReceived(self, line: bytes) -> None:
+        if not self._parts:
+            command = _COMMAND.match(line)
+            self._append = (
+                command is not None
+                and command.group(1).upper() == b"APPEND"
+                and self.state != "unauth"
+            )
+        limit = MAX_COMMAND + (self.factory.maxMessageSize if self._append else 0)
+        self._commandBytes += len(line)
+        m = _LITERAL.search(line)
+        if m is None:
+            parts, tooLong = [*self._parts, line], self._commandBytes > limit
+            self._reset()
+            if tooLong:
+                self._send(_tagOf(parts[0]) + b" BAD Command too long")
+            else:
+                self._execute(parts)
+            return
+        self._parts.append(line[: m.start()])
+        size, sync = int(m.group(1)), not m.group(2)
+        self._commandBytes += size
+        if self._commandBytes > limit or (self._append and size > limit - MAX_COMMAND):
+            tag = _tagOf(self._parts[0])
+            self._reset()
+            if not sync:
+                self._send(b"* BYE Literal too large")
+                self.transport.loseConnection()
+                self._closing = True
+            elif self._append:
+                self._send(tag + b" NO [TOOBIG] Message too large")
+            else:
+                self._send(tag + b" BAD Literal too large")
+            return
+        if sync:
+            self._send(b"+ Ready for literal data")
+        self._literalLeft = size
+        if not size:
+            self._parts.append(imapsearch.Literal(b""))
+
+    def _readLine(self) -> Deferred:
+        """
+        @return: a Deferred firing with the client's next line (for
+            AUTHENTICATE and IDLE).
+        """
+        self._lineWaiter = Deferred()
+        return self._lineWaiter
+
+    # -- running commands ------------------------------------------------
+
+    def _execute(self, parts: list) -> None:
+        args = Args(parts)
+        m = args.match(_TAG)
+        if m is None:
+            self._send(b"* BAD Missing or malformed tag")
+            return
+        tag = self._tag = m.group()
+        try:
+            args.sp()
+            name = args.atom().upper()
+            uid = name == b"UID"
+            if uid:
+                args.sp()
+                name = args.atom().upper()
+                if name not in _UID_COMMANDS:
+                    raise BadCommand("unknown UID command")
+            states = _STATES.get(name)
+            if states is None:
+                raise BadCommand("unknown command")
+            if self.state not in states:
+                raise BadCommand(f"{name.decode()} is not allowed now")
+        except BadCommand as e:
+            self._send(tag + b" BAD " + str(e).encode())
+            return
+        self._busy = True
+        handler = getattr(self, "do_" + name.decode())
+        d = maybeDeferred(lambda: Deferred.fromCoroutine(handler(args, uid)))
+        d.addBoth(self._finish, tag, name, uid)
+
+    def _finish(self, result, tag: bytes, name: bytes, uid: bool) -> None:
+        if isinstance(result, Failure):
+            result = self._failureResponse(result, name)
+        if result is not None:
+            if self.selected is not None:
+                for line in self.selected.announcements(
+                    uid or name not in _BY_SEQUENCE
+                ):
+                    self._send(line)
+            self._send(tag + b" " + result)
+        self._busy = False
+        if self._closing:
+            self.transport.loseConnection()
+            return
+        self._drain()
+
+    def _failureResponse(self, failure: Failure, name: bytes) -> bytes:
+        if failure.check(BadCommand):
+            return b"BAD " + str(failure.value).encode("utf-8", "replace")
+        if failure.check(_No):
+            return b"NO " + failure.value.args[0]
+        if failure.check(BodyUnavailable):
+            reason = (
+                str(failure.value).encode("utf-8", "replace").replace(b"\r\n", b" ")
+            )
+            return b"NO [UNAVAILABLE] " + reason
+        if failure.check(NoSuchMailbox):
+            return b"NO [NONEXISTENT] No such mailbox"
+        if self._closed:
+            return b"NO Connection lost"
+        self.log.failure("IMAP {command} failed", failure, command=name.decode())
+        return b"NO [SERVERBUG] Internal error"
+
+    def _requireSelected(self) -> SelectedMailbox:
+        assert self.selected is not None
+        return self.selected
+
+    # -- any state ---------------------------------------------------------
+
+    async def do_CAPABILITY(self, args: Args, uid: bool) -> bytes:
+        args.end()
+        self._send(b"* CAPABILITY " + self.capabilities())
+        return b"OK CAPABILITY completed"
+
+    async def do_NOOP(self, args: Args, uid: bool) -> bytes:
+        args.end()
+        return b"OK NOOP completed"
+
+    async def do_LOGOUT(self, args: Args, uid: bool) -> bytes:
+        args.end()
+        self._deselect()
+        self._send(b"* BYE Logging out")
+        self._closing = True
+        return b"OK LOGOUT completed"
+
+    # -- not authenticated ---------------------------------------------
+
+    async def do_STARTTLS(self, args: Args, uid: bool) -> bytes:
+        args.end()
+        if self.factory.tlsOptions is None or self._tls:
+            raise _No(b"TLS not available")
+        self._send(self._tag + b" OK Begin TLS negotiation now")
+        del self._buffer[:]
+        self._reset()
+        self._tls = True
+        self.transport.startTLS(self.factory.tlsOptions)
+        return None
+
+    async def do_LOGIN(self, args: Args, uid: bool) -> bytes:
+        args.sp()
+        user = args.astring()
+        args.sp()
+        password = args.astring()
+        args.end()
+        return await self._login(user, password)
+
+    async def do_AUTHENTICATE(self, args: Args, uid: bool) -> bytes:
+        args.sp()
+        mechanism = args.atom().upper()
+        initial = None
+        if args.more():
+            args.sp()
+            initial = args.atom()
+        args.end()
+        if mechanism != b"PLAIN":
+            raise _No(b"Unsupported authentication mechanism")
+        if initial is None:
+            self._send(b"+ ")
+            initial = await self._readLine()
+        if initial.strip() == b"*":
+            raise BadCommand("AUTHENTICATE cancelled")
+        try:
+            response = base64.b64decode(
+                b"" if initial == b"=" else initial, validate=True
+            )
+        except ValueError as e:
+            raise BadCommand("malformed base64") from e
+        fields = response.split(b"\0")
+        if len(fields) != 3:
+            raise BadCommand("malformed PLAIN response")
+        authzid, user, password = fields
+        if authzid and authzid != user:
+            raise _No(b"[AUTHORIZATIONFAILED] Cannot act as another user")
+        return await self._login(user, password)
+
+    async def _login(self, user: bytes, password: bytes) -> bytes:
+        try:
+            _, avatar, logout = await self.factory.portal.login(
+                UsernamePassword(user, password), None, IAccount
+            )
+        except UnauthorizedLogin as e:
+            raise _No(b"[AUTHENTICATIONFAILED] Authentication failed") from e
+        if self._closed:
+            logout()
+            return None
+        self.account, self._avatarLogout = avatar, logout
+        self.store = getattr(avatar, "store", self.factory.store)
+        self.state = "auth"
+        self.setTimeout(self.postAuthTimeout)
+        return b"OK [CAPABILITY " + self.capabilities() + b"] Logged in"
+
+    # -- authenticated ---------------------------------------------------
+
+    def _deselect(self) -> None:
+        if self.selected is not None:
+            self.selected.close()
+            self.selected = None
+            if self.state == "selected":
+                self.state = "auth"
+
+    async def do_SELECT(self, args: Args, uid: bool, rw: bool = True) -> bytes:
+        args.sp()
+        name = args.mailbox()
+        args.end()
+        self._deselect()
+        box = self.account.select(name, rw)
+        if box is None:
+            raise _No(b"[NONEXISTENT] No such mailbox")
+        self.selected, self.state = box, "selected"
+        box.onChange = self._mailboxChanged
+        store = self.store
+        flags = " ".join(box.getFlags()).encode()
+        self._send(b"* FLAGS (" + flags + b")")
+        self._send(b"* %d EXISTS" % len(box.uids))
+        self._send(b"* 0 RECENT")
+        for seq, u in enumerate(box.uids, 1):
+            record = store.record(box.name, u)
+            if record is not None and "\\Seen" not in record.flags:
+                self._send(b"* OK [UNSEEN %d] First unseen message" % seq)
+                break
+        if rw:
+            self._send(b"* OK [PERMANENTFLAGS (" + flags + b" \\*)] Flags permitted")
+        else:
+            self._send(b"* OK [PERMANENTFLAGS ()] Read-only mailbox")
+        self._send(b"* OK [UIDVALIDITY %d] UIDs valid" % store.uidValidity(box.name))
+        self._send(b"* OK [UIDNEXT %d] Predicted next UID" % store.uidNext(box.name))
+        mode = b"READ-WRITE" if rw else b"READ-ONLY"
+        return (
+            b"OK [" + mode + b"] " + (b"SELECT" if rw else b"EXAMINE") + b" completed"
+        )
+
+    async def do_EXAMINE(self, args: Args, uid: bool) -> bytes:
+        return await self.do_SELECT(args, uid, rw=False)
+
+    async def do_CREATE(self, args: Args, uid: bool) -> bytes:
+        args.sp()
+        args.mailbox()
+        args.end()
+        raise _No(b"[CANNOT] This server has fixed mailboxes")
+
+    do_DELETE = do_CREATE
+
+    async def do_RENAME(self, args: Args, uid: bool) -> bytes:
+        args.sp()
+        args.mailbox()
+        return await self.do_CREATE(args, uid)
+
+    async def do_SUBSCRIBE(self, args: Args, uid: bool) -> bytes:
+        args.sp()
+        name = args.mailbox()
+        args.end()
+        self._checkMailbox(name)
+        return b"OK Done"
+
+    do_UNSUBSCRIBE = do_SUBSCRIBE
+
+    def _checkMailbox(self, name: str) -> str:
+        try:
+            self.store.uidValidity(name)
+        except NoSuchMailbox:
+            raise _No(b"[NONEXISTENT] No such mailbox") from None
+        return "INBOX" if name.upper() == "INBOX" else name
+
+    async def do_LIST(self, args: Args, uid: bool, command: bytes = b"LIST") -> bytes:
+        args.sp()
+        ref = imapsearch.decodeMailbox(args.astring(), pattern=True)
+        args.sp()
+        pattern = imapsearch.decodeMailbox(args.listMailbox(), pattern=True)
+        args.end()
+        if not pattern:
+            self._send(b"* " + command + b' (\\Noselect) "/" ""')
+        else:
+            for name, info in self.account.listMailboxes(ref, pattern):
+                attributes = " ".join(info.attributes).encode()
+                self._send(
+                    b'* %s (%s) "/" %s' % (command, attributes, mailboxName(name))
+                )
+        return b"OK " + command + b" completed"
+
+    async def do_LSUB(self, args: Args, uid: bool) -> bytes:
+        return await self.do_LIST(args, uid, b"LSUB")
+
+    async def do_NAMESPACE(self, args: Args, uid: bool) -> bytes:
+        args.end()
+        self._send(b'* NAMESPACE (("" "/")) NIL NIL')
+        return b"OK NAMESPACE completed"
+
+    async def do_STATUS(self, args: Args, uid: bool) -> bytes:
+        args.sp()
+        name = args.mailbox()
+        args.sp()
+        args.expect(b"(")
+        items = [args.atom().upper().decode()]
+        while not args.take(b")"):
+            args.sp()
+            items.append(args.atom().upper().decode())
+        args.end()
+        for item in items:
+            if item not in _STATUS_ITEMS:
+                raise BadCommand(f"unknown STATUS item {item}")
+        name = self._checkMailbox(name)
+        store = self.store
+        records = store.messages(name)
+        values = {
+            "MESSAGES": len(records),
+            "RECENT": 0,
+            "UIDNEXT": store.uidNext(name),
+            "UIDVALIDITY": store.uidValidity(name),
+            "UNSEEN": sum(1 for r in records if "\\Seen" not in r.flags),
+        }
+        data = " ".join(f"{item} {values[item]}" for item in items).encode()
+        self._send(b"* STATUS " + mailboxName(name) + b" (" + data + b")")
+        return b"OK STATUS completed"
+
+    async def do_APPEND(self, args: Args, uid: bool) -> bytes:
+        args.sp()
+        name = args.mailbox()
+        args.sp()
+        flags: list = []
+        if args.peek() == b"(":
+            flags = args.flagList()
+            args.sp()
+        date = imapsearch.parseDateTime(args)
+        if date is not None:
+            args.sp()
+        if args.peek() is not None:
+            raise BadCommand("APPEND needs a literal")
+        message = args.string()
+        args.end()
+        name = self._checkMailbox(name)
+        if name in self.factory.noAppend:
+            raise _No(b"[CANNOT] Messages cannot be added to " + name.encode())
+        store = self.store
+        newUid = await store.append(
+            name, message, [f for f in flags if f != "\\Recent"], date
+        )
+        return b"OK [APPENDUID %d %d] APPEND completed" % (
+            store.uidValidity(name),
+            newUid,
+        )
+
+    async def do_IDLE(self, args: Args, uid: bool) -> bytes:
+        args.end()
+        self._send(b"+ idling")
+        self._idling = True
+        try:
+            self._mailboxChanged()
+            line = await self._readLine()
+        finally:
+            self._idling = False
+        if line.strip().upper() != b"DONE":
+            raise BadCommand("expected DONE")
+        return b"OK IDLE terminated"
+
+    def _mailboxChanged(self) -> None:
+        if self._idling and self.selected is not None:
+            for line in self.selected.announcements(True):
+                self._send(line)
+
+    # -- selected ----------------------------------------------------------
+
+    async def do_CHECK(self, args: Args, uid: bool) -> bytes:
+        args.end()
+        return b"OK CHECK completed"
+
+    async def do_CLOSE(self, args: Args, uid: bool) -> bytes:
+        args.end()
+        box = self._requireSelected()
+        if box.rw:
+            deleted = self._deleted(box, box.uids)
+            if deleted:
+                await self.store.expunge(box.name, deleted)
+        self._deselect()
+        return b"OK CLOSE completed"
+
+    async def do_UNSELECT(self, args: Args, uid: bool) -> bytes:
+        args.end()
+        self._deselect()
+        return b"OK UNSELECT completed"
+
+    def _deleted(self, box: SelectedMailbox, uids) -> list:
+        store = self.store
+        return [
+            u
+            for u in uids
+            if (r := store.record(box.name, u)) is not None and "\\Deleted" in r.flags
+        ]
+
+    async def do_EXPUNGE(self, args: Args, uid: bool) -> bytes:
+        box = self._requireSelected()
+        uids = box.uids
+        if uid:
+            args.sp()
+            uids = [u for _, u in box.resolve(args.sequenceSet(), True)]
+        args.end()
+        if not box.rw:
+            raise _No(b"[READ-ONLY] Mailbox is read-only")
+        deleted = self._deleted(box, uids)
+        if deleted:
+            await self.store.expunge(box.name, deleted)
+        return b"OK EXPUNGE completed"
+
+    async def do_SEARCH(self, args: Args, uid: bool) -> bytes:
+        args.sp()
+        charset, key = imapsearch.parseSearch(args)
+        if charset not in (None, "US-ASCII", "UTF-8"):
+            raise _No(b"[BADCHARSET (US-ASCII UTF-8)] Unsupported charset")
+        found = await self._requireSelected().search(key, uid)
+        self._send(b"* SEARCH" + b"".join(b" %d" % n for n in found))
+        return b"OK SEARCH completed"
+
+    def _live(self, box: SelectedMailbox, args: Args, uid: bool) -> tuple[list, bool]:
+        """
+        The C{(seq, uid, record)} a sequence set names that still exist,
+        and whether some named messages were expunged meanwhile.
+        """
+        targets = box.resolve(args.sequenceSet(), uid)
+        store = self.store
+        live = [
+            (s, u, r)
+            for s, u in targets
+            if (r := store.record(box.name, u)) is not None
+        ]
+        return live, len(live) != len(targets)
+
+    async def do_STORE(self, args: Args, uid: bool) -> bytes:
+        box = self._requireSelected()
+        args.sp()
+        live, gone = self._live(box, args, uid)
+        args.sp()
+        m = args.match(_STORE_ITEM)
+        if m is None:
+            raise BadCommand("expected FLAGS, +FLAGS or -FLAGS")
+        args.sp()
+        flags = args.flagList(parenthesised=False)
+        args.end()
+        if not box.rw:
+            raise _No(b"[READ-ONLY] Mailbox is read-only")
+        mode = {b"+": "add", b"-": "remove", b"": "set"}[m.group(1)]
+        flags = [f for f in flags if f != "\\Recent"]
+        result = await self.store.setFlags(
+            box.name, [u for _, u, _ in live], flags, mode
+        )
+        box.flagsReported(result)
+        if not m.group(2):
+            for seq, u, _ in live:
+                if u in result:
+                    extra = b" UID %d" % u if uid else b""
+                    self._send(
+                        b"* %d FETCH (FLAGS %s%s)"
+                        % (seq, imapsearch.flagList(result[u]), extra)
+                    )
+        if gone:
+            raise _No(b"[EXPUNGEISSUED] Some messages were expunged meanwhile")
+        return b"OK STORE completed"
+
+    async def do_COPY(self, args: Args, uid: bool) -> bytes:
+        box = self._requireSelected()
+        args.sp()
+        live, gone = self._live(box, args, uid)
+        args.sp()
+        destination = self._checkMailbox(args.mailbox())
+        args.end()
+        if destination in self.factory.noAppend:
+            raise _No(b"[CANNOT] Messages cannot be added to " + destination.encode())
+        store = self.store
+        pairs = await store.copy(box.name, [u for _, u, _ in live], destination)
+        if gone:
+            raise _No(b"[EXPUNGEISSUED] Some messages were expunged meanwhile")
+        if not pairs:
+            return b"OK COPY completed"
+        return b"OK [COPYUID %d %s %s] COPY completed" % (
+            store.uidValidity(destination),
+            imapsearch.formatSet(a for a, _ in pairs),
+            imapsearch.formatSet(b for _, b in pairs),
+        )
+
+    async def do_FETCH(self, args: Args, uid: bool) -> bytes:
+        box = self._requireSelected()
+        args.sp()
+        live, gone = self._live(box, args, uid)
+        args.sp()
+        items = list(dict.fromkeys(imapfetch.parseFetch(args)))
+        if uid and imapfetch.FetchItem("UID") not in items:
+            items.insert(0, imapfetch.FetchItem("UID"))
+        store = self.store
+        files, structures, unavailable = {}, {}, None
+        if any(i.needsBody for i in items):
+            uids = [u for _, u, _ in live]
+            files, unavailable = await imapfetch.fetchBodies(
+                store, box.name, uids, BODY_CONCURRENCY
+            )
+            live = [x for x in live if x[1] in files]
+            if any(i.needsStructure for i in items):
+                structures = await self.factory.structures.get(store, box.name, files)
+        seen: set = set()
+        if box.rw and any(i.setsSeen for i in items):
+            unseen = [u for _, u, r in live if "\\Seen" not in r.flags]
+            if unseen:
+                seen = set(await store.setFlags(box.name, unseen, ["\\Seen"], "add"))
+                box.flagsReported(seen)
+        pieces = imapfetch.fetchPieces(
+            store, box.name, live, items, files, structures, seen
+        )
+        await imapfetch.PieceSender(self.transport, pieces).start()
+        if unavailable is not None:
+            unavailable.raiseException()
+        if gone:
+            raise _No(b"[EXPUNGEISSUED] Some messages were expunged meanwhile")
+        return b"OK FETCH completed"
+
+
+def _tagOf(line: bytes) -> bytes:
+    m = _TAG.match(line)
+    return m.group() if m is not None else b"*"
+
+
+class IMAPFactory(protocol.Factory):
+    """
+    Builds L{IMAPServer}s for a store.
+
+    @ivar maxMessageSize: The largest message APPEND accepts.
+    @ivar noAppend: Mailboxes APPEND and COPY refuse to add to (the Outbox
+        only lists sends).
+    """
+
+    protocol = IMAPServer
+    noAppend = ("Outbox",)
+
+    def __init__(
+        self,
+        portal,
+        store,
+        tlsOptions=None,
+        clock=None,
+        maxMessageSize: int = MAX_MESSAGE_SIZE,
+    ) -> None:
+        """
+        @param portal: The portal logins go through; its realm hands out
+            L{twisted.mail.imap4.IAccount} avatars (an L{Account}).
+        @param store: The L{p2pmta.mailstore.MailStore}.
+        @param tlsOptions: Offer STARTTLS with these context options.
+        @param clock: The reactor used for timeouts.
+        """
+        if clock is None:
+            from twisted.internet import reactor as clock
+        self.portal = portal
+        self.store = store
+        self.tlsOptions = tlsOptions
+        self.clock = clock
+        self.maxMessageSize = maxMessageSize
+        self.structures = imapfetch.StructureCache()

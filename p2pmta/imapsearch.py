@@ -1,0 +1,780 @@
+# -*- test-case-name: tests.test_imap -*-
+"""
+IMAP command arguments (RFC 3501 section 9), a session's view of its
+selected mailbox, and SEARCH over the mail store.
+
+L{Args} reads the arguments of one command: text and literals as the
+server's reader collected them.  Every syntax error raises L{BadCommand}, which
+the server answers with one tagged BAD.
+
+SEARCH is evaluated here over L{p2pmta.mailstore.MessageRecord}s, never by
+Twisted's broken one.  Header keys use the stored header section.  C{TEXT}
+and C{BODY} read the message file when it is held; for a message whose body
+is not here yet they search its header section only: a search never pulls a
+body from its sender.  Bodies are searched as raw bytes, ASCII
+case-insensitively (no charset or transfer decoding).
+"""
+
+from __future__ import annotations
+
+import bisect
+import calendar
+import datetime
+import email.header
+import email.utils
+import re
+import time
+from email.parser import BytesHeaderParser
+from email.policy import compat32
+
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.mail.imap4 import IMailboxInfo, ISearchableMailbox
+from zope.interface import implementer
+
+from p2pmta.mailstore import MessageRecord
+
+_UTC = datetime.timezone.utc  # noqa: UP017 - Python 3.10 has no datetime.UTC
+
+#: How deep parentheses, NOT and OR may nest in one SEARCH.
+MAX_SEARCH_DEPTH = 50
+
+
+class BadCommand(Exception):
+    """The command is malformed."""
+
+
+class Literal(bytes):
+    """
+    A literal's bytes, as collected by the server's reader.
+    """
+
+
+_CTL = bytes(range(32)) + b"\x7f"
+_ATOM_SPECIALS = frozenset(b'(){ %*"\\]' + _CTL)
+_ASTRING_SPECIALS = frozenset(b'(){ %*"\\' + _CTL)
+_LIST_SPECIALS = frozenset(b'(){ "\\' + _CTL)
+_MONTHS = "jan feb mar apr may jun jul aug sep oct nov dec".split()  # noqa: SIM905
+_DATE = re.compile(rb"(\d{1,2})-([A-Za-z]{3})-(\d{4})\Z")
+_NUMBER = rb"(?:[0-9]{1,40}|\*)"
+_SEQSET = re.compile(
+    _NUMBER
+    + rb"(?::"
+    + _NUMBER
+    + rb")?(?:,"
+    + _NUMBER
+    + rb"(?::"
+    + _NUMBER
+    + rb")?)*\Z"
+)
+
+
+class Args:
+    """
+    A cursor over one command's text and literals.
+
+    @param parts: Alternating L{bytes} (text) and L{Literal}s, text first
+        and last.
+    """
+
+    def __init__(self, parts: list) -> None:
+        self._parts = parts or [b""]
+        self._i = 0
+        self._pos = 0
+
+    def _text(self) -> bytes:
+        return self._parts[self._i]
+
+    def peek(self):
+        """
+        @return: the next byte (as L{bytes}), C{b""} at the end, or L{None}
+            when a literal comes next.
+        """
+        text = self._text()
+        if self._pos < len(text):
+            return text[self._pos : self._pos + 1]
+        if self._i + 1 < len(self._parts):
+            return None
+        return b""
+
+    def more(self) -> bool:
+        """
+        @return: whether anything is left.
+        """
+        return self.peek() != b""
+
+    def take(self, expected: bytes) -> bool:
+        """
+        Consume C{expected} (case-insensitively) if it comes next.
+        """
+        text = self._text()
+        if text[self._pos : self._pos + len(expected)].upper() == expected.upper():
+            self._pos += len(expected)
+            return True
+        return False
+
+    def match(self, pattern):
+        """
+        Consume what the compiled C{pattern} matches at the cursor, if it
+        does.
+
+        @return: the match, or L{None}.
+        """
+        m = pattern.match(self._text(), self._pos)
+        if m is not None:
+            self._pos = m.end()
+        return m
+
+    def expect(self, expected: bytes) -> None:
+        if not self.take(expected):
+            raise BadCommand(f"expected {expected.decode()!r}")
+
+    def sp(self) -> None:
+        """
+        Consume the space between two arguments.
+        """
+        if not self.take(b" "):
+            raise BadCommand("missing argument")
+
+    def end(self) -> None:
+        """
+        Require the end of the command.
+        """
+        while self.take(b" "):
+            pass
+        if self.more():
+            raise BadCommand("too many arguments")
+
+    def _run(self, specials) -> bytes:
+        text = self._text()
+        start = self._pos
+        while self._pos < len(text) and text[self._pos] not in specials:
+            self._pos += 1
+        return text[start : self._pos]
+
+    def atom(self) -> bytes:
+        word = self._run(_ATOM_SPECIALS)
+        if not word:
+            raise BadCommand("missing or malformed argument")
+        return word
+
+    def word(self) -> bytes:
+        """
+        Everything up to the next space or parenthesis (sequence sets).
+        """
+        word = self._run(frozenset(b" ()"))
+        if not word:
+            raise BadCommand("missing argument")
+        return word
+
+    def _literal(self) -> bytes:
+        value = self._parts[self._i + 1]
+        self._i += 2
+        self._pos = 0
+        return bytes(value)
+
+    def _quoted(self) -> bytes:
+        text = self._text()
+        out = bytearray()
+        i = self._pos + 1
+        while i < len(text):
+            c = text[i]
+            if c == 0x5C and i + 1 < len(text) and text[i + 1] in b'"\\':
+                out.append(text[i + 1])
+                i += 2
+            elif c == 0x22:
+                self._pos = i + 1
+                return bytes(out)
+            elif c in b"\r\n":
+                break
+            else:
+                out.append(c)
+                i += 1
+        raise BadCommand("unterminated quoted string")
+
+    def string(self) -> bytes:
+        """
+        A quoted string or a literal.
+        """
+        c = self.peek()
+        if c is None:
+            return self._literal()
+        if c == b'"':
+            return self._quoted()
+        raise BadCommand("expected a string")
+
+    def astring(self) -> bytes:
+        c = self.peek()
+        if c is None or c == b'"':
+            return self.string()
+        word = self._run(_ASTRING_SPECIALS)
+        if not word:
+            raise BadCommand("missing or malformed argument")
+        return word
+
+    def listMailbox(self) -> bytes:
+        c = self.peek()
+        if c is None or c == b'"':
+            return self.string()
+        word = self._run(_LIST_SPECIALS)
+        if not word:
+            raise BadCommand("missing mailbox pattern")
+        return word
+
+    def mailbox(self) -> str:
+        """
+        A mailbox name, decoded from modified UTF-7; C{INBOX} in any case is
+        C{"INBOX"}.
+        """
+        return decodeMailbox(self.astring())
+
+    def flag(self) -> str:
+        backslash = self.take(b"\\")
+        if backslash and self.take(b"*"):
+            raise BadCommand("\\* is not a flag")
+        name = self.atom().decode("ascii", "replace")
+        if not backslash:
+            return name
+        for system in SYSTEM_FLAGS:
+            if system.lower() == "\\" + name.lower():
+                return system
+        if name.lower() == "recent":
+            return "\\Recent"
+        raise BadCommand(f"unknown system flag \\{name}")
+
+    def flagList(self, parenthesised: bool = True) -> list:
+        """
+        C{(flag ...)}, or (when not C{parenthesised}) flags separated by
+        spaces up to the end.
+        """
+        flags = []
+        if self.take(b"("):
+            while not self.take(b")"):
+                if flags:
+                    self.sp()
+                flags.append(self.flag())
+            return flags
+        if parenthesised:
+            raise BadCommand("expected a flag list")
+        flags.append(self.flag())
+        while self.take(b" "):
+            flags.append(self.flag())
+        return flags
+
+    def sequenceSet(self) -> list:
+        return parseSequenceSet(self.word())
+
+
+SYSTEM_FLAGS = ("\\Answered", "\\Flagged", "\\Deleted", "\\Seen", "\\Draft")
+
+
+def flagList(flags) -> bytes:
+    """
+    Flags as an IMAP parenthesised list.
+    """
+    return b"(" + " ".join(sorted(flags)).encode("utf-8", "replace") + b")"
+
+
+def formatSet(numbers) -> bytes:
+    """
+    Numbers as a compact IMAP sequence set.
+    """
+    out, run = [], None
+    for n in sorted(numbers):
+        if run and n == run[1] + 1:
+            run[1] = n
+            continue
+        if run:
+            out.append(run)
+        run = [n, n]
+    if run:
+        out.append(run)
+    return b",".join(b"%d" % a if a == b else b"%d:%d" % (a, b) for a, b in out)
+
+
+def decodeMailbox(name: bytes, pattern: bool = False) -> str:
+    """
+    A mailbox name (or, with C{pattern}, a LIST pattern) from modified
+    UTF-7; C{INBOX} in any case is C{"INBOX"}.
+    """
+    try:
+        text = name.decode("imap4-utf-7")
+    except Exception as e:  # any codec error: a bad name
+        raise BadCommand("malformed mailbox name") from e
+    return "INBOX" if text.upper() == "INBOX" and not pattern else text
+
+
+def parseSequenceSet(token: bytes) -> list:
+    """
+    @return: the ranges of an IMAP sequence set: a list of C{(low, high)}
+        where L{None} stands for C{*}.
+    @raise BadCommand: if it is malformed or holds a zero.
+    """
+    if not _SEQSET.match(token):
+        raise BadCommand("malformed sequence set")
+    ranges = []
+    for item in token.split(b","):
+        ends = [None if x == b"*" else int(x) for x in item.split(b":")]
+        if 0 in ends:
+            raise BadCommand("0 is not a message number")
+        ranges.append((ends[0], ends[-1]))
+    return ranges
+
+
+def resolveSet(ranges: list, ids) -> list:
+    """
+    The members of the sorted C{ids} (a list or a L{range}) that a sequence
+    set names, in order.  Only the ids held are visited, never the whole
+    range a client wrote: C{1:99999999999999999999} costs no more than
+    C{1:*}.
+    """
+    if not len(ids):
+        return []
+    last = ids[-1]
+    picked: set = set()
+    for low, high in ranges:
+        low = last if low is None else low
+        high = last if high is None else high
+        if low > high:
+            low, high = high, low
+        start = bisect.bisect_left(ids, low)
+        stop = bisect.bisect_right(ids, high)
+        if stop - start == len(ids):
+            return list(ids)
+        picked.update(ids[start:stop])
+    return sorted(picked)
+
+
+def parseDate(raw: bytes) -> datetime.date:
+    m = _DATE.match(raw)
+    if m is None or m.group(2).decode().lower() not in _MONTHS:
+        raise BadCommand("malformed date")
+    month = _MONTHS.index(m.group(2).decode().lower()) + 1
+    try:
+        return datetime.date(int(m.group(3)), month, int(m.group(1)))
+    except ValueError as e:
+        raise BadCommand("invalid date") from e
+
+
+# -- SEARCH keys -------------------------------------------------------------
+
+_FLAG_KEYS = {
+    b"ANSWERED": ("\\Answered", True),
+    b"DELETED": ("\\Deleted", True),
+    b"DRAFT": ("\\Draft", True),
+    b"FLAGGED": ("\\Flagged", True),
+    b"SEEN": ("\\Seen", True),
+    b"UNANSWERED": ("\\Answered", False),
+    b"UNDELETED": ("\\Deleted", False),
+    b"UNDRAFT": ("\\Draft", False),
+    b"UNFLAGGED": ("\\Flagged", False),
+    b"UNSEEN": ("\\Seen", False),
+}
+_HEADER_KEYS = {b"FROM", b"TO", b"CC", b"BCC", b"SUBJECT"}
+_DATE_KEYS = {b"BEFORE", b"ON", b"SINCE", b"SENTBEFORE", b"SENTON", b"SENTSINCE"}
+
+
+def parseSearch(args: Args):
+    """
+    Parse C{[CHARSET name] key *(SP key)}.
+
+    @return: C{(charset, key)}, the charset L{None} when not given.
+    """
+    charset = None
+    if args.take(b"CHARSET "):
+        charset = args.astring().decode("ascii", "replace").upper()
+        args.sp()
+    keys = [_parseKey(args, 0)]
+    while args.more():
+        args.sp()
+        if not args.more():
+            break
+        keys.append(_parseKey(args, 0))
+    args.end()
+    return charset, keys[0] if len(keys) == 1 else ("and", keys)
+
+
+def _text(args: Args) -> str:
+    return args.astring().decode("utf-8", "replace")
+
+
+def _parseKey(args: Args, depth: int):
+    if depth > MAX_SEARCH_DEPTH:
+        raise BadCommand("search keys nested too deeply")
+    if args.take(b"("):
+        keys = [_parseKey(args, depth + 1)]
+        while not args.take(b")"):
+            args.sp()
+            keys.append(_parseKey(args, depth + 1))
+        return ("and", keys)
+    c = args.peek()
+    if c and (c.isdigit() or c == b"*"):
+        return ("seq", args.sequenceSet())
+    key = args.atom().upper()
+    if key == b"ALL":
+        return ("all",)
+    if key in _FLAG_KEYS:
+        flag, present = _FLAG_KEYS[key]
+        return ("flag", flag, present)
+    if key in (b"NEW", b"RECENT"):
+        return ("none",)
+    if key == b"OLD":
+        return ("all",)
+    args.sp()
+    if key == b"NOT":
+        return ("not", _parseKey(args, depth + 1))
+    if key == b"OR":
+        first = _parseKey(args, depth + 1)
+        args.sp()
+        return ("or", first, _parseKey(args, depth + 1))
+    if key in _HEADER_KEYS:
+        return ("header", key.decode().lower(), _text(args))
+    if key == b"HEADER":
+        name = args.astring().decode("ascii", "replace").lower()
+        args.sp()
+        return ("header", name, _text(args))
+    if key in (b"TEXT", b"BODY"):
+        return (key.decode().lower(), args.astring())
+    if key in (b"KEYWORD", b"UNKEYWORD"):
+        return ("flag", args.flag(), key == b"KEYWORD")
+    if key in (b"LARGER", b"SMALLER"):
+        number = args.atom()
+        if not number.isdigit() or len(number) > 40:
+            raise BadCommand("expected a number")
+        return ("size", key == b"LARGER", int(number))
+    if key == b"UID":
+        return ("uid", args.sequenceSet())
+    if key in _DATE_KEYS:
+        sent = key.startswith(b"SENT")
+        return ("date", key[4:] if sent else key, sent, parseDate(args.astring()))
+    raise BadCommand(f"unknown search key {key.decode('ascii', 'replace')}")
+
+
+def needsBody(key) -> bool:
+    """
+    @return: whether C{key} reads message bodies (C{TEXT} or C{BODY}).
+    """
+    kind = key[0]
+    if kind in ("text", "body"):
+        return True
+    if kind == "and":
+        return any(needsBody(k) for k in key[1])
+    if kind == "or":
+        return needsBody(key[1]) or needsBody(key[2])
+    if kind == "not":
+        return needsBody(key[1])
+    return False
+
+
+class _Candidate:
+    """
+    One message being searched; headers are parsed on demand.
+    """
+
+    def __init__(self, seq: int, record: MessageRecord, path) -> None:
+        self.seq = seq
+        self.record = record
+        self.path = path
+        self._headers = None
+
+    def headers(self):
+        if self._headers is None:
+            self._headers = BytesHeaderParser(policy=compat32).parsebytes(
+                self.record.headers
+            )
+        return self._headers
+
+
+def _unfold(value: str) -> str:
+    return re.sub(r"\r?\n(?=[ \t])", "", value)
+
+
+def _decoded(value: str) -> str:
+    try:
+        return str(email.header.make_header(email.header.decode_header(value)))
+    except Exception:
+        return value
+
+
+def _headerMatches(msg: _Candidate, name: str, needle: str) -> bool:
+    values = msg.headers().get_all(name) or []
+    needle = needle.casefold()
+    for value in values:
+        value = _unfold(str(value))
+        if needle in value.casefold() or needle in _decoded(value).casefold():
+            return True
+    return False
+
+
+def _fileContains(path: str, start: int, needle: bytes) -> bool:
+    """
+    Whether the file at C{path} holds C{needle} (ASCII case-insensitively)
+    at or after C{start}; read in chunks.
+    """
+    chunkSize = 1 << 20
+    overlap = max(len(needle) - 1, 0)
+    tail = b""
+    with open(path, "rb") as f:
+        f.seek(start)
+        while chunk := f.read(chunkSize):
+            data = tail + chunk.lower()
+            if needle in data:
+                return True
+            tail = data[-overlap:] if overlap else b""
+    return False
+
+
+def _matchesText(msg: _Candidate, needle: bytes, headers: bool) -> bool:
+    needle = needle.lower()
+    if not needle:
+        return True
+    if (msg.path is None or headers) and needle in msg.record.headers.lower():
+        return True
+    if msg.path is None:
+        return False
+    try:
+        return _fileContains(msg.path, len(msg.record.headers), needle)
+    except OSError:
+        # Expunged while we searched.
+        return False
+
+
+def _sentDate(msg: _Candidate):
+    value = msg.headers().get("date")
+    if value is None:
+        return None
+    try:
+        return email.utils.parsedate_to_datetime(_unfold(str(value))).date()
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+
+
+def _matches(key, msg: _Candidate, last: tuple) -> bool:
+    kind = key[0]
+    record = msg.record
+    if kind == "all":
+        return True
+    if kind == "none":
+        return False
+    if kind == "and":
+        return all(_matches(k, msg, last) for k in key[1])
+    if kind == "or":
+        return _matches(key[1], msg, last) or _matches(key[2], msg, last)
+    if kind == "not":
+        return not _matches(key[1], msg, last)
+    if kind == "flag":
+        _, flag, present = key
+        has = any(f.lower() == flag.lower() for f in record.flags)
+        return has == present
+    if kind == "header":
+        return _headerMatches(msg, key[1], key[2])
+    if kind == "text":
+        return _matchesText(msg, key[1], headers=True)
+    if kind == "body":
+        return _matchesText(msg, key[1], headers=False)
+    if kind == "size":
+        _, larger, n = key
+        return record.size > n if larger else record.size < n
+    if kind == "seq":
+        return _inRanges(msg.seq, key[1], last[0])
+    if kind == "uid":
+        return _inRanges(record.uid, key[1], last[1])
+    if kind == "date":
+        _, when, sent, date = key
+        if sent:
+            day = _sentDate(msg)
+            if day is None:
+                return False
+        else:
+            day = datetime.datetime.fromtimestamp(record.internalDate, _UTC).date()
+        if when == b"BEFORE":
+            return day < date
+        if when == b"ON":
+            return day == date
+        return day >= date
+    raise AssertionError(kind)
+
+
+def _inRanges(n: int, ranges: list, last: int) -> bool:
+    for low, high in ranges:
+        low = last if low is None else low
+        high = last if high is None else high
+        if min(low, high) <= n <= max(low, high):
+            return True
+    return False
+
+
+def search(key, candidates: list, lastSeq: int, lastUid: int) -> list:
+    """
+    Evaluate a parsed SEARCH key.  This may read message files (for
+    C{TEXT} and C{BODY} on held messages): then run it in a thread.
+
+    @param candidates: C{(seq, record, path)} for every message of the
+        session's view; C{path} is the held file or L{None}.
+    @return: the C{(seq, uid)} of the messages that match.
+    """
+    last = (lastSeq, lastUid)
+    found = []
+    for seq, record, path in candidates:
+        if _matches(key, _Candidate(seq, record, path), last):
+            found.append((seq, record.uid))
+    return found
+
+
+_DATETIME = re.compile(
+    rb'"([ 0-9]?[0-9])-([A-Za-z]{3})-([0-9]{4}) '
+    rb'([0-9]{2}):([0-9]{2}):([0-9]{2}) ([+-])([0-9]{2})([0-9]{2})"'
+)
+
+
+def parseDateTime(args: Args):
+    """
+    An optional quoted date-time (APPEND).
+
+    @return: seconds since the epoch, or L{None} if none comes next.
+    """
+    m = args.match(_DATETIME)
+    if m is None:
+        return None
+    day, month, year, hh, mm, ss, sign, zh, zm = m.groups()
+    if month.decode().lower() not in _MONTHS:
+        raise BadCommand("malformed date-time")
+    try:
+        fields = (
+            int(year),
+            _MONTHS.index(month.decode().lower()) + 1,
+            int(day.strip()),
+            int(hh),
+            int(mm),
+            int(ss),
+            0,
+            0,
+            0,
+        )
+        time.struct_time(fields)
+        when = calendar.timegm(fields)
+    except (ValueError, OverflowError) as e:
+        raise BadCommand("malformed date-time") from e
+    offset = (int(zh) * 60 + int(zm)) * 60
+    return float(when - offset if sign == b"+" else when + offset)
+
+
+# -- a session's view of its selected mailbox ----------------------------------
+
+
+@implementer(IMailboxInfo, ISearchableMailbox)
+class SelectedMailbox:
+    """
+    One session's view of a selected mailbox: its own sequence-number to
+    UID list, and the changes made by others that it has not announced
+    yet.
+
+    @ivar uids: The UIDs the session knows, in order: sequence number
+        C{n} is C{uids[n - 1]}.
+    @ivar onChange: Called (no argument) after each change of the mailbox.
+    """
+
+    def __init__(self, store, name: str, rw: bool) -> None:
+        self.store = store
+        self.name = name
+        self.rw = rw
+        self.uids = store.uids(name)
+        self.onChange = None
+        self._expunged: set = set()
+        self._added: set = set()
+        self._flagged: set = set()
+        store.addListener(name, self._changed)
+
+    def close(self) -> None:
+        self.store.removeListener(self.name, self._changed)
+        self.onChange = None
+
+    def _changed(self, event: str, uid: int) -> None:
+        known = self.seqOf(uid) is not None
+        if event == "added" and not known:
+            self._added.add(uid)
+        elif event == "expunged":
+            if known:
+                self._expunged.add(uid)
+                self._flagged.discard(uid)
+            self._added.discard(uid)
+        elif event == "flags" and known:
+            self._flagged.add(uid)
+        if self.onChange is not None:
+            self.onChange()
+
+    def seqOf(self, uid: int):
+        i = bisect.bisect_left(self.uids, uid)
+        return i + 1 if i < len(self.uids) and self.uids[i] == uid else None
+
+    def resolve(self, ranges: list, byUid: bool) -> list:
+        """
+        @return: C{(seq, uid)} of the messages a sequence set names in this
+            view.
+        """
+        if byUid:
+            return [(self.seqOf(u), u) for u in resolveSet(ranges, self.uids)]
+        return [
+            (n, self.uids[n - 1])
+            for n in resolveSet(ranges, range(1, len(self.uids) + 1))
+        ]
+
+    def flagsReported(self, uids) -> None:
+        self._flagged.difference_update(uids)
+
+    def announcements(self, expunges: bool) -> list:
+        """
+        Apply the pending changes to the view and return the untagged
+        lines that announce them: EXPUNGE (only if C{expunges}), FETCH
+        FLAGS, EXISTS.
+        """
+        lines = []
+        if expunges and self._expunged:
+            for uid in sorted(self._expunged, reverse=True):
+                seq = self.seqOf(uid)
+                if seq is not None:
+                    del self.uids[seq - 1]
+                    lines.append(b"* %d EXPUNGE" % seq)
+            self._expunged.clear()
+        for uid in sorted(self._flagged):
+            record = self.store.record(self.name, uid)
+            seq = self.seqOf(uid)
+            if record is not None and seq is not None:
+                lines.append(b"* %d FETCH (FLAGS %s)" % (seq, flagList(record.flags)))
+        self._flagged.clear()
+        added = sorted(
+            u for u in self._added if self.store.record(self.name, u) is not None
+        )
+        self._added.clear()
+        if added:
+            self.uids.extend(u for u in added if not self.uids or u > self.uids[-1])
+            lines.append(b"* %d EXISTS" % len(self.uids))
+        return lines
+
+    def getFlags(self) -> list:
+        keywords = set()
+        for record in self.store.messages(self.name):
+            keywords.update(f for f in record.flags if not f.startswith("\\"))
+        return [*SYSTEM_FLAGS, *sorted(keywords)]
+
+    def getHierarchicalDelimiter(self) -> str:
+        return "/"
+
+    def search(self, query, uid) -> Deferred:
+        """
+        Evaluate a key parsed by L{parseSearch} over this view.
+
+        @return: a Deferred firing with the matching UIDs (C{uid}) or
+            sequence numbers.
+        """
+        candidates = []
+        for seq, u in enumerate(self.uids, 1):
+            record = self.store.record(self.name, u)
+            if record is not None:
+                path = self.store.filePath(self.name, u) if record.held else None
+                candidates.append((seq, record, path))
+        last = (len(self.uids), self.uids[-1] if self.uids else 0)
+        if needsBody(query) or len(candidates) > 500:
+            d = self.store.runInThread(search, query, candidates, *last)
+        else:
+            d = maybeDeferred(search, query, candidates, *last)
+        return d.addCallback(lambda found: [u if uid else s for s, u in found])

@@ -1,0 +1,833 @@
+# -*- test-case-name: tests.test_mailstore -*-
+"""
+The peer's mailboxes: what the IMAP server shows (paper, section 4.3, steps
+7 to 10).
+
+Metadata lives in SQLite (tables C{mail_mailboxes} and C{mail_messages}, WAL
+mode), message files in a Maildir (written to C{tmp/}, fsynced, renamed into
+C{cur/}).  An index in memory mirrors the database, so every read of
+L{IMailStore} is synchronous; every write runs in the threadpool, one at a
+time, and updates the index only after its transaction commits, then tells
+the listeners.
+
+A received message may be shown before its body is here: L{MailStore.deliver}
+without a body file records the exact header section and the size given by
+the send notification.  L{MailStore.body} pulls the body through
+L{MailStore.bodyFetcher} when a client first needs it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
+
+from twisted.internet.defer import Deferred, DeferredLock, fail, maybeDeferred, succeed
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from p2pmta.errors import BodyUnavailable, StoreError
+from p2pmta.fileutil import CHUNK_SIZE, AtomicFile, ensureDir, fsyncDir, removeTempFiles
+from p2pmta.interfaces import IMailStore
+
+#: The mailboxes every store has, with their SPECIAL-USE attributes.
+DEFAULT_MAILBOXES = (("INBOX", ()), ("Sent", ("\\Sent",)), ("Outbox", ()))
+
+#: The suffix of our Maildir file names (Maildir "info" with no flags: flags
+#: live in SQLite).  A crash between writing a file and committing its row
+#: may leave a file no row names; it is kept, never deleted at start.
+_MAILDIR_SUFFIX = ".p2pmta:2,"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS mail_mailboxes (
+    name TEXT PRIMARY KEY,
+    uidvalidity INTEGER NOT NULL,
+    uidnext INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS mail_messages (
+    mailbox TEXT NOT NULL,
+    uid INTEGER NOT NULL,
+    flags TEXT NOT NULL,
+    internaldate REAL NOT NULL,
+    size INTEGER NOT NULL,
+    headers BLOB NOT NULL,
+    filename TEXT,
+    meta TEXT NOT NULL,
+    PRIMARY KEY (mailbox, uid)
+);
+"""
+
+
+class NoSuchMailbox(StoreError):
+    """There is no mailbox of that name."""
+
+
+class NoSuchMessage(StoreError):
+    """There is no message with that UID in the mailbox."""
+
+
+class HeaderMismatch(StoreError):
+    """The message does not start with the header section it was announced with."""
+
+
+@dataclass(frozen=True)
+class MessageRecord:
+    """
+    What the index knows of one message.
+
+    @ivar uid: Its IMAP UID in its mailbox.
+    @ivar flags: Its flags (a L{frozenset} of L{str}, e.g. C{"\\\\Seen"}).
+    @ivar internalDate: Its IMAP INTERNALDATE, seconds since the epoch.
+    @ivar size: Its RFC822.SIZE in bytes.
+    @ivar headers: Its exact header section, the blank line included.
+    @ivar held: Whether its whole file is here.
+    @ivar meta: The core's own data about it (JSON-able L{dict}); do not
+        mutate it, use L{MailStore.updateMeta}.
+    """
+
+    uid: int
+    flags: frozenset
+    internalDate: float
+    size: int
+    headers: bytes
+    held: bool
+    meta: dict = field(default_factory=dict, hash=False)
+
+
+def splitHeaders(message: bytes) -> bytes:
+    """
+    @return: the header section of C{message}, up to and including the
+        blank line that ends it (or all of C{message} if it has none).
+    """
+    if message.startswith(b"\r\n"):
+        return b"\r\n"
+    if message.startswith(b"\n"):
+        return b"\n"
+    ends = [i for i in (message.find(b"\r\n\r\n"), message.find(b"\n\n")) if i >= 0]
+    if not ends:
+        return message
+    end = min(ends)
+    return message[: end + (4 if message[end : end + 4] == b"\r\n\r\n" else 2)]
+
+
+class _Box:
+    """
+    The index of one mailbox.
+    """
+
+    def __init__(self, name: str, attributes, uidValidity: int, uidNext: int) -> None:
+        self.name = name
+        self.attributes = list(attributes)
+        self.uidValidity = uidValidity
+        self.uidNext = uidNext
+        self.records: dict[int, MessageRecord] = {}
+        self.files: dict[int, str] = {}
+        self.uids: list[int] = []
+
+    def put(self, record: MessageRecord, filename: str | None) -> None:
+        if record.uid not in self.records:
+            self.uids.append(record.uid)
+            if len(self.uids) > 1 and self.uids[-2] > record.uid:
+                self.uids.sort()
+        self.records[record.uid] = record
+        if filename is None:
+            self.files.pop(record.uid, None)
+        else:
+            self.files[record.uid] = filename
+
+
+@implementer(IMailStore)
+class MailStore:
+    """
+    The mailboxes C{INBOX}, C{Sent} and C{Outbox} over SQLite and a Maildir.
+
+    @ivar bodyFetcher: Set by the core: C{bodyFetcher(mailbox, record)}
+        returns a Deferred firing with the path of a complete message file
+        (which the store then takes over, moving it) or failing with
+        L{BodyUnavailable}.  L{body} calls it for messages not held.
+    @ivar expungeHook: Set by the core: C{expungeHook(mailbox, records)}
+        returns a Deferred; it is called before messages are expunged (to
+        post receive notifications, or cancel a send).  If it fails the
+        failure is logged and the messages are expunged all the same.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self, reactor, databasePath: str, maildirPath: str, threadpool
+    ) -> None:
+        """
+        @param reactor: The reactor threadpool results come back on.
+        @param databasePath: The SQLite file (it may hold other tables too).
+        @param maildirPath: The Maildir; C{tmp/}, C{new/} and C{cur/} are
+            created in it (mode 0700).
+        @param threadpool: A L{twisted.python.threadpool.ThreadPool} (or
+            anything with its C{callInThreadWithCallback}) for SQLite and disk
+            work.
+        """
+        self._reactor = reactor
+        self._databasePath = os.path.abspath(databasePath)
+        self._maildir = os.path.abspath(maildirPath)
+        self._tmp = os.path.join(self._maildir, "tmp")
+        self._cur = os.path.join(self._maildir, "cur")
+        self._threadpool = threadpool
+        self._db: sqlite3.Connection | None = None
+        self._dbLock = threading.Lock()
+        self._writeLock = DeferredLock()
+        self._boxes: dict[str, _Box] = {}
+        self._listeners: dict[str, list] = {}
+        self._fetching: dict[tuple[str, int], list[Deferred]] = {}
+        self._expunging: set[tuple[str, int]] = set()
+        self.bodyFetcher: Callable[[str, MessageRecord], Deferred] | None = None
+        self.expungeHook: Callable[[str, list], Deferred] | None = None
+
+    # -- plumbing --------------------------------------------------------
+
+    def runInThread(self, f, *args) -> Deferred:
+        """
+        Run C{f(*args)} in the store's threadpool: for read-only disk work
+        on message files by the front ends (MIME parsing, body search).
+        """
+        return deferToThreadPool(self._reactor, self._threadpool, f, *args)
+
+    def _write(self, f, *args) -> Deferred:
+        """
+        Run the write C{f(*args)} in the threadpool, after every earlier
+        write has finished.
+        """
+        return self._writeLock.run(self.runInThread, f, *args)
+
+    def _transaction(self, statements: Iterable[tuple[str, tuple]]) -> None:
+        """
+        Run C{statements} in one transaction (in a thread).
+        """
+        with self._dbLock:
+            db = self._db
+            if db is None:
+                raise StoreError("the mail store is closed")
+            with db:
+                for sql, params in statements:
+                    db.execute(sql, params)
+
+    def _box(self, mailbox: str) -> _Box:
+        if isinstance(mailbox, str) and mailbox.upper() == "INBOX":
+            mailbox = "INBOX"
+        box = self._boxes.get(mailbox)
+        if box is None:
+            raise NoSuchMailbox(mailbox)
+        return box
+
+    def _notify(self, mailbox: str, event: str, uids: Iterable[int]) -> None:
+        for uid in uids:
+            for listener in list(self._listeners.get(mailbox, ())):
+                try:
+                    listener(event, uid)
+                except Exception:
+                    self.log.failure("mailbox listener failed on {event}", event=event)
+
+    def filePath(self, mailbox: str, uid: int) -> str | None:
+        """
+        @return: the path of the file of a held message, or L{None}.
+        """
+        name = self._box(mailbox).files.get(uid)
+        return None if name is None else os.path.join(self._cur, name)
+
+    # -- opening ---------------------------------------------------------
+
+    def open(self) -> Deferred:
+        """
+        Create what is missing and load the index, in a thread.
+
+        @return: a Deferred firing with this store.
+        """
+        return self._write(self._open).addCallback(self._opened)
+
+    def _open(self):
+        for sub in ("tmp", "new", "cur"):
+            ensureDir(os.path.join(self._maildir, sub), 0o700)
+        removeTempFiles(self._tmp)
+        db = sqlite3.connect(
+            self._databasePath, check_same_thread=False, isolation_level=None
+        )
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        db.executescript(_SCHEMA)
+        db.isolation_level = ""
+        with db:
+            now = int(time.time())
+            for name, _ in DEFAULT_MAILBOXES:
+                db.execute(
+                    "INSERT OR IGNORE INTO mail_mailboxes VALUES (?, ?, 1)", (name, now)
+                )
+        boxes = db.execute(
+            "SELECT name, uidvalidity, uidnext FROM mail_mailboxes"
+        ).fetchall()
+        rows = db.execute(
+            "SELECT mailbox, uid, flags, internaldate, size, headers, filename, meta "
+            "FROM mail_messages ORDER BY mailbox, uid"
+        ).fetchall()
+        missing = [
+            (row[0], row[1])
+            for row in rows
+            if row[6] is not None
+            and not os.path.isfile(os.path.join(self._cur, row[6]))
+        ]
+        if missing:
+            with db:
+                db.executemany(
+                    "UPDATE mail_messages SET filename = NULL "
+                    "WHERE mailbox = ? AND uid = ?",
+                    missing,
+                )
+        self._db = db
+        return boxes, rows, set(missing)
+
+    def _opened(self, result):
+        boxes, rows, missing = result
+        known = {name: (validity, uidNext) for name, validity, uidNext in boxes}
+        for name, attributes in DEFAULT_MAILBOXES:
+            self._boxes[name] = _Box(name, attributes, *known[name])
+        for mailbox, uid, flags, date, size, headers, filename, meta in rows:
+            box = self._boxes.get(mailbox)
+            if box is None:
+                continue
+            if (mailbox, uid) in missing:
+                filename = None
+            flags = frozenset(json.loads(flags))
+            held, meta = filename is not None, json.loads(meta)
+            box.put(
+                MessageRecord(uid, flags, date, size, bytes(headers), held, meta),
+                filename,
+            )
+        if missing:
+            self.log.warn(
+                "mail store: {missing} message files are missing; their bodies "
+                "will be pulled again",
+                missing=len(missing),
+            )
+        return self
+
+    def close(self) -> Deferred:
+        """
+        Close the database once the writes under way are done.
+        """
+        return self._write(self._close)
+
+    def _close(self) -> None:
+        with self._dbLock:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+
+    # -- IMailStore reads -----------------------------------------------
+
+    def mailboxNames(self) -> list:
+        return [(box.name, list(box.attributes)) for box in self._boxes.values()]
+
+    def uidValidity(self, mailbox: str) -> int:
+        return self._box(mailbox).uidValidity
+
+    def uidNext(self, mailbox: str) -> int:
+        return self._box(mailbox).uidNext
+
+    def messages(self, mailbox: str) -> list:
+        box = self._box(mailbox)
+        return [box.records[uid] for uid in box.uids]
+
+    def uids(self, mailbox: str) -> list:
+        """
+        @return: the UIDs of C{mailbox}, ascending (a copy).
+        """
+        return list(self._box(mailbox).uids)
+
+    def record(self, mailbox: str, uid: int) -> MessageRecord | None:
+        return self._box(mailbox).records.get(uid)
+
+    def findByMeta(self, mailbox: str, key: str, value) -> list:
+        """
+        @return: the records of C{mailbox} whose C{meta[key] == value}, in
+            UID order.
+        """
+        return [
+            r for r in self.messages(mailbox) if key in r.meta and r.meta[key] == value
+        ]
+
+    def addListener(self, mailbox: str, listener) -> None:
+        self._listeners.setdefault(self._box(mailbox).name, []).append(listener)
+
+    def removeListener(self, mailbox: str, listener) -> None:
+        listeners = self._listeners.get(self._box(mailbox).name, [])
+        if listener in listeners:
+            listeners.remove(listener)
+
+    # -- writing files ----------------------------------------------------
+
+    def _newName(self) -> str:
+        return f"{int(time.time())}.{uuid.uuid4().hex}{_MAILDIR_SUFFIX}"
+
+    def _intoMaildir(self, name: str, tempPath: str) -> None:
+        """
+        Rename the fsynced C{tempPath} (in C{tmp/}) to C{cur/name}.
+        """
+        os.replace(tempPath, os.path.join(self._cur, name))
+        fsyncDir(self._cur)
+
+    def _writeMessage(self, data: bytes) -> str:
+        name = self._newName()
+        with AtomicFile(self._tmp, 0o600) as f:
+            f.write(data)
+            f.commit(os.path.join(self._tmp, name))
+        self._intoMaildir(name, os.path.join(self._tmp, name))
+        return name
+
+    def _takeFile(self, path: str, headers: bytes) -> tuple[str, int]:
+        """
+        Move the file at C{path} into the Maildir if it starts with exactly
+        C{headers}.
+
+        @return: its name in C{cur/} and its size.
+        """
+        with open(path, "rb") as f:
+            if f.read(len(headers)) != headers:
+                raise HeaderMismatch(path)
+        name = self._newName()
+        temp = os.path.join(self._tmp, name)
+        try:
+            os.rename(path, temp)
+        except OSError:
+            with open(path, "rb") as source, AtomicFile(self._tmp, 0o600) as f:
+                while chunk := source.read(CHUNK_SIZE):
+                    f.write(chunk)
+                f.commit(temp)
+            os.unlink(path)
+        else:
+            os.chmod(temp, 0o600)
+            fd = os.open(temp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        size = os.stat(temp).st_size
+        self._intoMaildir(name, temp)
+        return name, size
+
+    def _removeFiles(self, names: Iterable[str]) -> None:
+        removed = False
+        for name in names:
+            try:
+                os.unlink(os.path.join(self._cur, name))
+                removed = True
+            except FileNotFoundError:
+                pass
+        if removed:
+            fsyncDir(self._cur)
+
+    # -- adding messages --------------------------------------------------
+
+    _INSERT = "INSERT INTO mail_messages VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+    _UIDNEXT = "UPDATE mail_mailboxes SET uidnext = ? WHERE name = ?"
+
+    def _insert(self, box: _Box, records: list, filenames: list) -> None:
+        statements = [
+            (self._INSERT, (box.name, r.uid, json.dumps(sorted(r.flags)), r.internalDate,
+                            r.size, r.headers, name, json.dumps(r.meta)))
+            for r, name in zip(records, filenames)
+        ]  # fmt: skip
+        statements.append((self._UIDNEXT, (records[-1].uid + 1, box.name)))
+        try:
+            self._transaction(statements)
+        except BaseException:
+            self._removeFiles(f for f in filenames if f is not None)
+            raise
+
+    def _added(self, box: _Box, records: list, filenames: list) -> list:
+        for record, filename in zip(records, filenames):
+            box.put(record, filename)
+        box.uidNext = max(box.uidNext, records[-1].uid + 1)
+        self._notify(box.name, "added", [r.uid for r in records])
+        return [r.uid for r in records]
+
+    def _addOne(self, mailbox, headers, flags, date, meta, makeFile) -> Deferred:
+        """
+        Add one message; C{makeFile()} (run in the threadpool) puts its file
+        in C{cur/} and returns its name (or L{None}) and its size.
+        """
+        try:
+            box = self._box(mailbox)
+            headers = bytes(headers)
+            flags = frozenset(str(f) for f in flags)
+            meta = json.loads(json.dumps(meta))
+        except Exception:
+            return fail()
+        when = time.time() if date is None else float(date)
+
+        def work(uid: int) -> tuple[list, list]:
+            filename, size = makeFile()
+            record = MessageRecord(
+                uid, flags, when, size, headers, filename is not None, meta
+            )
+            self._insert(box, [record], [filename])
+            return [record], [filename]
+
+        return self._writeLock.run(
+            lambda: self.runInThread(work, box.uidNext).addCallback(
+                lambda r: self._added(box, *r)[0]
+            )
+        )
+
+    def deliver(self, mailbox: str, headers: bytes, size: int, meta: dict,
+                bodyPath: str | None = None, flags=(), date: float | None = None,
+                ) -> Deferred:  # fmt: skip
+        """
+        Add a message: shown by its C{headers} alone when C{bodyPath} is
+        L{None}, else the file at C{bodyPath} (which must start with
+        C{headers}) is moved in and its real size is kept.
+
+        @param headers: The exact header section, blank line included.
+        @param size: Its RFC822.SIZE, as announced.
+        @param meta: The core's data about it (JSON-able).
+        @param flags: Its initial flags.
+        @param date: Its INTERNALDATE (seconds since the epoch), now if
+            L{None}.
+
+        @return: a Deferred firing with its UID.
+        """
+
+        def makeFile():
+            if bodyPath is None:
+                return None, int(size)
+            return self._takeFile(os.fspath(bodyPath), bytes(headers))
+
+        return self._addOne(mailbox, headers, flags, date, meta, makeFile)
+
+    def append(self, mailbox: str, message: bytes, flags=(), date=None) -> Deferred:
+        """
+        Store a complete message (IMAP APPEND, or a sent message).
+
+        @return: a Deferred firing with its UID.
+        """
+        message = bytes(message)
+        return self._addOne(
+            mailbox, splitHeaders(message), flags, date, {},
+            lambda: (self._writeMessage(message), len(message)),
+        )  # fmt: skip
+
+    def copy(self, source: str, uids: Iterable[int], destination: str) -> Deferred:
+        """
+        Copy messages (IMAP COPY): flags, dates, headers and C{meta} are
+        copied; a held file is hard-linked (or copied); a message not held
+        stays not held in both mailboxes, so the core may see two records
+        with the same C{meta}.
+
+        @return: a Deferred firing with a list of C{(sourceUid, newUid)}.
+        """
+        try:
+            src, dst = self._box(source), self._box(destination)
+        except Exception:
+            return fail()
+        uids = sorted(set(uids))
+
+        def work(first: int, records: list, files: list):
+            copies, names = [], []
+            try:
+                for i, (record, filename) in enumerate(zip(records, files)):
+                    name = None
+                    if filename is not None:
+                        name = self._newName()
+                        old = os.path.join(self._cur, filename)
+                        try:
+                            os.link(old, os.path.join(self._cur, name))
+                        except OSError:
+                            with open(old, "rb") as f:
+                                self._writeMessageFrom(f, name)
+                    names.append(name)
+                    copies.append(
+                        replace(record, uid=first + i, meta=dict(record.meta))
+                    )
+                fsyncDir(self._cur)
+            except BaseException:
+                self._removeFiles(n for n in names if n is not None)
+                raise
+            self._insert(dst, copies, names)
+            return copies, names
+
+        def start():
+            records = [src.records[u] for u in uids if u in src.records]
+            if not records:
+                return succeed([])
+            files = [src.files.get(r.uid) for r in records]
+            d = self.runInThread(work, dst.uidNext, records, files)
+            d.addCallback(
+                lambda r: list(zip([x.uid for x in records], self._added(dst, *r)))
+            )
+            return d
+
+        return self._writeLock.run(start)
+
+    def _writeMessageFrom(self, source, name: str) -> None:
+        with AtomicFile(self._tmp, 0o600) as f:
+            while chunk := source.read(CHUNK_SIZE):
+                f.write(chunk)
+            f.commit(os.path.join(self._tmp, name))
+        self._intoMaildir(name, os.path.join(self._tmp, name))
+
+    # -- changing messages ------------------------------------------------
+
+    def attachBody(self, mailbox: str, uid: int, path: str) -> Deferred:
+        """
+        Move the complete message file at C{path} in as the body of a
+        message shown by its headers only.  The file must start with exactly
+        the stored header section; its real size replaces the announced one.
+
+        @return: a Deferred firing with the stored file's path, or failing
+            with L{HeaderMismatch} (the file is left where it is),
+            L{NoSuchMessage} or L{StoreError} (already held).
+        """
+        try:
+            box = self._box(mailbox)
+        except Exception:
+            return fail()
+
+        def work(record: MessageRecord):
+            name, size = self._takeFile(os.fspath(path), record.headers)
+            try:
+                self._transaction(
+                    [
+                        (
+                            "UPDATE mail_messages SET filename = ?, size = ? WHERE mailbox = ? AND uid = ?",
+                            (name, size, box.name, uid),
+                        )
+                    ]
+                )
+            except BaseException:
+                self._removeFiles([name])
+                raise
+            return name, size
+
+        def done(result, record: MessageRecord):
+            name, size = result
+            if size != record.size:
+                self.log.warn(
+                    "message {uid} in {mailbox} is {size} bytes, {announced} announced",
+                    uid=uid,
+                    mailbox=box.name,
+                    size=size,
+                    announced=record.size,
+                )
+            box.put(replace(box.records.get(uid, record), held=True, size=size), name)
+            return os.path.join(self._cur, name)
+
+        def start():
+            record = box.records.get(uid)
+            if record is None:
+                return fail(NoSuchMessage(f"{box.name} {uid}"))
+            if record.held:
+                return fail(StoreError(f"{box.name} {uid} already has its body"))
+            return self.runInThread(work, record).addCallback(done, record)
+
+        return self._writeLock.run(start)
+
+    def updateMeta(self, mailbox: str, uid: int, meta: dict) -> Deferred:
+        """
+        Update a message's C{meta} like L{dict.update}.
+
+        @return: a Deferred firing with the new meta.
+        """
+        try:
+            box = self._box(mailbox)
+            json.dumps(meta)
+        except Exception:
+            return fail()
+
+        def start():
+            record = box.records.get(uid)
+            if record is None:
+                return fail(NoSuchMessage(f"{box.name} {uid}"))
+            new = {**record.meta, **meta}
+            sql = "UPDATE mail_messages SET meta = ? WHERE mailbox = ? AND uid = ?"
+            d = self.runInThread(
+                self._transaction, [(sql, (json.dumps(new), box.name, uid))]
+            )
+
+            def done(_):
+                current = box.records.get(uid)
+                if current is not None:
+                    box.records[uid] = replace(current, meta=new)
+                return new
+
+            return d.addCallback(done)
+
+        return self._writeLock.run(start)
+
+    def setFlags(self, mailbox: str, uids, flags, mode: str) -> Deferred:
+        try:
+            box = self._box(mailbox)
+            flags = frozenset(str(f) for f in flags)
+            if mode not in ("set", "add", "remove"):
+                raise ValueError(f"bad flag mode {mode!r}")
+        except Exception:
+            return fail()
+        uids = list(uids)
+
+        def start():
+            result, changed = {}, {}
+            for uid in uids:
+                record = box.records.get(uid)
+                if record is None:
+                    continue
+                if mode == "set":
+                    new = flags
+                elif mode == "add":
+                    new = record.flags | flags
+                else:
+                    new = record.flags - flags
+                result[uid] = new
+                if new != record.flags:
+                    changed[uid] = new
+            if not changed:
+                return succeed(result)
+            sql = "UPDATE mail_messages SET flags = ? WHERE mailbox = ? AND uid = ?"
+            statements = [
+                (sql, (json.dumps(sorted(f)), box.name, u)) for u, f in changed.items()
+            ]
+
+            def done(_):
+                for uid, new in changed.items():
+                    current = box.records.get(uid)
+                    if current is not None:
+                        box.records[uid] = replace(current, flags=new)
+                self._notify(box.name, "flags", list(changed))
+                return result
+
+            return self.runInThread(self._transaction, statements).addCallback(done)
+
+        return self._writeLock.run(start)
+
+    def expunge(self, mailbox: str, uids) -> Deferred:
+        try:
+            box = self._box(mailbox)
+        except Exception:
+            return fail()
+        records = [
+            box.records[u]
+            for u in sorted(set(uids))
+            if u in box.records and (box.name, u) not in self._expunging
+        ]
+        if not records:
+            return succeed([])
+        keys = [(box.name, r.uid) for r in records]
+        self._expunging.update(keys)
+        hook = self.expungeHook
+        d = (
+            maybeDeferred(hook, box.name, list(records))
+            if hook is not None
+            else succeed(None)
+        )
+        d.addErrback(
+            lambda f: self.log.failure(
+                "expunge hook failed for {mailbox}", f, mailbox=box.name
+            )
+        )
+
+        def work(uids: list, names: list):
+            sql = "DELETE FROM mail_messages WHERE mailbox = ? AND uid = ?"
+            self._transaction([(sql, (box.name, u)) for u in uids])
+            self._removeFiles(names)
+
+        def start():
+            uids = [r.uid for r in records if r.uid in box.records]
+            names = [box.files[u] for u in uids if u in box.files]
+            return self.runInThread(work, uids, names).addCallback(lambda _: uids)
+
+        def done(removed: list):
+            for uid in removed:
+                box.records.pop(uid, None)
+                box.files.pop(uid, None)
+            gone = set(removed)
+            box.uids = [u for u in box.uids if u not in gone]
+            self._notify(box.name, "expunged", removed)
+            return removed
+
+        def cleanup(result):
+            self._expunging.difference_update(keys)
+            return result
+
+        d.addCallback(lambda _: self._writeLock.run(start))
+        d.addCallback(done)
+        d.addBoth(cleanup)
+        return d
+
+    # -- bodies -----------------------------------------------------------
+
+    def body(self, mailbox: str, uid: int) -> Deferred:
+        try:
+            box = self._box(mailbox)
+        except Exception:
+            return fail()
+        record = box.records.get(uid)
+        if record is None:
+            return fail(BodyUnavailable(f"no message {uid} in {box.name}"))
+        if record.held:
+            return succeed(os.path.join(self._cur, box.files[uid]))
+        key = (box.name, uid)
+        waiter: Deferred = Deferred()
+        waiters = self._fetching.get(key)
+        if waiters is not None:
+            waiters.append(waiter)
+            return waiter
+        self._fetching[key] = [waiter]
+        self._pull(box, record).addBoth(self._pulled, key)
+        return waiter
+
+    def _pull(self, box: _Box, record: MessageRecord) -> Deferred:
+        fetcher = self.bodyFetcher
+        if fetcher is None:
+            return fail(BodyUnavailable("nothing can pull message bodies"))
+        d = maybeDeferred(fetcher, box.name, record)
+
+        def attach(path):
+            def refused(f: Failure):
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
+                if f.check(HeaderMismatch):
+                    self.log.warn(
+                        "pulled message {uid} in {mailbox} does not match its "
+                        "notification",
+                        uid=record.uid,
+                        mailbox=box.name,
+                    )
+                    raise BodyUnavailable(
+                        "the message pulled does not match its notification"
+                    )
+                if f.check(NoSuchMessage):
+                    raise BodyUnavailable("the message was expunged")
+                return f
+
+            return self.attachBody(box.name, record.uid, path).addErrback(refused)
+
+        return d.addCallback(attach)
+
+    def _pulled(self, result, key) -> None:
+        waiters = self._fetching.pop(key, [])
+        if isinstance(result, Failure) and not result.check(BodyUnavailable):
+            self.log.failure(
+                "pulling message {uid} of {mailbox} failed",
+                result,
+                uid=key[1],
+                mailbox=key[0],
+            )
+            result = Failure(BodyUnavailable(str(result.value)))
+        for waiter in waiters:
+            if isinstance(result, Failure):
+                waiter.errback(result)
+            else:
+                waiter.callback(result)

@@ -1,0 +1,1081 @@
+"""
+Tests for L{p2pmta.imap}, L{p2pmta.imapfetch} and L{p2pmta.imapsearch}:
+the stdlib C{imaplib} (in a thread) and raw sockets against a real server
+on 127.0.0.1 over a real L{MailStore}.
+"""
+
+import imaplib
+import os
+import re
+import socket
+import ssl
+import time
+
+from twisted.internet import reactor
+from twisted.internet.defer import inlineCallbacks, succeed
+from twisted.internet.task import deferLater
+from twisted.internet.threads import blockingCallFromThread, deferToThread
+from twisted.mail.imap4 import IAccount, IMailboxInfo, ISearchableMailbox
+from twisted.python.threadpool import ThreadPool
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from zope.interface.verify import verifyObject
+
+from p2pmta.address import Address
+from p2pmta.auth import makePortal
+from p2pmta.errors import BodyUnavailable
+from p2pmta.imap import Account, IMAPFactory, makeAccount
+from p2pmta.imapfetch import MAX_MIME_DEPTH, parseStructure
+from p2pmta.imapsearch import Args, BadCommand, parseSequenceSet, resolveSet
+from p2pmta.mailstore import MailStore
+
+USER, PASSWORD = "alice@demo", "secret"
+
+
+def message(
+    n: int, subject: str = "Hello", sender: str = "bob@demo", body: bytes = b""
+) -> bytes:
+    """
+    A small message whose header section keeps odd case and duplicates.
+    """
+    headers = (
+        f"Received: from a by b\r\nReceived: from c by d\r\nFrom: Bob <{sender}>\r\n"
+        f"To: {USER}\r\nSubject: {subject} {n}\r\nX-CaSe: Kept\r\n"
+        f"Date: Mon, 1 Jan 2024 10:00:00 +0000\r\nMessage-ID: <{n}@demo>\r\n\r\n"
+    ).encode()
+    return headers + (body or b"Body of message %d.\r\n" % n)
+
+
+def headersOf(data: bytes) -> bytes:
+    return data[: data.index(b"\r\n\r\n") + 4]
+
+
+MULTIPART = (
+    b"From: carol@demo\r\nSubject: parts\r\nMIME-Version: 1.0\r\n"
+    b'Content-Type: multipart/mixed; boundary="BB"\r\n\r\n'
+    b"preamble\r\n--BB\r\nContent-Type: text/plain; charset=utf-8\r\n\r\nfirst part\r\n"
+    b"--BB\r\nContent-Type: message/rfc822\r\n\r\nSubject: inner\r\n\r\ninner text\r\n"
+    b"--BB--\r\nepilogue\r\n"
+)
+
+
+class RawClient:
+    """
+    A blocking IMAP client on a raw socket, for input C{imaplib} cannot
+    express.
+    """
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.file = self.sock.makefile("rb")
+        self.greeting = self.readLine()
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def readLine(self) -> bytes:
+        line = self.file.readline()
+        if not line:
+            raise EOFError("connection closed")
+        return line.rstrip(b"\r\n")
+
+    def response(self, tag: bytes) -> list:
+        """
+        Read lines (literals joined in) up to the tagged one.
+        """
+        lines = []
+        while True:
+            line = self.readLine()
+            while (m := re.search(rb"\{(\d+)\}$", line)) is not None:
+                line += b"\r\n" + self.file.read(int(m.group(1))) + self.readLine()
+            lines.append(line)
+            if line.startswith(tag + b" "):
+                return lines
+
+    def command(self, tag: bytes, text: bytes) -> list:
+        self.send(tag + b" " + text + b"\r\n")
+        return self.response(tag)
+
+    def login(self) -> None:
+        [ok] = self.command(b"L", b"LOGIN %s %s" % (USER.encode(), PASSWORD.encode()))
+        assert ok.startswith(b"L OK"), ok
+
+    def close(self) -> None:
+        self.file.close()
+        self.sock.close()
+
+
+class IMAPServerTests(TestCase):
+    """
+    The IMAP server against real clients.
+    """
+
+    maxMessageSize = 10 * 1024 * 1024
+
+    @inlineCallbacks
+    def setUp(self):
+        self.pool = ThreadPool(minthreads=1, maxthreads=4, name="test-imap")
+        self.pool.start()
+        self.addCleanup(self.pool.stop)
+        self.dir = os.path.abspath(self.mktemp())
+        os.makedirs(self.dir)
+        self.fetched = []
+        self.failNext = 0
+        self.hooked = []
+        self.clients = []
+        self.servers = []
+        yield self.startServer()
+        self.addCleanup(self.stopServer)
+
+    @inlineCallbacks
+    def startServer(self, tlsOptions=None):
+        self.store = MailStore(
+            reactor,
+            os.path.join(self.dir, "db"),
+            os.path.join(self.dir, "md"),
+            self.pool,
+        )
+        yield self.store.open()
+        self.store.bodyFetcher = self.fetchBody
+        self.store.expungeHook = self.expungeHook
+        portal = makePortal(
+            reactor,
+            Address.parse(USER),
+            PASSWORD,
+            {IAccount: lambda: Account(self.store)},
+        )
+        self.factory = IMAPFactory(
+            portal, self.store, tlsOptions, maxMessageSize=self.maxMessageSize
+        )
+        build = self.factory.buildProtocol
+
+        def buildProtocol(addr):
+            proto = build(addr)
+            self.servers.append(proto)
+            return proto
+
+        self.factory.buildProtocol = buildProtocol
+        self.port = reactor.listenTCP(0, self.factory, interface="127.0.0.1")
+
+    @inlineCallbacks
+    def stopServer(self):
+        for client in self.clients:
+            try:
+                client.close() if isinstance(client, RawClient) else client.shutdown()
+            except OSError:
+                pass
+        self.clients = []
+        yield self.port.stopListening()
+        for _ in range(200):
+            if all(p._closed for p in self.servers):
+                break
+            yield deferLater(reactor, 0.01, lambda: None)
+        self.servers = []
+        yield self.store.close()
+
+    def fetchBody(self, mailbox, record):
+        """
+        The fake puller: writes the message whose headers were announced.
+        """
+        self.fetched.append(record.uid)
+        if self.failNext:
+            self.failNext -= 1
+
+            def offline():
+                raise BodyUnavailable("sender offline")
+
+            return deferLater(reactor, 0, offline)
+        path = os.path.join(self.dir, f"pulled-{len(self.fetched)}")
+        with open(path, "wb") as f:
+            f.write(self.bodies[record.meta["n"]])
+        return deferLater(reactor, 0.01, lambda: path)
+
+    def expungeHook(self, mailbox, records):
+        self.hooked.append((mailbox, [r.uid for r in records]))
+        return succeed(None)
+
+    @inlineCallbacks
+    def announce(self, *numbers, mailbox="INBOX"):
+        """
+        Deliver messages by their headers only, as a notification would.
+        """
+        self.bodies = getattr(self, "bodies", {})
+        uids = []
+        for n in numbers:
+            data = message(n)
+            self.bodies[n] = data
+            uid = yield self.store.deliver(
+                mailbox, headersOf(data), len(data), {"n": n}
+            )
+            uids.append(uid)
+        return uids
+
+    def imap(self, login=True) -> imaplib.IMAP4:
+        client = imaplib.IMAP4("127.0.0.1", self.port.getHost().port, timeout=10)
+        self.clients.append(client)
+        if login:
+            client.login(USER, PASSWORD)
+        return client
+
+    def raw(self, login=True) -> RawClient:
+        client = RawClient(self.port.getHost().port)
+        self.clients.append(client)
+        if login:
+            client.login()
+        return client
+
+    def inThread(self, f, *args):
+        return deferToThread(f, *args)
+
+    # -- login and mailboxes -------------------------------------------
+
+    @inlineCallbacks
+    def test_login(self):
+        """
+        LOGIN with the peer's address and password works; a wrong password
+        gets NO; AUTHENTICATE PLAIN works.
+        """
+
+        def session():
+            client = self.imap(login=False)
+            self.assertRaises(imaplib.IMAP4.error, client.login, USER, "wrong")
+            typ, _ = client.login(USER, PASSWORD)
+            self.assertEqual(typ, "OK")
+            other = self.imap(login=False)
+            typ, _ = other.authenticate(
+                "PLAIN", lambda _: b"\0" + USER.encode() + b"\0" + PASSWORD.encode()
+            )
+            self.assertEqual(typ, "OK")
+            return client.capabilities
+
+        caps = yield self.inThread(session)
+        for cap in (
+            "IMAP4REV1",
+            "IDLE",
+            "UIDPLUS",
+            "SPECIAL-USE",
+            "NAMESPACE",
+            "AUTH=PLAIN",
+        ):
+            self.assertIn(cap, caps)
+        self.assertNotIn("LITERAL+", caps)
+        self.assertNotIn("STARTTLS", caps)
+
+    @inlineCallbacks
+    def test_list(self):
+        """
+        LIST shows INBOX, Sent (C{\\Sent}) and Outbox, names in their case;
+        INBOX matches in any case.
+        """
+
+        def session():
+            client = self.imap()
+            listed = client.list()[1]
+            lsub = client.lsub()[1]
+            inbox = client.list('""', "inbox")[1]
+            sent = client.list('""', "sent")[1]
+            return listed, lsub, inbox, sent
+
+        listed, lsub, inbox, sent = yield self.inThread(session)
+        self.assertEqual(
+            listed,
+            [
+                b'(\\HasNoChildren) "/" "INBOX"',
+                b'(\\HasNoChildren \\Sent) "/" "Sent"',
+                b'(\\HasNoChildren) "/" "Outbox"',
+            ],
+        )
+        self.assertEqual(lsub, listed)
+        self.assertEqual(inbox, [listed[0]])
+        self.assertEqual(sent, [None])
+
+    @inlineCallbacks
+    def test_selectResponseComplete(self):
+        """
+        SELECT answers FLAGS, EXISTS, RECENT, UNSEEN, PERMANENTFLAGS,
+        UIDVALIDITY and UIDNEXT, each C{* OK [CODE] text}, and READ-WRITE.
+        """
+        yield self.announce(1, 2)
+        yield self.store.setFlags("INBOX", [1], ["\\Seen"], "add")
+        client = yield self.inThread(self.raw)
+        lines = yield self.inThread(client.command, b"a", b"SELECT INBOX")
+        text = b"\n".join(lines)
+        self.assertIn(b"* FLAGS (\\Answered \\Flagged \\Deleted \\Seen \\Draft)", lines)
+        self.assertIn(b"* 2 EXISTS", lines)
+        self.assertIn(b"* 0 RECENT", lines)
+        validity = self.store.uidValidity("INBOX")
+        self.assertRegex(text, rb"\* OK \[UNSEEN 2\] \w+")
+        self.assertRegex(text, rb"\* OK \[PERMANENTFLAGS \(.*\\\*\)\] \w+")
+        self.assertRegex(text, rb"\* OK \[UIDVALIDITY %d\] \w+" % validity)
+        self.assertRegex(text, rb"\* OK \[UIDNEXT 3\] \w+")
+        self.assertTrue(lines[-1].startswith(b"a OK [READ-WRITE]"))
+
+    @inlineCallbacks
+    def test_examineReadOnly(self):
+        """
+        EXAMINE is READ-ONLY: STORE gets NO and BODY[] does not set \\Seen.
+        """
+        yield self.announce(1)
+        client = yield self.inThread(self.raw)
+        lines = yield self.inThread(client.command, b"a", b"EXAMINE INBOX")
+        self.assertTrue(lines[-1].startswith(b"a OK [READ-ONLY]"))
+        self.assertIn(b"* OK [PERMANENTFLAGS ()] Read-only mailbox", lines)
+        lines = yield self.inThread(client.command, b"b", b"STORE 1 +FLAGS (\\Seen)")
+        self.assertTrue(lines[-1].startswith(b"b NO"))
+        lines = yield self.inThread(client.command, b"c", b"FETCH 1 BODY[]")
+        self.assertTrue(lines[-1].startswith(b"c OK"))
+        self.assertEqual(self.store.record("INBOX", 1).flags, frozenset())
+
+    @inlineCallbacks
+    def test_status(self):
+        """
+        STATUS reports the items asked for.
+        """
+        yield self.announce(1, 2, 3)
+        yield self.store.setFlags("INBOX", [2], ["\\Seen"], "add")
+
+        def session():
+            return self.imap().status(
+                "INBOX", "(MESSAGES RECENT UIDNEXT UIDVALIDITY UNSEEN)"
+            )
+
+        typ, data = yield self.inThread(session)
+        self.assertEqual(typ, "OK")
+        self.assertEqual(
+            data[0],
+            b'"INBOX" (MESSAGES 3 RECENT 0 UIDNEXT 4 UIDVALIDITY %d UNSEEN 2)'
+            % self.store.uidValidity("INBOX"),
+        )
+
+    # -- FETCH and pulling ---------------------------------------------
+
+    @inlineCallbacks
+    def test_headerItemsNeverPull(self):
+        """
+        Header-only items of a message not held never ask for its body; the
+        header sections are the stored bytes, the blank line included.
+        """
+        yield self.announce(1)
+        data = self.bodies[1]
+
+        def session():
+            client = self.imap()
+            client.select("INBOX")
+            return client.fetch(
+                "1",
+                "(FLAGS UID INTERNALDATE RFC822.SIZE ENVELOPE RFC822.HEADER "
+                "BODY.PEEK[HEADER] BODY.PEEK[HEADER.FIELDS (subject received)])",
+            )
+
+        typ, answer = yield self.inThread(session)
+        self.assertEqual(self.fetched, [])
+        self.assertEqual(typ, "OK")
+        first, header, fields = answer[0], answer[1], answer[2]
+        self.assertIn(b"RFC822.SIZE %d" % len(data), first[0])
+        self.assertIn(
+            b'ENVELOPE ("Mon, 1 Jan 2024 10:00:00 +0000" "Hello 1" (("Bob" NIL "bob" '
+            b'"demo")) (("Bob" NIL "bob" "demo")) (("Bob" NIL "bob" "demo")) '
+            b'((NIL NIL "alice" "demo")) NIL NIL NIL "<1@demo>")',
+            first[0],
+        )
+        self.assertEqual(first[1], headersOf(data))
+        self.assertEqual(header[1], headersOf(data))
+        self.assertEqual(
+            fields[1],
+            b"Received: from a by b\r\nReceived: from c by d\r\nSubject: Hello 1\r\n\r\n",
+        )
+        self.assertIn(b"X-CaSe: Kept", first[1])
+
+    @inlineCallbacks
+    def test_bodyPulledOnceExactAndSeen(self):
+        """
+        BODY[] pulls the body once, returns its exact bytes and sets
+        \\Seen (reported in the same response); BODY.PEEK[] does not.
+        """
+        yield self.announce(1, 2)
+
+        def session():
+            client = self.imap()
+            client.select("INBOX")
+            peek = client.fetch("2", "(BODY.PEEK[])")
+            first = client.fetch("1", "(BODY[])")
+            second = client.fetch("1", "(BODY[])")
+            return peek, first, second
+
+        peek, first, second = yield self.inThread(session)
+        self.assertEqual(sorted(self.fetched), [1, 2])
+        self.assertEqual(peek[1][0][1], self.bodies[2])
+        self.assertEqual(first[1][0][1], self.bodies[1])
+        self.assertEqual(second[1][0][1], self.bodies[1])
+        self.assertIn(b"FLAGS (\\Seen)", first[1][1])
+        self.assertEqual(self.store.record("INBOX", 1).flags, {"\\Seen"})
+        self.assertEqual(self.store.record("INBOX", 2).flags, frozenset())
+
+    @inlineCallbacks
+    def test_unavailableThenLater(self):
+        """
+        A body that cannot be pulled gives C{NO [UNAVAILABLE]}; a later
+        FETCH tries again.
+        """
+        yield self.announce(1)
+        self.failNext = 1
+
+        def session():
+            client = self.imap()
+            client.select("INBOX")
+            failed = client.fetch("1", "(BODY.PEEK[TEXT])")
+            later = client.fetch("1", "(BODY.PEEK[TEXT])")
+            return failed, later
+
+        failed, later = yield self.inThread(session)
+        self.assertEqual(failed[0], "NO")
+        self.assertTrue(failed[1][-1].startswith(b"[UNAVAILABLE]"), failed)
+        self.assertEqual(later[0], "OK")
+        self.assertEqual(later[1][0][1], b"Body of message 1.\r\n")
+        self.assertEqual(self.fetched, [1, 1])
+
+    @inlineCallbacks
+    def test_sectionsAndStructure(self):
+        """
+        Numbered parts, MIME headers, attached messages, partial fetches
+        and BODYSTRUCTURE come from the stored bytes.
+        """
+        yield self.store.append("INBOX", MULTIPART)
+
+        def session():
+            client = self.imap()
+            client.select("INBOX")
+            return client.fetch(
+                "1",
+                "(BODYSTRUCTURE BODY.PEEK[1] BODY.PEEK[1.MIME] BODY.PEEK[2.HEADER] "
+                "BODY.PEEK[2.TEXT] BODY.PEEK[2.1] BODY.PEEK[]<0.10> RFC822.TEXT)",
+            )
+
+        typ, answer = yield self.inThread(session)
+        self.assertEqual(typ, "OK")
+        self.assertIn(
+            b'BODYSTRUCTURE (("TEXT" "PLAIN" ("CHARSET" "utf-8") NIL NIL "7BIT" 10 1',
+            answer[0][0],
+        )
+        self.assertIn(b'"MIXED" ("BOUNDARY" "BB")', answer[0][0])
+        values = [part[1] for part in answer[:-1]]
+        self.assertEqual(
+            values,
+            [
+                b"first part",
+                b"Content-Type: text/plain; charset=utf-8\r\n\r\n",
+                b"Subject: inner\r\n\r\n",
+                b"inner text",
+                b"inner text",
+                MULTIPART[:10],
+                MULTIPART[len(headersOf(MULTIPART)) :],
+            ],
+        )
+        self.assertIn(b"BODY[]<0>", answer[5][0])
+
+    @inlineCallbacks
+    def test_hugeRangesAnswerQuickly(self):
+        """
+        Enormous sequence and UID ranges are clamped to the messages held.
+        """
+        yield self.announce(1, 2)
+
+        def session():
+            client = self.imap()
+            client.select("INBOX")
+            started = time.monotonic()
+            results = [
+                client.fetch("1:99999999999999999999", "(FLAGS)"),
+                client.uid("FETCH", "1:4294967295", "(FLAGS)"),
+                client.fetch("*", "(UID)"),
+                client.uid("FETCH", "99999999999999999999999:*", "(FLAGS)"),
+            ]
+            return results, time.monotonic() - started
+
+        results, elapsed = yield self.inThread(session)
+        self.assertLess(elapsed, 5)
+        self.assertEqual([len(r[1]) for r in results], [2, 2, 1, 1])
+        self.assertEqual(results[2][1], [b"2 (UID 2)"])
+
+    # -- STORE, SEARCH, COPY, EXPUNGE ------------------------------------
+
+    @inlineCallbacks
+    def test_store(self):
+        """
+        STORE and UID STORE set, add and remove flags; .SILENT says nothing.
+        """
+        yield self.announce(1, 2)
+
+        def session():
+            client = self.imap()
+            client.select("INBOX")
+            return [
+                client.store("1", "+FLAGS", "(\\Flagged work)"),
+                client.store("1", "-FLAGS", "work"),
+                client.uid("STORE", "2", "FLAGS", "(\\Answered)"),
+                client.store("1:2", "+FLAGS.SILENT", "(\\Seen)"),
+            ]
+
+        results = yield self.inThread(session)
+        self.assertEqual(results[0][1], [b"1 (FLAGS (\\Flagged work))"])
+        self.assertEqual(results[1][1], [b"1 (FLAGS (\\Flagged))"])
+        self.assertEqual(results[2][1], [b"2 (FLAGS (\\Answered) UID 2)"])
+        self.assertEqual(results[3], ("OK", [None]))
+        self.assertEqual(self.store.record("INBOX", 1).flags, {"\\Flagged", "\\Seen"})
+        self.assertEqual(self.store.record("INBOX", 2).flags, {"\\Answered", "\\Seen"})
+
+    @inlineCallbacks
+    def test_search(self):
+        """
+        SEARCH keys are evaluated over the store; TEXT on a message not
+        held searches its headers and never pulls it.
+        """
+        day = 86400
+        now = time.time()
+        self.bodies = {}
+        held = message(1, "Lunch", "carol@demo", b"Let us eat pizza.\r\n")
+        yield self.store.append("INBOX", held, ["\\Seen"], now - 10 * day)
+        yield self.announce(2, 3)
+        yield self.store.setFlags("INBOX", [3], ["\\Flagged"], "add")
+
+        yesterday = time.strftime("%d-%b-%Y", time.gmtime(now - day))
+        tenDaysAgo = time.strftime("%d-%b-%Y", time.gmtime(now - 10 * day))
+        expected = [
+            (("FROM", "carol"), b"1"),
+            (("SUBJECT", "hello"), b"2 3"),
+            (("TEXT", "pizza"), b"1"),
+            (("TEXT", "Hello 2"), b"2"),
+            (("BODY", "pizza"), b"1"),
+            (("SEEN",), b"1"),
+            (("UNSEEN",), b"2 3"),
+            (("SINCE", yesterday), b"2 3"),
+            (("BEFORE", yesterday), b"1"),
+            (("ON", tenDaysAgo), b"1"),
+            (("UID", "2:*"), b"2 3"),
+            (("OR", "FLAGGED", "SEEN"), b"1 3"),
+            (("NOT", "FLAGGED"), b"1 2"),
+            (("HEADER", "X-CaSe", "kept"), b"1 2 3"),
+            (("LARGER", "300"), b""),
+            (("SMALLER", "300"), b"1 2 3"),
+            (("2:3", "UNFLAGGED"), b"2"),
+            (("CHARSET", "UTF-8", "SUBJECT", "lunch"), b"1"),
+            (("SENTSINCE", "1-Jan-2024"), b"1 2 3"),
+            (("SENTBEFORE", "1-Jan-2024"), b""),
+        ]
+
+        def session():
+            client = self.imap()
+            client.select("INBOX")
+            results = [client.search(None, *q)[1][0] for q, _ in expected]
+            results.append(client.uid("SEARCH", "SUBJECT", "hello")[1][0])
+            return results
+
+        results = yield self.inThread(session)
+        self.assertEqual(results, [answer for _, answer in expected] + [b"2 3"])
+        self.assertEqual(self.fetched, [])
+
+    @inlineCallbacks
+    def test_copy(self):
+        """
+        COPY answers COPYUID; the copies keep flags, headers and meta.
+        """
+        yield self.announce(1, 2)
+        yield self.store.setFlags("INBOX", [2], ["\\Seen"], "add")
+
+        def session():
+            client = self.imap()
+            client.select("INBOX")
+            return client.copy("1:2", "Sent"), client.copy("1", "Nowhere")
+
+        (typ, data), (bad, _) = yield self.inThread(session)
+        self.assertEqual(typ, "OK")
+        self.assertTrue(
+            data[0].startswith(b"[COPYUID %d 1:2 1:2]" % self.store.uidValidity("Sent"))
+        )
+        self.assertEqual(bad, "NO")
+        copies = self.store.messages("Sent")
+        self.assertEqual([r.flags for r in copies], [frozenset(), {"\\Seen"}])
+        self.assertEqual([r.meta for r in copies], [{"n": 1}, {"n": 2}])
+
+    @inlineCallbacks
+    def test_expungeCallsHook(self):
+        """
+        EXPUNGE removes the \\Deleted messages through the store, which
+        calls the expunge hook first, and reports C{* n EXPUNGE}.
+        """
+        yield self.announce(1, 2, 3)
+        client = yield self.inThread(self.raw)
+
+        def session():
+            client.command(b"a", b"SELECT INBOX")
+            client.command(b"b", b"STORE 1,3 +FLAGS.SILENT (\\Deleted)")
+            return client.command(b"c", b"EXPUNGE")
+
+        lines = yield self.inThread(session)
+        self.assertEqual(lines[:2], [b"* 3 EXPUNGE", b"* 1 EXPUNGE"])
+        self.assertTrue(lines[-1].startswith(b"c OK"))
+        self.assertEqual(self.hooked, [("INBOX", [1, 3])])
+        self.assertEqual(self.store.uids("INBOX"), [2])
+
+    @inlineCallbacks
+    def test_otherSessionExpunge(self):
+        """
+        After B expunges message 1, A's sequence numbers keep naming what
+        they named until A may be told: STORE 2 changes UID 2, never UID 3;
+        NOOP then reports the EXPUNGE.
+        """
+        yield self.announce(1, 2, 3)
+        a = yield self.inThread(self.raw)
+        b = yield self.inThread(self.raw)
+
+        def session():
+            a.command(b"a1", b"SELECT INBOX")
+            b.command(b"b1", b"SELECT INBOX")
+            b.command(b"b2", b"STORE 1 +FLAGS (\\Deleted)")
+            b.command(b"b3", b"EXPUNGE")
+            b.command(b"b4", b"STORE 2 +FLAGS.SILENT (\\Draft)")  # UID 3 for B
+            store = a.command(b"a2", b"STORE 2 +FLAGS (\\Flagged)")
+            fetch = a.command(b"a3", b"FETCH 1:* (UID)")
+            noop = a.command(b"a4", b"NOOP")
+            after = a.command(b"a5", b"STORE 2 +FLAGS (\\Answered)")
+            return store, fetch, noop, after
+
+        store, fetch, noop, after = yield self.inThread(session)
+        self.assertFalse([line for line in store + fetch if line.endswith(b" EXPUNGE")])
+        self.assertIn(b"* 2 FETCH (UID 2)", fetch)
+        self.assertTrue(
+            store[-1].startswith(b"a2 OK") or store[-1].startswith(b"a2 NO")
+        )
+        self.assertIn(b"* 1 EXPUNGE", noop)
+        self.assertIn(b"* 3 FETCH (FLAGS (\\Draft))", store)
+        self.assertTrue(after[-1].startswith(b"a5 OK"))
+        self.assertEqual(self.store.record("INBOX", 2).flags, {"\\Flagged"})
+        self.assertEqual(self.store.record("INBOX", 3).flags, {"\\Answered", "\\Draft"})
+
+    @inlineCallbacks
+    def test_idle(self):
+        """
+        A message delivered during IDLE is announced with C{* n EXISTS};
+        another session's expunge with C{* n EXPUNGE}.
+        """
+        yield self.announce(1)
+        client = yield self.inThread(self.raw)
+        other = yield self.inThread(self.raw)
+
+        def session():
+            client.command(b"a", b"SELECT INBOX")
+            client.send(b"b IDLE\r\n")
+            self.assertEqual(client.readLine(), b"+ idling")
+            blockingCallFromThread(
+                reactor, self.store.deliver, "INBOX", b"Subject: new\r\n\r\n", 20, {}
+            )
+            exists = client.readLine()
+            other.command(b"o1", b"SELECT INBOX")
+            other.command(b"o2", b"STORE 1 +FLAGS.SILENT (\\Deleted)")
+            other.command(b"o3", b"EXPUNGE")
+            lines = [client.readLine(), client.readLine()]
+            client.send(b"DONE\r\n")
+            return exists, lines, client.response(b"b")
+
+        exists, lines, done = yield self.inThread(session)
+        self.assertEqual(exists, b"* 2 EXISTS")
+        self.assertIn(b"* 1 EXPUNGE", lines)
+        self.assertTrue(done[-1].startswith(b"b OK"))
+
+    # -- APPEND ----------------------------------------------------------
+
+    @inlineCallbacks
+    def test_append(self):
+        """
+        APPEND without flags works and answers APPENDUID; EXISTS is sent
+        only for the selected mailbox.
+        """
+
+        def session():
+            client = self.imap()
+            client.select("INBOX")
+            client.untagged_responses.pop("EXISTS", None)
+            inbox = client.append("INBOX", None, None, message(1))
+            exists = client.untagged_responses.pop("EXISTS", None)
+            sent = client.append("Sent", "(\\Seen)", None, message(2))
+            return inbox, exists, sent, client.untagged_responses.get("EXISTS")
+
+        inbox, exists, sent, after = yield self.inThread(session)
+        self.assertEqual(
+            inbox,
+            (
+                "OK",
+                [
+                    b"[APPENDUID %d 1] APPEND completed"
+                    % self.store.uidValidity("INBOX")
+                ],
+            ),
+        )
+        self.assertEqual(exists, [b"1"])
+        self.assertEqual(sent[0], "OK")
+        self.assertIsNone(after)
+        self.assertEqual(self.store.record("Sent", 1).flags, {"\\Seen"})
+        self.assertEqual(self.store.record("INBOX", 1).headers, headersOf(message(1)))
+
+    @inlineCallbacks
+    def test_appendTooBig(self):
+        """
+        A literal over the size limit gets C{NO [TOOBIG]} before it is sent,
+        C{{4294967296}} included; the session goes on.
+        """
+        self.factory.maxMessageSize = 1000
+        client = yield self.inThread(self.raw)
+
+        def session():
+            big = client.command(b"a", b"APPEND INBOX {4294967296}")
+            small = client.command(b"b", b"APPEND INBOX (\\Seen) {1001}")
+            return big, small, client.command(b"c", b"NOOP")
+
+        big, small, noop = yield self.inThread(session)
+        self.assertEqual(len(big), 1)
+        self.assertTrue(big[0].startswith(b"a NO [TOOBIG]"))
+        self.assertTrue(small[0].startswith(b"b NO [TOOBIG]"))
+        self.assertTrue(noop[-1].startswith(b"c OK"))
+        self.assertEqual(self.store.messages("INBOX"), [])
+
+    # -- robustness ----------------------------------------------------
+
+    @inlineCallbacks
+    def test_malformedCommands(self):
+        """
+        Each malformed command gets exactly one tagged BAD; the session
+        goes on.
+        """
+        yield self.announce(1)
+        client = yield self.inThread(self.raw)
+        commands = [
+            b"STATUS INBOX (FOO)",
+            b"SEARCH (",
+            b"SEARCH OR",
+            b"SEARCH",
+            b"STORE 1 FLAGS",
+            b"FETCH 1 (FOO)",
+            b"FETCH 1 BODY[",
+            b"FETCH 0 FLAGS",
+            b"FETCH 1",
+            b"UID FOO 1",
+            b"FROB",
+            b"SEARCH SINCE 31-Foo-2020",
+            b"STORE 1 FLAGS (\\Bogus)",
+            b"FETCH 1 BODY[HEADER.FIELDS (a b]",
+            b"SELECT",
+            b"LIST",
+            b"FETCH 1:" + b"9" * 5000 + b" FLAGS",
+            b"SEARCH LARGER " + b"9" * 5000,
+            b"FETCH 1 BODY[1234567890]",
+            b"STATUS INBOX ()",
+            b"SEARCH NOT NOT NOT" + b" NOT" * 100 + b" ALL",
+        ]
+
+        def session():
+            client.command(b"s", b"SELECT INBOX")
+            answers = [client.command(b"t%d" % i, c) for i, c in enumerate(commands)]
+            return answers, client.command(b"z", b"NOOP")
+
+        answers, noop = yield self.inThread(session)
+        for i, lines in enumerate(answers):
+            self.assertEqual(len(lines), 1, (commands[i], lines))
+            self.assertTrue(lines[0].startswith(b"t%d BAD " % i), (commands[i], lines))
+        self.assertTrue(noop[-1].startswith(b"z OK"))
+
+    @inlineCallbacks
+    def test_longLines(self):
+        """
+        A command line of 64 KiB is read; a longer one gets BAD, not a
+        disconnect.
+        """
+        client = yield self.inThread(self.raw)
+        long = b"a" * (64 * 1024 - 100)
+
+        def session():
+            ok = client.command(b"a", b'SELECT "%s"' % long)
+            bad = client.command(b"b", b"SELECT " + b"x" * (70 * 1024))
+            return ok, bad, client.command(b"c", b"NOOP")
+
+        ok, bad, noop = yield self.inThread(session)
+        self.assertTrue(ok[-1].startswith(b"a NO"))
+        self.assertEqual(bad, [b"b BAD Command line too long"])
+        self.assertTrue(noop[-1].startswith(b"c OK"))
+
+    @inlineCallbacks
+    def test_pipelinedAfterSelect(self):
+        """
+        Commands sent together run in order, each answered.
+        """
+        yield self.announce(1)
+        client = yield self.inThread(self.raw)
+
+        def session():
+            client.send(b"a SELECT INBOX\r\nb FETCH 1 (UID)\r\nc NOOP\r\n")
+            return client.response(b"a"), client.response(b"b"), client.response(b"c")
+
+        a, b, c = yield self.inThread(session)
+        self.assertTrue(a[-1].startswith(b"a OK"))
+        self.assertEqual(b, [b"* 1 FETCH (UID 1)", b"b OK FETCH completed"])
+        self.assertTrue(c[-1].startswith(b"c OK"))
+
+    @inlineCallbacks
+    def test_deepMime(self):
+        """
+        BODYSTRUCTURE of a message nested 2000 deep is answered (the depth
+        is capped), not a crash.
+        """
+        depth = 2000
+        head = b"".join(
+            b'Content-Type: multipart/mixed; boundary="b%d"\r\n\r\n--b%d\r\n' % (i, i)
+            for i in range(depth)
+        )
+        tail = b"".join(b"\r\n--b%d--\r\n" % i for i in reversed(range(depth)))
+        data = b"Subject: deep\r\n" + head + b"Content-Type: text/plain\r\n\r\nx" + tail
+        yield self.store.append("INBOX", data)
+
+        def session():
+            client = self.imap()
+            client.select("INBOX")
+            return client.fetch("1", "(BODYSTRUCTURE)")
+
+        typ, answer = yield self.inThread(session)
+        self.assertEqual(typ, "OK")
+        self.assertLessEqual(answer[0].count(b"("), 3 * MAX_MIME_DEPTH + 10)
+
+    @inlineCallbacks
+    def test_starttlsDropsBufferedInput(self):
+        """
+        Commands sent in the same packet as STARTTLS are dropped, not run
+        inside TLS.
+        """
+        from twisted.internet.ssl import PrivateCertificate
+        from twisted.test import __file__ as testDir
+
+        yield self.stopServer()
+        pem = os.path.join(os.path.dirname(testDir), "server.pem")
+        with open(pem, "rb") as f:
+            options = PrivateCertificate.loadPEM(f.read()).options()
+        yield self.startServer(tlsOptions=options)
+        client = yield self.inThread(self.raw, False)
+
+        def session():
+            caps = client.command(b"a", b"CAPABILITY")
+            client.send(
+                b"b STARTTLS\r\nc LOGIN %s %s\r\n" % (USER.encode(), PASSWORD.encode())
+            )
+            started = client.readLine()
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+            client.sock = context.wrap_socket(client.sock)
+            client.file = client.sock.makefile("rb")
+            lines = client.command(b"d", b"SELECT INBOX")
+            after = client.command(b"e", b"CAPABILITY")
+            client.login()
+            client.command(b"f", b"SELECT INBOX")
+            return caps, started, lines, after, client.command(b"g", b"FETCH 1 BODY[]")
+
+        yield self.store.append("INBOX", MULTIPART)
+        caps, started, lines, after, fetched = yield self.inThread(session)
+        self.assertIn(MULTIPART, fetched[0])
+        self.assertTrue(fetched[-1].startswith(b"g OK"))
+        self.assertIn(b"STARTTLS", caps[0])
+        self.assertEqual(started, b"b OK Begin TLS negotiation now")
+        self.assertEqual(len(lines), 1)
+        self.assertTrue(lines[0].startswith(b"d BAD"), lines)
+        self.assertNotIn(b"STARTTLS", after[0])
+
+    @inlineCallbacks
+    def test_restartKeepsState(self):
+        """
+        After a restart UIDs, flags and UIDVALIDITY are the same over IMAP.
+        """
+        yield self.announce(1, 2, 3)
+        yield self.store.expunge("INBOX", [2])
+        yield self.store.setFlags("INBOX", [3], ["\\Seen", "$Label1"], "add")
+
+        def session():
+            client = self.imap()
+            client.select("INBOX")
+            answer = client.fetch("1:*", "(UID FLAGS)")[1]
+            client.logout()
+            return answer, client.untagged_responses
+
+        before = yield self.inThread(session)
+        validity = self.store.uidValidity("INBOX")
+        yield self.stopServer()
+        yield self.startServer()
+        after = yield self.inThread(session)
+        self.assertEqual(after[0], before[0])
+        self.assertEqual(
+            before[0], [b"1 (UID 1 FLAGS ())", b"2 (UID 3 FLAGS ($Label1 \\Seen))"]
+        )
+        self.assertEqual(self.store.uidValidity("INBOX"), validity)
+
+    @inlineCallbacks
+    def test_wrongCredentials(self):
+        """
+        Wrong credentials get NO (not BAD, not a disconnect), by LOGIN and
+        by AUTHENTICATE PLAIN.
+        """
+        client = yield self.inThread(self.raw, False)
+
+        def session():
+            login = client.command(b"a", b"LOGIN alice@demo wrong")
+            plain = b"\0alice@demo\0wrong"
+            import base64
+
+            auth = client.command(
+                b"b", b"AUTHENTICATE PLAIN " + base64.b64encode(plain)
+            )
+            return login, auth, client.command(b"c", b"NOOP")
+
+        login, auth, noop = yield self.inThread(session)
+        self.assertEqual(login, [b"a NO [AUTHENTICATIONFAILED] Authentication failed"])
+        self.assertEqual(auth, [b"b NO [AUTHENTICATIONFAILED] Authentication failed"])
+        self.assertTrue(noop[-1].startswith(b"c OK"))
+        self.flushLoggedErrors()
+
+    @inlineCallbacks
+    def test_uidExpungeAndClose(self):
+        """
+        UID EXPUNGE removes only the \\Deleted messages named; CLOSE
+        expunges the rest silently; nothing goes into the Outbox.
+        """
+        yield self.announce(1, 2, 3)
+        yield self.store.setFlags("INBOX", [1, 2, 3], ["\\Deleted"], "add")
+        client = yield self.inThread(self.raw)
+
+        def session():
+            client.command(b"a", b"SELECT INBOX")
+            expunged = client.command(b"b", b"UID EXPUNGE 2")
+            closed = client.command(b"c", b"CLOSE")
+            client.send(b"d APPEND Outbox {5}\r\n")
+            ready = client.readLine()
+            client.send(b"hello\r\n")
+            return expunged, closed, [ready, *client.response(b"d")]
+
+        expunged, closed, outbox = yield self.inThread(session)
+        self.assertEqual(expunged[0], b"* 2 EXPUNGE")
+        self.assertEqual(len(closed), 1)
+        self.assertEqual(self.hooked, [("INBOX", [2]), ("INBOX", [1, 3])])
+        self.assertTrue(outbox[0].startswith(b"+"), outbox)
+        self.assertTrue(outbox[1].startswith(b"d NO [CANNOT]"), outbox)
+
+    @inlineCallbacks
+    def test_largeBodyStreamed(self):
+        """
+        A large body is sent whole and exact.
+        """
+        body = b"".join(b"line %07d of a big message\r\n" % i for i in range(300000))
+        data = b"Subject: big\r\n\r\n" + body
+        yield self.store.append("INBOX", data)
+
+        def session():
+            client = self.imap()
+            client.select("INBOX")
+            return client.fetch("1", "(BODY.PEEK[] RFC822.SIZE)")
+
+        typ, answer = yield self.inThread(session)
+        self.assertEqual(typ, "OK")
+        self.assertEqual(answer[0][1], data)
+
+    @inlineCallbacks
+    def test_appendWithFlagsAndDate(self):
+        """
+        APPEND takes flags and a date-time; the Outbox refuses new messages.
+        """
+
+        def session():
+            client = self.imap()
+            dated = client.append(
+                "INBOX", "(\\Seen $Label1)", '"05-Feb-2024 10:00:00 +0100"', message(1)
+            )
+            outbox = client.append("Outbox", None, None, message(2))
+            return dated, outbox
+
+        dated, outbox = yield self.inThread(session)
+        self.assertEqual(dated[0], "OK")
+        self.assertEqual(outbox[0], "NO")
+        record = self.store.record("INBOX", 1)
+        self.assertEqual(record.flags, {"\\Seen", "$Label1"})
+        self.assertEqual(record.internalDate, 1707123600.0)
+        self.assertEqual(self.store.messages("Outbox"), [])
+
+
+class AccountTests(TestCase):
+    """
+    Tests for L{Account} and its mailboxes.
+    """
+
+    @inlineCallbacks
+    def test_interfaces(self):
+        """
+        L{Account} provides C{IAccount}; selected mailboxes provide
+        C{IMailboxInfo} and C{ISearchableMailbox}.
+        """
+        pool = ThreadPool(minthreads=1, maxthreads=2)
+        pool.start()
+        self.addCleanup(pool.stop)
+        d = self.mktemp()
+        os.makedirs(d)
+        store = MailStore(reactor, os.path.join(d, "db"), os.path.join(d, "md"), pool)
+        yield store.open()
+        self.addCleanup(store.close)
+        account = makeAccount(store)
+        self.assertIsInstance(account, Account)
+        self.assertTrue(verifyObject(IAccount, account))
+        box = account.select("inbox")
+        self.addCleanup(box.close)
+        self.assertTrue(verifyObject(IMailboxInfo, box))
+        self.assertTrue(verifyObject(ISearchableMailbox, box))
+        self.assertIsNone(account.select("Trash"))
+        self.assertEqual(
+            [n for n, _ in account.listMailboxes("", "*")], ["INBOX", "Sent", "Outbox"]
+        )
+        self.assertEqual(
+            account.listMailboxes("", "Sent")[0][1].attributes,
+            ["\\HasNoChildren", "\\Sent"],
+        )
+
+
+class ParsingTests(SynchronousTestCase):
+    """
+    Tests for the argument parsers.
+    """
+
+    def test_sequenceSets(self):
+        """
+        Sequence sets are resolved against the ids held only, clamped.
+        """
+        ids = [3, 7, 9]
+        self.assertEqual(
+            resolveSet(parseSequenceSet(b"1:99999999999999999999"), ids), ids
+        )
+        self.assertEqual(resolveSet(parseSequenceSet(b"*"), ids), [9])
+        self.assertEqual(resolveSet(parseSequenceSet(b"8:4"), ids), [7])
+        self.assertEqual(resolveSet(parseSequenceSet(b"100:*"), ids), [9])
+        self.assertEqual(resolveSet(parseSequenceSet(b"1,9"), range(1, 4)), [1])
+        for bad in (b"0", b"1:0", b"a", b"1,", b"1::2", b""):
+            self.assertRaises(BadCommand, parseSequenceSet, bad)
+
+    def test_quotedAndLiteral(self):
+        """
+        Quoted strings unescape; literals are read as they were collected.
+        """
+        from p2pmta.imapsearch import Literal
+
+        args = Args([b'"a \\"b\\" \\\\c" ', Literal(b"lit\r\neral"), b""])
+        self.assertEqual(args.astring(), b'a "b" \\c')
+        args.sp()
+        self.assertEqual(args.astring(), b"lit\r\neral")
+        args.end()
+
+    def test_structureOfEmptyFile(self):
+        """
+        An empty message file has a structure too.
+        """
+        path = self.mktemp()
+        with open(path, "wb"):
+            pass
+        self.assertEqual(parseStructure(path).ctype, "text/plain")
