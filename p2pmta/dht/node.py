@@ -6,9 +6,17 @@ OpenDHT runs its own threads and calls back on them.  Every callback here
 does the least it can (append to a list, or hand a value to
 C{reactor.callFromThread}) and never calls back into the binding; only the
 callback forms of C{get}/C{put}/C{listen} are used, since the blocking forms
-deadlock on the reactor thread and drop C{permanent}.  Listeners are never
-cancelled one by one (C{cancelListen} frees another listener's callback in
-the binding); they end with the node.
+deadlock on the reactor thread and drop C{permanent}.
+
+Stopping is the delicate part.  The binding holds the GIL while
+C{DhtRunner.join()} waits for the runner's lock, and the runner holds that
+lock while it calls into Python (which needs the GIL): a join that overlaps
+any callback deadlocks the process.  So the node first cancels its listeners
+(so no value callback can come), then shuts down and waits for the shutdown
+callback to have returned, and only then joins, in a thread.  The binding's
+C{cancelListen} releases the callback object of the I{last} listener made,
+not the one cancelled; each listener's callback object is therefore kept
+here, and put back in the binding's slot just before its cancellation.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ from datetime import timedelta
 import opendht
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -38,6 +47,9 @@ VALUE_TYPES = (
 
 #: How long to wait for one DHT operation before reporting it failed.
 OPERATION_TIMEOUT = 30.0
+
+#: How long after the shutdown callback to wait before joining the runner.
+JOIN_DELAY = 0.2
 
 
 def valueTypeFor(ttl: float) -> int:
@@ -87,6 +99,7 @@ class OpenDHTNode(EntryDHT, Service):
         self._bootstrap = tuple(bootstrap)
         self._runner: opendht.DhtRunner | None = None
         self._stopping: Deferred | None = None
+        self._listeners: list[tuple[opendht.ListenToken, object]] = []
         self.port: int | None = None
 
     # Lifecycle
@@ -165,13 +178,30 @@ class OpenDHTNode(EntryDHT, Service):
         runner, self._runner = self._runner, None
         if runner is None:
             return self._stopping or succeed(None)
+        listeners, self._listeners = self._listeners, []
+        slot = opendht.ListenToken._cb
+        for token, callbackObject in listeners:
+            slot["cb"] = callbackObject
+            runner.cancelListen(token)
         stopped = Deferred()
-        # shutdown() then join() at once hangs: wait for shutdown's callback,
-        # then join in a thread.
         runner.shutdown(lambda: self._reactor.callFromThread(stopped.callback, None))
         stopped.addTimeout(OPERATION_TIMEOUT, self._reactor)
-        stopped.addBoth(lambda _: deferToThread(runner.join))
-        stopped.addCallback(lambda _: self.log.info("DHT node stopped"))
+
+        def join(_: object) -> Deferred:
+            # Give the shutdown callback time to return (and release the
+            # GIL) on OpenDHT's thread before join() takes the GIL and
+            # waits for the runner's lock.
+            return deferLater(self._reactor, JOIN_DELAY, lambda: None).addCallback(
+                lambda _: deferToThread(runner.join)
+            )
+
+        def joined(result: object) -> None:
+            # The callback objects may be freed only now.
+            del listeners[:]
+            self.log.info("DHT node stopped")
+
+        stopped.addBoth(join)
+        stopped.addBoth(joined)
         self._stopping = stopped
         return stopped
 
@@ -234,7 +264,9 @@ class OpenDHTNode(EntryDHT, Service):
                 self._reactor.callFromThread(self._deliver, callback, value.data)
             return True
 
-        runner.listen(infoHash(key), gotValue)
+        token = runner.listen(infoHash(key), gotValue)
+        # See the module docstring: keep the binding's callback object.
+        self._listeners.append((token, opendht.ListenToken._cb.get("cb")))
         return succeed(None)
 
     def _deliver(self, callback, raw: bytes) -> None:
