@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from p2pmta.address import Address
+from p2pmta.dht import NETWORK_ID
 from p2pmta.errors import ConfigError
 
 DEFAULT_SMTP = "tcp:2525:interface=127.0.0.1"
@@ -50,7 +51,7 @@ class Config:
     publicURL: str | None = None
     dhtPort: int = 4222
     dhtInterface: str = ""
-    dhtNetwork: int = 0
+    dhtNetwork: int = NETWORK_ID
     bootstrap: tuple[tuple[str, int], ...] = ()
     pollInterval: float = DEFAULT_POLL_INTERVAL
     groupMembers: tuple[Address, ...] = field(default=())

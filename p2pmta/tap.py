@@ -1,0 +1,111 @@
+# -*- test-case-name: tests.test_tap -*-
+"""
+The C{twistd p2pmta} command line: options (strings only) turned into a
+L{Config}, and the service built from it.
+"""
+
+from __future__ import annotations
+
+from twisted.python import usage
+
+from p2pmta import config as _config
+from p2pmta.address import Address
+from p2pmta.dht import NETWORK_ID
+from p2pmta.errors import P2PMTAError
+
+
+class Options(usage.Options):
+    """
+    C{twistd p2pmta --data-dir DIR --address NAME@GROUP --password SECRET}.
+    """
+
+    synopsis = "--data-dir DIR --address NAME@GROUP --password SECRET [options]"
+    longdesc = (
+        "Run a p2pmta peer: an ESMTP server and an IMAP4 server for the local "
+        "mail client, a public HTTP outbox and a node of the OpenDHT network."
+    )
+
+    optParameters = [
+        ["data-dir", None, None, "The peer's data directory (created on first start)."],
+        ["address", None, None, "The peer's address, NAME@GROUP."],
+        ["password", None, None, "Password of the mail client for SMTP and IMAP."],
+        ["smtp", None, _config.DEFAULT_SMTP, "Server endpoint of the SMTP submission server."],
+        ["imap", None, _config.DEFAULT_IMAP, "Server endpoint of the IMAP4 server."],
+        ["http", None, _config.DEFAULT_HTTP, "Server endpoint of the public outbox."],
+        ["public-url", None, None, "How other peers reach the outbox (default: from --http)."],
+        ["dht-port", None, "4222", "UDP port of the DHT node (0: any free port)."],
+        ["dht-interface", None, "", "Address the DHT node binds (default: all)."],
+        ["dht-network", None, str(NETWORK_ID), "OpenDHT network id."],
+        ["poll-interval", None, str(_config.DEFAULT_POLL_INTERVAL), "Seconds between DHT polls."],
+        ["group-members", None, None, "ADDR,ADDR,...: this peer is the master of that group."],
+        ["max-message-size", None, str(_config.DEFAULT_MAX_MESSAGE_SIZE), "Largest message accepted, in bytes."],
+    ]
+
+    def __init__(self) -> None:
+        usage.Options.__init__(self)
+        self["bootstrap"] = []
+
+    def opt_bootstrap(self, hostport: str) -> None:
+        """
+        HOST:PORT of a DHT node to join through (repeatable; none starts a
+        new network).
+        """
+        self["bootstrap"].append(hostport)
+
+    def postOptions(self) -> None:
+        try:
+            self.config = toConfig(self)
+        except P2PMTAError as e:
+            raise usage.UsageError(str(e)) from None
+
+
+def _number(options, name: str, kind=int):
+    try:
+        return kind(options[name])
+    except (TypeError, ValueError):
+        raise usage.UsageError(f"--{name} must be a number, not {options[name]!r}") from None
+
+
+def toConfig(options) -> _config.Config:
+    """
+    Validate parsed options once.
+
+    @raise usage.UsageError: with the one line the operator sees.
+    """
+    for required in ("data-dir", "address", "password"):
+        if not options[required]:
+            raise usage.UsageError(f"--{required} is required")
+    address = Address.parse(options["address"])
+    members = ()
+    if options["group-members"]:
+        members = tuple(
+            Address.parse(part) for part in options["group-members"].split(",") if part.strip()
+        )
+    return _config.Config(
+        dataDir=options["data-dir"],
+        address=address,
+        password=options["password"],
+        smtp=options["smtp"],
+        imap=options["imap"],
+        http=options["http"],
+        publicURL=options["public-url"],
+        dhtPort=_number(options, "dht-port"),
+        dhtInterface=options["dht-interface"],
+        dhtNetwork=_number(options, "dht-network"),
+        bootstrap=tuple(_config.parseHostPort(b) for b in options["bootstrap"]),
+        pollInterval=_number(options, "poll-interval", float),
+        groupMembers=members,
+        maxMessageSize=_number(options, "max-message-size"),
+    )
+
+
+def makeService(options):
+    """
+    Build the peer's service from parsed L{Options}.  Only here is the global
+    reactor imported.
+    """
+    from twisted.internet import reactor
+
+    from p2pmta.service import buildService
+
+    return buildService(options.config, reactor)
