@@ -83,3 +83,7 @@ class FetchError(P2PMTAError):
 
 class BodyUnavailable(P2PMTAError):
     """The message body cannot be had right now; try again later."""
+
+
+class StartError(P2PMTAError):
+    """A service of the peer cannot start."""

@@ -1,0 +1,130 @@
+# -*- test-case-name: tests.test_mailflow -*-
+"""
+The pipelines' durable state, in SQLite: what was accepted for sending and
+how far each recipient got; which notifications were received and what was
+done with them.  Every step of the pipelines is recorded here before it is
+considered done, so a peer killed at any moment resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from dataclasses import dataclass
+
+from twisted.internet.threads import deferToThreadPool
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS outgoing (
+    id TEXT PRIMARY KEY,
+    sender TEXT NOT NULL,
+    created REAL NOT NULL,
+    state TEXT NOT NULL,          -- spooled, encrypted, sent, finished, cancelled
+    spool TEXT NOT NULL,
+    digest TEXT,
+    ciphertext_size INTEGER,
+    size INTEGER,
+    headers BLOB,
+    attachments TEXT
+);
+CREATE INDEX IF NOT EXISTS outgoing_digest ON outgoing(digest);
+CREATE TABLE IF NOT EXISTS deliveries (
+    outgoing TEXT NOT NULL,
+    recipient TEXT NOT NULL,
+    password BLOB NOT NULL,
+    state TEXT NOT NULL,          -- pending, notified, done, cancelled, expired
+    notification BLOB,            -- the ns value put, to delete it on cancel
+    PRIMARY KEY (outgoing, recipient)
+);
+CREATE TABLE IF NOT EXISTS incoming (
+    hash TEXT PRIMARY KEY,        -- SHA-256 of the raw ns value
+    state TEXT NOT NULL,          -- bad, duplicate, shown, pulled, rejected, receipted
+    received REAL NOT NULL,
+    sender TEXT,
+    digest TEXT,
+    password BLOB,
+    ciphertext_size INTEGER,
+    size INTEGER,
+    headers BLOB,
+    raw BLOB,
+    reason TEXT
+);
+CREATE INDEX IF NOT EXISTS incoming_message ON incoming(sender, digest);
+"""
+
+
+@dataclass(frozen=True)
+class Row:
+    """A row, as a read-only mapping of column names to values."""
+
+    values: dict
+
+    def __getitem__(self, key: str):
+        return self.values[key]
+
+    def get(self, key: str, default=None):
+        return self.values.get(key, default)
+
+
+class Ledger:
+    """
+    The pipelines' state.  One connection, used from the thread pool under a
+    lock: SQLite work never runs in the reactor thread.
+    """
+
+    def __init__(self, reactor, path: str, threadpool) -> None:
+        self._reactor = reactor
+        self._threadpool = threadpool
+        self._lock = threading.Lock()
+        self._connection = sqlite3.connect(path, check_same_thread=False, timeout=30, isolation_level=None)
+        self._connection.execute("PRAGMA journal_mode=WAL")
+        self._connection.execute("PRAGMA synchronous=FULL")
+        self._connection.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._connection.close()
+
+    def _run(self, sql: str, args=(), many: bool = False):
+        with self._lock:
+            cursor = self._connection.cursor()
+            try:
+                cursor.execute("BEGIN IMMEDIATE")
+                if many:
+                    cursor.executemany(sql, args)
+                else:
+                    cursor.execute(sql, args)
+                columns = [c[0] for c in cursor.description or ()]
+                rows = [Row(dict(zip(columns, r))) for r in cursor.fetchall()]
+                cursor.execute("COMMIT")
+                return rows
+            except BaseException:
+                cursor.execute("ROLLBACK")
+                raise
+
+    def query(self, sql: str, *args):
+        """
+        @return: a Deferred firing with the list of L{Row}s of C{sql}.
+        """
+        return deferToThreadPool(self._reactor, self._threadpool, self._run, sql, args)
+
+    def transaction(self, statements):
+        """
+        Run C{[(sql, args), ...]} in one transaction.
+
+        @return: a Deferred firing with L{None}.
+        """
+
+        def run():
+            with self._lock:
+                cursor = self._connection.cursor()
+                try:
+                    cursor.execute("BEGIN IMMEDIATE")
+                    for sql, args in statements:
+                        cursor.execute(sql, args)
+                    cursor.execute("COMMIT")
+                except BaseException:
+                    cursor.execute("ROLLBACK")
+                    raise
+
+        return deferToThreadPool(self._reactor, self._threadpool, run)

@@ -1,0 +1,371 @@
+"""
+Mail end to end between real peers (paper, section 4.3-4.4): real gpg, real
+OpenDHT nodes, real TCP on 127.0.0.1, the stdlib's smtplib and imaplib.
+"""
+
+from __future__ import annotations
+
+import email
+import os
+import smtplib
+from email.message import EmailMessage
+from email.policy import SMTP
+
+from twisted.internet.defer import ensureDeferred
+from twisted.trial.unittest import TestCase
+
+from p2pmta.address import Address
+from p2pmta.dht import NOTIFICATION_TTL
+from p2pmta.notification import splitHeaders
+from tests.peers import PeerHarness, eventually, sleep
+
+
+def makeMessage(sender: str, recipients, subject: str, attachment: bytes = b"") -> bytes:
+    message = EmailMessage(policy=SMTP)
+    message["From"] = sender
+    message["To"] = ", ".join(recipients)
+    message["Subject"] = subject
+    message["Message-ID"] = f"<{os.urandom(8).hex()}@p2pmta.test>"
+    message.set_content("Hello!\n\nThis is p2pmta.\n")
+    if attachment:
+        message.add_attachment(attachment, maintype="application", subtype="octet-stream", filename="data.bin")
+    return message.as_bytes()
+
+
+def uids(client, mailbox: str = "INBOX") -> list[int]:
+    typ, _ = client.select(mailbox)
+    assert typ == "OK", typ
+    typ, data = client.uid("SEARCH", None, "ALL")
+    return [int(u) for u in data[0].split()]
+
+
+def fetchOne(client, uid: int, what: str, mailbox: str = "INBOX"):
+    client.select(mailbox)
+    typ, data = client.uid("FETCH", str(uid), what)
+    return typ, data
+
+
+def stripAdded(message: bytes) -> bytes:
+    """Drop the header fields that the MTAs add (Received, Authentication-Results)."""
+    headers, body = splitHeaders(message)
+    kept = []
+    skipping = False
+    for line in headers.split(b"\r\n"):
+        if line[:1] in (b" ", b"\t") and skipping:
+            continue
+        skipping = line.lower().startswith((b"received:", b"authentication-results:"))
+        if not skipping:
+            kept.append(line)
+    return b"\r\n".join(kept) + body
+
+
+class MailFlowTests(TestCase):
+    timeout = 180
+
+    async def peers(self, *names):
+        self.harness = PeerHarness(self)
+        started = {}
+        for name in names:
+            started[name] = await self.harness.start(name)
+        return started
+
+    async def waitForInbox(self, name: str, count: int = 1) -> list[int]:
+        async def probe():
+            found = await self.harness.imap(name, uids)
+            return found if len(found) >= count else None
+
+        return await eventually(probe)
+
+    async def _sendReceive(self):
+        await self.peers("alice", "bob")
+        h = self.harness
+        attachment = os.urandom(20_000)
+        submitted = makeMessage("alice@demo", ["bob@demo"], "binary attachment", attachment)
+        refused = await h.send("alice", ["bob@demo"], submitted)
+        self.assertEqual(refused, {})
+        [uid] = await self.waitForInbox("bob")
+
+        # Headers and size are there before any pull.
+        typ, data = await h.imap("bob", lambda c: fetchOne(c, uid, "(RFC822.SIZE BODY.PEEK[HEADER] FLAGS)"))
+        self.assertEqual(typ, "OK")
+        headers = data[0][1]
+        self.assertIn(b"Subject: binary attachment", headers)
+        self.assertIn(b"Authentication-Results:", headers)
+        self.assertIn(self.harness.running["alice"].keyring.fingerprint.encode(), headers)
+        self.assertEqual(h.access.bodyRequests(), [])
+        self.assertEqual(len(h.outboxDigests("alice")), 1)
+
+        # Opening pulls, decrypts, and gives alice's message byte for byte.
+        typ, data = await h.imap("bob", lambda c: fetchOne(c, uid, "(BODY[] RFC822.SIZE)"))
+        self.assertEqual(typ, "OK")
+        body = data[0][1]
+        self.assertEqual(stripAdded(body), submitted.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n"))
+        self.assertEqual(len(h.access.bodyRequests()), 1)
+        parsed = email.message_from_bytes(body)
+        parts = [p.get_payload(decode=True) for p in parsed.walk() if p.get_filename()]
+        self.assertEqual(parts, [attachment])
+        self.assertIn(f"RFC822.SIZE {len(body)}".encode(), data[0][0] + data[1])
+
+        # Alice hears bob's receive notification and drops the ciphertext.
+        async def emptied():
+            return not h.outboxDigests("alice")
+
+        await eventually(emptied)
+        # Sent holds alice's copy; Outbox is empty again.
+        sent = await h.imap("alice", lambda c: uids(c, "Sent"))
+        self.assertEqual(len(sent), 1)
+
+        async def outboxEmpty():
+            return not await h.imap("alice", lambda c: uids(c, "Outbox"))
+
+        await eventually(outboxEmpty)
+        # A second open serves the stored copy, with no new pull.
+        typ, again = await h.imap("bob", lambda c: fetchOne(c, uid, "(BODY[])"))
+        self.assertEqual(again[0][1], body)
+        self.assertEqual(len(h.access.bodyRequests()), 1)
+
+    def test_sendReceive(self):
+        """
+        bob sees alice's message with its headers before any pull; opening it
+        pulls it once, byte for byte; then alice's outbox empties.
+        """
+        return ensureDeferred(self._sendReceive())
+
+    async def _twoRecipients(self):
+        await self.peers("alice", "bob", "carol")
+        h = self.harness
+        message = makeMessage("alice@demo", ["bob@demo", "carol@demo"], "for two", os.urandom(5000))
+        await h.send("alice", ["bob@demo", "carol@demo"], message)
+        [bobUid] = await self.waitForInbox("bob")
+        [carolUid] = await self.waitForInbox("carol")
+        self.assertEqual(len(h.outboxDigests("alice")), 1)
+        await h.imap("bob", lambda c: fetchOne(c, bobUid, "(BODY[])"))
+        await sleep(2.5)  # more than two poll rounds
+        self.assertEqual(len(h.outboxDigests("alice")), 1, "kept until carol reads it too")
+        typ, data = await h.imap("carol", lambda c: fetchOne(c, carolUid, "(BODY[])"))
+        self.assertEqual(stripAdded(data[0][1]), message)
+        requested = {line.split('"GET ')[1].split()[0] for line in h.access.bodyRequests()}
+        self.assertEqual(len(requested), 1, "both pulled the one shared ciphertext")
+
+        async def emptied():
+            return not h.outboxDigests("alice")
+
+        await eventually(emptied)
+
+    def test_twoRecipientsShareOneCiphertext(self):
+        """Two recipients pull one ciphertext, which stays until both have read it."""
+        return ensureDeferred(self._twoRecipients())
+
+    async def _rejectUnread(self):
+        await self.peers("alice", "bob")
+        h = self.harness
+        await h.send("alice", ["bob@demo"], makeMessage("alice@demo", ["bob@demo"], "spam", os.urandom(10_000)))
+        [uid] = await self.waitForInbox("bob")
+
+        def deleteUnread(client):
+            client.select("INBOX")
+            client.uid("STORE", str(uid), "+FLAGS", "(\\Deleted)")
+            return client.expunge()
+
+        await h.imap("bob", deleteUnread)
+
+        async def emptied():
+            return not h.outboxDigests("alice")
+
+        await eventually(emptied)
+        self.assertEqual(h.access.bodyRequests(), [], "bob never asked for the body")
+        self.assertEqual(await h.imap("bob", uids), [])
+
+    def test_rejectUnread(self):
+        """Expunging unread costs bob no body traffic and empties alice's outbox."""
+        return ensureDeferred(self._rejectUnread())
+
+    async def _cancel(self):
+        await self.peers("alice", "bob")
+        h = self.harness
+        await h.send("alice", ["bob@demo"], makeMessage("alice@demo", ["bob@demo"], "oops"))
+        [uid] = await self.waitForInbox("bob")
+
+        async def inOutbox():
+            return await h.imap("alice", lambda c: uids(c, "Outbox"))
+
+        [outboxUid] = await eventually(inOutbox)
+
+        def cancel(client):
+            client.select("Outbox")
+            client.uid("STORE", str(outboxUid), "+FLAGS", "(\\Deleted)")
+            return client.expunge()
+
+        await h.imap("alice", cancel)
+
+        async def emptied():
+            return not h.outboxDigests("alice")
+
+        await eventually(emptied)
+        bob = h.running["bob"]
+        self.assertEqual(await bob.dht.get(Address("bob", "demo").sendKey), [])
+        typ, data = await h.imap("bob", lambda c: fetchOne(c, uid, "(BODY[])"))
+        self.assertEqual(typ, "NO")
+        self.assertIn(b"UNAVAILABLE", data[0])
+        sent = await h.imap("alice", lambda c: uids(c, "Sent"))
+        self.assertEqual(len(sent), 1, "the Sent copy stays")
+
+    def test_cancelFromOutbox(self):
+        """Deleting a message in Outbox cancels it: notification and ciphertext go."""
+        return ensureDeferred(self._cancel())
+
+    async def _restart(self):
+        await self.peers("alice", "bob")
+        h = self.harness
+        alice = h.running["alice"]
+        # Stop alice the instant the 250 arrives, before her pipeline runs.
+        alice.sender.process = lambda messageId: None
+        message = makeMessage("alice@demo", ["bob@demo"], "survives a restart")
+        await h.send("alice", ["bob@demo"], message)
+        await h.stop("alice")
+        spool = os.listdir(os.path.join(h.root, "alice", "spool"))
+        self.assertEqual(len([n for n in spool if n.endswith(".eml")]), 1)
+        await h.start("alice")
+        [uid] = await self.waitForInbox("bob")
+        typ, data = await h.imap("bob", lambda c: fetchOne(c, uid, "(BODY[])"))
+        self.assertEqual(stripAdded(data[0][1]), message)
+        await sleep(2.5)
+        self.assertEqual(await h.imap("bob", uids), [uid], "delivered once")
+
+    def test_restartResumes(self):
+        """A message accepted just before a stop is delivered after the restart, once."""
+        return ensureDeferred(self._restart())
+
+    async def _badRecipients(self):
+        await self.peers("alice", "bob")
+        h = self.harness
+        message = makeMessage("alice@demo", ["bob@demo", "nobody@demo"], "partly")
+        refused = await h.send("alice", ["bob@demo", "nobody@demo"], message)
+        self.assertEqual(list(refused), ["nobody@demo"])
+        self.assertEqual(refused["nobody@demo"][0], 550)
+        await self.waitForInbox("bob")
+        with self.assertRaises(smtplib.SMTPRecipientsRefused):
+            await h.send("alice", ["nobody@demo"], message)
+        with self.assertRaises(smtplib.SMTPRecipientsRefused) as caught:
+            await h.send("alice", ["not an address"], message)
+        code = list(caught.exception.recipients.values())[0][0]
+        self.assertIn(code, (501, 553))
+
+    def test_badRecipients(self):
+        """Unknown and malformed recipients are refused; the others still get it."""
+        return ensureDeferred(self._badRecipients())
+
+    def test_notificationTTL(self):
+        """Notifications live a week, as the paper says."""
+        self.assertEqual(NOTIFICATION_TTL, 7 * 86400)
+
+
+class HostileInputTests(TestCase):
+    """Forged, tampered and garbage input is refused and logged; nothing else is lost."""
+
+    timeout = 180
+
+    async def _forgedAndGarbage(self):
+        from p2pmta.notification import SendNotification, wrapSigned
+
+        h = PeerHarness(self)
+        await h.start("alice")
+        bob = await h.start("bob")
+        carol = await h.start("carol")
+        await carol.directory.lookup(Address("bob", "demo"))  # carol pins bob's key
+        digest = "ab" * 32
+        for claimed, to in (("alice@demo", "bob@demo"), ("carol@demo", "dave@demo")):
+            forged = SendNotification(
+                sender=Address.parse(claimed),
+                recipient=Address.parse(to),
+                digest=digest,
+                ciphertextSize=10,
+                size=10,
+                headers=b"Subject: forged\r\n\r\n",
+                password=os.urandom(32),
+                sent=0.0,
+            )
+            body = forged.encode()
+            value = await carol.keyring.encrypt(wrapSigned(body, await carol.keyring.sign(body)), ["bob@demo"])
+            await carol.dht.put("ns:bob@demo", value, b"pw", 3600)
+        await carol.dht.put("ns:bob@demo", b"\x00garbage", b"pw", 3600)
+        await carol.dht.put("ns:bob@demo", os.urandom(3000), b"pw", 3600)
+        real = makeMessage("alice@demo", ["bob@demo"], "the real one")
+        await h.send("alice", ["bob@demo"], real)
+
+        async def probe():
+            return await h.imap("bob", uids)
+
+        [uid] = await eventually(probe)
+        await sleep(2.5)
+        self.assertEqual(await h.imap("bob", uids), [uid])
+        typ, data = await h.imap("bob", lambda c: fetchOne(c, uid, "(BODY.PEEK[HEADER.FIELDS (SUBJECT)])"))
+        self.assertIn(b"the real one", data[0][1])
+        bad = await bob.ledger.query("SELECT COUNT(*) AS n FROM incoming WHERE state = 'bad'")
+        self.assertEqual(bad[0]["n"], 4, "the two forgeries and the two garbage values are recorded once each")
+
+    def test_forgedAndGarbageNotifications(self):
+        """
+        Notifications signed by the wrong key, addressed to someone else, or
+        garbage under ns:bob are dropped; the real message still arrives.
+        """
+        return ensureDeferred(self._forgedAndGarbage())
+
+    async def _tampered(self):
+        h = PeerHarness(self)
+        alice = await h.start("alice")
+        await h.start("bob")
+        message = makeMessage("alice@demo", ["bob@demo"], "tampered", os.urandom(4000))
+        await h.send("alice", ["bob@demo"], message)
+
+        async def probe():
+            return await h.imap("bob", uids)
+
+        [uid] = await eventually(probe)
+        [digest] = alice.outbox.digests()
+        path = alice.outbox.path(digest).path
+        with open(path, "rb") as f:
+            original = f.read()
+        with open(path, "wb") as f:
+            f.write(original[:100] + bytes([original[100] ^ 1]) + original[101:])
+        typ, data = await h.imap("bob", lambda c: fetchOne(c, uid, "(BODY[])"))
+        self.assertEqual(typ, "NO")
+        self.assertIn(b"UNAVAILABLE", data[0])
+        with open(path, "wb") as f:
+            f.write(original)
+        typ, data = await h.imap("bob", lambda c: fetchOne(c, uid, "(BODY[])"))
+        self.assertEqual(typ, "OK")
+        self.assertEqual(stripAdded(data[0][1]), message)
+
+    def test_tamperedCiphertext(self):
+        """
+        A ciphertext whose hash does not match its notification is refused
+        (NO [UNAVAILABLE]); a later FETCH of the genuine one succeeds.
+        """
+        return ensureDeferred(self._tampered())
+
+    async def _senderOffline(self):
+        h = PeerHarness(self)
+        await h.start("alice")
+        await h.start("bob")
+        message = makeMessage("alice@demo", ["bob@demo"], "pull later")
+        await h.send("alice", ["bob@demo"], message)
+
+        async def probe():
+            return await h.imap("bob", uids)
+
+        [uid] = await eventually(probe)
+        await h.stop("alice")
+        typ, data = await h.imap("bob", lambda c: fetchOne(c, uid, "(BODY[])"))
+        self.assertEqual(typ, "NO")
+        self.assertIn(b"UNAVAILABLE", data[0])
+        typ, data = await h.imap("bob", lambda c: fetchOne(c, uid, "(BODY.PEEK[HEADER])"))
+        self.assertEqual(typ, "OK")
+        await h.start("alice")
+        typ, data = await h.imap("bob", lambda c: fetchOne(c, uid, "(BODY[])"))
+        self.assertEqual(typ, "OK")
+        self.assertEqual(stripAdded(data[0][1]), message)
+
+    def test_senderOffline(self):
+        """While the sender is away a FETCH of the body says NO [UNAVAILABLE]; later it works."""
+        return ensureDeferred(self._senderOffline())
