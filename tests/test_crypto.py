@@ -632,9 +632,11 @@ class KeyringTests(TestCase):
         self.assertLess(time.monotonic() - started, 10)
         grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
         self.assertLess(grown, 50 * 1024)  # KiB
-        self.assertLess(
-            resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, 100 * 1024
-        )
+        # gpg's own peak memory is not asserted here: RUSAGE_CHILDREN keeps
+        # the largest of every child the test process ever waited for, so
+        # it depends on which tests ran before (a 286 MB reading came from
+        # elsewhere in one CI run).  --max-output bounds gpg's output; the
+        # time bound above shows it stops early.
         folder = self.tempdir()
         source, target = os.path.join(folder, "in"), os.path.join(folder, "out")
         with open(source, "wb") as f:
