@@ -369,3 +369,44 @@ class HostileInputTests(TestCase):
     def test_senderOffline(self):
         """While the sender is away a FETCH of the body says NO [UNAVAILABLE]; later it works."""
         return ensureDeferred(self._senderOffline())
+
+
+class CurlTests(TestCase):
+    """curl, as README shows it, sends and reads mail."""
+
+    timeout = 120
+
+    async def _curl(self):
+        from twisted.internet.utils import getProcessOutputAndValue
+
+        h = PeerHarness(self)
+        await h.start("alice")
+        await h.start("bob")
+        path = os.path.join(h.root, "msg.txt")
+        message = b"From: alice@demo\r\nTo: bob@demo\r\nSubject: hi\r\n\r\nHello Bob!\r\n"
+        with open(path, "wb") as f:
+            f.write(message)
+        out, err, code = await getProcessOutputAndValue(
+            "/usr/bin/curl",
+            ["-sS", f"smtp://127.0.0.1:{h.port('alice', 'smtp')}", "--user", "alice@demo:alice-pw",
+             "--mail-from", "alice@demo", "--mail-rcpt", "bob@demo", "--upload-file", path],
+        )
+        self.assertEqual(code, 0, err)
+
+        async def probe():
+            return await h.imap("bob", uids)
+
+        [uid] = await eventually(probe)
+        out, err, code = await getProcessOutputAndValue(
+            "/usr/bin/curl", ["-sS", f"imap://127.0.0.1:{h.port('bob', 'imap')}/INBOX;UID={uid}", "--user", "bob@demo:bob-pw"]
+        )
+        self.assertEqual(code, 0, err)
+        self.assertEqual(stripAdded(out), message)
+        out, err, code = await getProcessOutputAndValue(
+            "/usr/bin/curl", ["-sS", f"imap://127.0.0.1:{h.port('bob', 'imap')}/INBOX", "--user", "bob@demo:wrong"]
+        )
+        self.assertNotEqual(code, 0)
+
+    def test_curlSendAndRead(self):
+        """curl submits over SMTP with AUTH and reads the message over IMAP."""
+        return ensureDeferred(self._curl())

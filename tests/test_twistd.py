@@ -193,3 +193,60 @@ def bareGet(port: int, key: str) -> list[bytes]:
         runner.shutdown(done.set)
         done.wait(10)
         runner.join()
+
+
+class KillTests(TestCase):
+    """A peer killed with SIGKILL loses nothing it accepted."""
+
+    timeout = 180
+
+    async def _killedAfter250(self):
+        from tests.peers import PeerHarness, eventually
+        from tests.test_mailflow import fetchOne, makeMessage, stripAdded, uids
+
+        harness = PeerHarness(self)
+        bob = await harness.start("bob")
+        root = tempfile.mkdtemp(prefix="p2k", dir="/tmp")
+        self.addCleanup(shutil.rmtree, root, True)
+        args = [
+            "--data-dir", os.path.join(root, "alice"), "--address", "alice@demo", "--password", "pw",
+            "--smtp", "tcp:0:interface=127.0.0.1", "--imap", "tcp:0:interface=127.0.0.1",
+            "--http", "tcp:0:interface=127.0.0.1", "--dht-port", "0", "--dht-interface", "127.0.0.1",
+            "--bootstrap", f"127.0.0.1:{bob.dht.port}", "--poll-interval", "1",
+        ]
+        runner = TwistdTests("test_runsAndRestarts")
+        runner.root = root
+        runner.addCleanup = self.addCleanup
+        alice = runner.start(*args)
+        smtpPort = int((await alice.waitFor(rb"SMTP submission listening on 127\.0\.0\.1:(\d+)")).group(1))
+        await alice.waitFor(rb"peer alice@demo started")
+        message = makeMessage("alice@demo", ["bob@demo"], "killed after 250", os.urandom(3000))
+
+        def submit():
+            import smtplib
+
+            with smtplib.SMTP("127.0.0.1", smtpPort, timeout=30) as client:
+                client.login("alice@demo", "pw")
+                client.sendmail("alice@demo", ["bob@demo"], message)
+                # The 250 is in: kill at once, before QUIT.
+                os.kill(alice.transport.pid, signal.SIGKILL)
+
+        await deferToThread(submit)
+        await alice.ended
+        again = runner.start(*args)
+        await again.waitFor(rb"peer alice@demo started")
+
+        async def listed():
+            return await harness.imap("bob", uids)
+
+        [uid] = await eventually(listed, timeout=30)
+        typ, data = await harness.imap("bob", lambda c: fetchOne(c, uid, "(BODY[])"))
+        self.assertEqual(typ, "OK")
+        self.assertEqual(stripAdded(data[0][1]), message)
+        await TwistdTests.stop(runner, again)
+        await eventually(listed)
+        self.assertEqual(await harness.imap("bob", uids), [uid], "delivered once")
+
+    def test_killedRightAfter250(self):
+        """alice SIGKILLed the instant her client sees 250 still delivers, once, after a restart."""
+        return ensureDeferred(self._killedAfter250())
