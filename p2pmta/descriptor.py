@@ -10,15 +10,14 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from twisted.application.service import Service
-from twisted.internet.defer import Deferred, succeed
-from twisted.internet.task import LoopingCall
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from p2pmta.address import Address
 from p2pmta.dht import DESCRIPTOR_TTL
 from p2pmta.errors import BadAddress, BadDescriptor, CryptoError, P2PMTAError, UnknownPeer
 from p2pmta.httpclient import fetchBytes
+from p2pmta.rounds import RoundService
 
 _KIND = "p2pmta-descriptor"
 #: The largest public key p2pmta fetches from another peer.
@@ -108,14 +107,15 @@ def decodeSigned(value: bytes) -> tuple[Descriptor, bytes, bytes]:
     return descriptor, body, signature
 
 
-class DescriptorPublisher(Service):
+class DescriptorPublisher(RoundService):
     """
     Keeps this peer's descriptor in the DHT while the peer runs: publishes it
-    at start, renews it well before it expires, and deletes the ones it
+    at start, renews it every quarter of its life, and deletes the ones it
     replaces (an older one, or one with another URL).
     """
 
     log = Logger()
+    roundName = "publishing the peer descriptor"
 
     def __init__(self, clock, dht, keyring, url, password: bytes, ttl: float = DESCRIPTOR_TTL) -> None:
         """
@@ -123,37 +123,16 @@ class DescriptorPublisher(Service):
             outbox's public URL, once it is known.
         @param password: this peer's DHT password for its own descriptors.
         """
-        self._clock = clock
+        RoundService.__init__(self, clock, ttl / 4)
         self._dht = dht
         self._keyring = keyring
         self._url = url
         self._password = password
         self._ttl = ttl
-        self._loop: LoopingCall | None = None
-        self._round: Deferred | None = None
         self.published: Descriptor | None = None
 
-    def startService(self) -> None:
-        Service.startService(self)
-        self._loop = LoopingCall(self._publishRound)
-        self._loop.clock = self._clock
-        self._loop.start(self._ttl / 4, now=True)
-
-    def stopService(self) -> Deferred:
-        Service.stopService(self)
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
-        return self._round if self._round is not None else succeed(None)
-
-    def _publishRound(self) -> Deferred:
-        self._round = Deferred.fromCoroutine(self._publishSafely())
-        return self._round
-
-    async def _publishSafely(self) -> None:
-        try:
-            await self.publish()
-        except Exception:
-            self.log.failure("publishing the peer descriptor failed; will retry")
+    async def round(self) -> None:
+        await self.publish()
 
     async def publish(self) -> Descriptor:
         """

@@ -6,49 +6,38 @@ paper's periodic poll as the fallback that catches what a listener missed.
 
 from __future__ import annotations
 
-from twisted.application.service import Service
-from twisted.internet.defer import Deferred, succeed
-from twisted.internet.task import LoopingCall
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from p2pmta.logs import logFailure
+from p2pmta.rounds import RoundService
 
 
-class MailFlowService(Service):
+class MailFlowService(RoundService):
     """
-    Listens on C{ns:<self>} and C{nr:<self>} and polls both every
-    C{interval} seconds.  A round never raises: a failure is logged and the
-    next round tries again; C{stopService} waits for the round in flight.
+    Listens on C{ns:<self>} and C{nr:<self>}, and polls both every
+    C{interval} seconds (see L{RoundService}).
     """
 
     log = Logger()
+    roundName = "a poll round"
 
     def __init__(self, clock, dht, address, sender, receiver, interval: float, track=lambda d: d) -> None:
         """
         @param track: called with each Deferred of work started by a
             listener, so that the peer can wait for it when stopping.
         """
+        RoundService.__init__(self, clock, interval)
         self._track = track
-        self._clock = clock
         self._dht = dht
         self._address = address
         self._sender = sender
         self._receiver = receiver
-        self._interval = interval
-        self._loop: LoopingCall | None = None
-        self._round: Deferred | None = None
 
     def startService(self) -> None:
-        Service.startService(self)
-        self._dht.listen(self._address.sendKey, self._notified).addErrback(
-            lambda f: self.log.failure("cannot listen for send notifications", f)
-        )
-        self._dht.listen(self._address.receiveKey, self._receipted).addErrback(
-            lambda f: self.log.failure("cannot listen for receive notifications", f)
-        )
-        self._loop = LoopingCall(self.pollNow)
-        self._loop.clock = self._clock
-        self._loop.start(self._interval, now=True)
+        for key, callback in ((self._address.sendKey, self._notified), (self._address.receiveKey, self._receipted)):
+            self._dht.listen(key, callback).addErrback(logFailure(self.log, "cannot listen on {key}", key=key))
+        RoundService.startService(self)
 
     def _notified(self, value: bytes) -> None:
         if self.running:
@@ -62,30 +51,9 @@ class MailFlowService(Service):
                 logFailure(self.log, "handling a receive notification failed")
             )
 
-    def pollNow(self) -> Deferred:
-        """Run one round now (or join the one in flight)."""
-        if self._round is not None:
-            return self._round
-        d = Deferred.fromCoroutine(self._poll())
-        if not d.called:
-            self._round = d
-
-            def finished(result):
-                self._round = None
-                return result
-
-            d.addBoth(finished)
-        return d
-
-    async def _poll(self) -> None:
+    async def round(self) -> None:
         for side in (self._receiver, self._sender):
             try:
                 await side.round()
             except Exception:
                 self.log.failure("a poll round failed; the next one retries")
-
-    def stopService(self) -> Deferred:
-        Service.stopService(self)
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
-        return self._round if self._round is not None else succeed(None)

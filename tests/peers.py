@@ -97,6 +97,12 @@ class PeerHarness:
         peer.startService()
         self.testCase.addCleanup(self._stopIfRunning, name, peer)
         await peer.whenReady
+        publisher = peer.getServiceNamed("descriptor")
+
+        async def published():
+            return publisher.published is not None
+
+        await eventually(published)
         self.running[name] = peer
         return peer
 

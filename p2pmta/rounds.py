@@ -1,0 +1,86 @@
+# -*- test-case-name: tests.test_rounds -*-
+"""
+Services that do a round of work every so often: the descriptor's renewal,
+the notification poll, and later replication.
+"""
+
+from __future__ import annotations
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+
+class RoundService(Service):
+    """
+    Calls L{round} every C{interval} seconds, first at start.  A round never
+    raises: a failure is logged and the next round tries again.  Rounds
+    never overlap, and L{stopService} waits for the round in flight.
+
+    Subclasses implement C{async def round()}.
+    """
+
+    log = Logger()
+    #: What a round does, for the log line of a failed round.
+    roundName = "round"
+
+    def __init__(self, clock, interval: float) -> None:
+        self._clock = clock
+        self._interval = interval
+        self._loop: LoopingCall | None = None
+        self._inFlight: Deferred | None = None
+        self._waiters: list[Deferred] = []
+
+    def startService(self) -> None:
+        Service.startService(self)
+        self._loop = LoopingCall(self.runNow)
+        self._loop.clock = self._clock
+        self._loop.start(self._interval, now=True)
+
+    def stopService(self) -> Deferred:
+        Service.stopService(self)
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        return self.whenIdle()
+
+    def whenIdle(self) -> Deferred:
+        """
+        @return: a Deferred that fires once no round is in flight.
+        """
+        if self._inFlight is None:
+            return succeed(None)
+        waiter = Deferred()
+        self._waiters.append(waiter)
+        return waiter
+
+    def runNow(self) -> Deferred:
+        """
+        Run one round now, or, if one is in flight, wait for it.
+
+        @return: a Deferred that fires (with L{None}) when the round is done.
+        """
+        if self._inFlight is not None:
+            return self.whenIdle()
+        d = Deferred.fromCoroutine(self._safeRound())
+        if d.called:
+            return d
+        self._inFlight = d
+
+        def finished(_: object) -> None:
+            self._inFlight = None
+            waiters, self._waiters = self._waiters, []
+            for waiter in waiters:
+                waiter.callback(None)
+
+        d.addBoth(finished)
+        return self.whenIdle() if self._inFlight is not None else succeed(None)
+
+    async def _safeRound(self) -> None:
+        try:
+            await self.round()
+        except Exception:
+            self.log.failure("{what} failed; the next one tries again", what=self.roundName)
+
+    async def round(self) -> None:
+        raise NotImplementedError()

@@ -1,0 +1,77 @@
+"""
+Services that do a round of work every so often.
+"""
+
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from p2pmta.rounds import RoundService
+
+
+class Counting(RoundService):
+    def __init__(self, clock, interval):
+        RoundService.__init__(self, clock, interval)
+        self.started = 0
+        self.gates: list[Deferred] = []
+        self.fail = False
+
+    async def round(self):
+        self.started += 1
+        if self.fail:
+            raise RuntimeError("boom")
+        gate = Deferred()
+        self.gates.append(gate)
+        await gate
+
+
+class RoundServiceTests(SynchronousTestCase):
+    def setUp(self):
+        self.clock = Clock()
+        self.service = Counting(self.clock, 10)
+
+    def test_firstAtStartThenEveryInterval(self):
+        """A round runs at start and then every interval."""
+        self.service.startService()
+        self.assertEqual(self.service.started, 1)
+        self.service.gates[0].callback(None)
+        self.clock.advance(10)
+        self.assertEqual(self.service.started, 2)
+
+    def test_noOverlap(self):
+        """A round still running when the next is due is not doubled."""
+        self.service.startService()
+        self.clock.advance(10)
+        self.clock.advance(10)
+        self.assertEqual(self.service.started, 1)
+        self.service.gates[0].callback(None)
+        self.clock.advance(10)
+        self.assertEqual(self.service.started, 2)
+
+    def test_failureLoggedAndLoopGoesOn(self):
+        """A failing round is logged; the next one still runs."""
+        self.service.fail = True
+        self.service.startService()
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.clock.advance(10)
+        self.assertEqual(self.service.started, 2)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+    def test_stopWaitsForRoundInFlight(self):
+        """stopService fires only once the round in flight is done."""
+        self.service.startService()
+        stopped = self.service.stopService()
+        self.assertNoResult(stopped)
+        self.service.gates[0].callback(None)
+        self.successResultOf(stopped)
+        self.clock.advance(100)
+        self.assertEqual(self.service.started, 1)
+
+    def test_runNowJoinsRoundInFlight(self):
+        """runNow during a round waits for that round instead of starting another."""
+        self.service.startService()
+        joined = self.service.runNow()
+        self.assertEqual(self.service.started, 1)
+        self.assertNoResult(joined)
+        self.service.gates[0].callback(None)
+        self.successResultOf(joined)
