@@ -9,8 +9,7 @@ import threading
 
 import opendht
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, ensureDeferred
-from twisted.internet.task import deferLater
+from twisted.internet.defer import ensureDeferred
 from twisted.trial.unittest import TestCase
 from zope.interface.verify import verifyObject
 
@@ -19,6 +18,7 @@ from p2pmta.dht.memory import MemoryDHT, MemoryNetwork
 from p2pmta.dht.node import OpenDHTNode, infoHash, valueTypeFor
 from p2pmta.errors import DHTError, NotFound, ValueTooLarge, WrongPassword
 from p2pmta.interfaces import IDHT
+from tests.peers import eventually, sleep
 
 
 class ShiftedClock:
@@ -38,27 +38,6 @@ class ShiftedClock:
 
     def advance(self, seconds: float) -> None:
         self.shift += seconds
-
-
-def sleep(seconds: float) -> Deferred:
-    return deferLater(reactor, seconds, lambda: None)
-
-
-async def eventually(probe, timeout: float = 10.0, interval: float = 0.1):
-    """
-    Call the async C{probe} until it returns something true, or fail after
-    C{timeout} seconds: in a DHT a miss right after a put is not proof of
-    absence.
-    """
-    waited = 0.0
-    while True:
-        result = await probe()
-        if result:
-            return result
-        if waited >= timeout:
-            raise AssertionError(f"not true after {timeout}s: {result!r}")
-        await sleep(interval)
-        waited += interval
 
 
 class DHTContractMixin:
