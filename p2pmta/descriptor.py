@@ -15,11 +15,14 @@ from twisted.logger import Logger
 
 from p2pmta.address import Address
 from p2pmta.dht import DESCRIPTOR_TTL
-from p2pmta.errors import BadAddress, BadDescriptor, CryptoError, P2PMTAError, UnknownPeer
+from p2pmta.errors import BadAddress, BadDescriptor, CryptoError, FetchError, P2PMTAError, UnknownPeer
 from p2pmta.httpclient import fetchBytes
 from p2pmta.rounds import RoundService
 
 _KIND = "p2pmta-descriptor"
+#: How soon a publisher puts again after a put that reached no other node.
+LONELY_RETRY = 5.0
+
 #: The largest public key p2pmta fetches from another peer.
 MAX_PUBLIC_KEY_SIZE = 64 * 1024
 
@@ -143,7 +146,10 @@ class DescriptorPublisher(RoundService):
         descriptor = Descriptor(Address.parse(self._keyring.address), url, self._keyring.fingerprint, now, now + self._ttl)
         signature = await self._keyring.sign(descriptor.body())
         value = encodeSigned(descriptor, signature)
-        await self._dht.put(descriptor.address.descriptorKey, value, self._password, self._ttl)
+        reached = await self._dht.put(descriptor.address.descriptorKey, value, self._password, self._ttl)
+        if not reached:
+            # Alone in the network so far: put it again once others joined.
+            self.retryIn(LONELY_RETRY)
         self.published = descriptor
         self.log.info(
             "published descriptor of {address}: {url}, key {fingerprint}, until {expires:.0f}",
@@ -226,6 +232,21 @@ class PeerDirectory:
             self._cache[address] = descriptor
             return descriptor
         raise UnknownPeer(str(address))
+
+    async def withPeer(self, address: Address, attempt):
+        """
+        Call C{await attempt(descriptor)} with the peer's descriptor; if it
+        fails with L{FetchError} and a fresh look-up finds the peer at
+        another URL (it restarted elsewhere), try once more there.
+        """
+        descriptor = await self.lookup(address)
+        try:
+            return await attempt(descriptor)
+        except FetchError:
+            fresh = await self.lookup(address, fresh=True)
+            if fresh.url == descriptor.url:
+                raise
+            return await attempt(fresh)
 
     async def _verify(self, descriptor: Descriptor, body: bytes, signature: bytes) -> None:
         pinned = await self._keyring.pinned(str(descriptor.address))

@@ -23,8 +23,10 @@ class IDHT(Interface):
         """
         Store C{value} under C{key} for C{ttl} seconds.
 
-        @return: a Deferred that fires with L{None} once the value is stored,
-            or fails with L{p2pmta.errors.DHTError}.
+        @return: a Deferred that fires once the value is stored, with the
+            number of I{other} nodes that took it (0 for a node alone in its
+            network: the value then lives only as long as this node), or
+            fails with L{p2pmta.errors.DHTError}.
         """
 
     def get(key: str):

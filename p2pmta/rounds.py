@@ -7,7 +7,7 @@ the notification poll, and later replication.
 from __future__ import annotations
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
@@ -24,6 +24,9 @@ class RoundService(Service):
     log = Logger()
     #: What a round does, for the log line of a failed round.
     roundName = "round"
+    #: How long stopping waits for a round in flight before cancelling it
+    #: (a DHT look-up towards nodes that left can take long).
+    stopGrace = 2.0
 
     def __init__(self, clock, interval: float) -> None:
         self._clock = clock
@@ -31,6 +34,7 @@ class RoundService(Service):
         self._loop: LoopingCall | None = None
         self._inFlight: Deferred | None = None
         self._waiters: list[Deferred] = []
+        self._retry = None
 
     def startService(self) -> None:
         Service.startService(self)
@@ -39,10 +43,21 @@ class RoundService(Service):
         self._loop.start(self._interval, now=True)
 
     def stopService(self) -> Deferred:
+        """
+        Stop looping; wait for the round in flight, for at most
+        L{stopGrace} seconds, then cancel it.
+        """
         Service.stopService(self)
         if self._loop is not None and self._loop.running:
             self._loop.stop()
-        return self.whenIdle()
+        if self._retry is not None and self._retry.active():
+            self._retry.cancel()
+        idle = self.whenIdle()
+        if self._inFlight is not None:
+            inFlight = self._inFlight
+            timer = self._clock.callLater(self.stopGrace, inFlight.cancel)
+            idle.addBoth(lambda result: (timer.cancel() if timer.active() else None, result)[1])
+        return idle
 
     def whenIdle(self) -> Deferred:
         """
@@ -53,6 +68,15 @@ class RoundService(Service):
         waiter = Deferred()
         self._waiters.append(waiter)
         return waiter
+
+    def retryIn(self, seconds: float) -> None:
+        """
+        Run an extra round in C{seconds}, before the next regular one (at
+        most one such retry is pending at a time).
+        """
+        if self._retry is not None and self._retry.active():
+            return
+        self._retry = self._clock.callLater(seconds, self.runNow)
 
     def runNow(self) -> Deferred:
         """
@@ -79,6 +103,8 @@ class RoundService(Service):
     async def _safeRound(self) -> None:
         try:
             await self.round()
+        except CancelledError:
+            self.log.info("{what} cancelled: stopping", what=self.roundName)
         except Exception:
             self.log.failure("{what} failed; the next one tries again", what=self.roundName)
 

@@ -17,7 +17,7 @@ from twisted.web.client import Agent
 
 from p2pmta.address import Address
 from p2pmta.crypto import Keyring
-from p2pmta.descriptor import Descriptor, DescriptorPublisher, PeerDirectory, decodeSigned, encodeSigned
+from p2pmta.descriptor import LONELY_RETRY, Descriptor, DescriptorPublisher, PeerDirectory, decodeSigned, encodeSigned
 from p2pmta.dht import DESCRIPTOR_TTL
 from p2pmta.dht.memory import MemoryDHT, MemoryNetwork
 from p2pmta.errors import BadDescriptor, UnknownPeer
@@ -37,6 +37,9 @@ class DescriptorTests(TestCase):
         self.network = MemoryNetwork(self.clock)
         self.dht = MemoryDHT(self.network, "n")
         self.dht.startService()
+        # A second node, so that puts reach another node and publishers do
+        # not schedule their early retry for a lone node.
+        MemoryDHT(self.network, "other").startService()
         self.alice = await self.keyring("alice@demo")
         self.bob = await self.keyring("bob@demo")
         self.url = await self.serve(self.alice)
@@ -171,6 +174,24 @@ class DescriptorTests(TestCase):
     def test_unknownAndExpired(self):
         """No descriptor, garbage, or only an expired one: UnknownPeer."""
         return ensureDeferred(self._unknown())
+
+    async def _lonely(self):
+        network = MemoryNetwork(self.clock)
+        alone = MemoryDHT(network, "alone")
+        alone.startService()
+        publisher = DescriptorPublisher(self.clock, alone, self.alice, lambda: succeed(self.url), b"secret")
+        publisher.startService()
+        self.addCleanup(publisher.stopService)
+        await self.eventuallyPublished(publisher)
+        first = publisher.published
+        MemoryDHT(network, "newcomer").startService()
+        self.clock.advance(LONELY_RETRY)
+        await self.eventuallyPublished(publisher, after=first)
+        self.assertGreater(publisher.published.issued, first.issued)
+
+    def test_lonelyPublisherRetriesSoon(self):
+        """A descriptor put that reached no other node is put again within seconds, not hours."""
+        return ensureDeferred(self._lonely())
 
     def test_malformed(self):
         """Malformed descriptor values raise BadDescriptor."""

@@ -75,3 +75,12 @@ class RoundServiceTests(SynchronousTestCase):
         self.assertNoResult(joined)
         self.service.gates[0].callback(None)
         self.successResultOf(joined)
+
+    def test_stopCancelsSlowRound(self):
+        """A round still running after the grace period is cancelled, quietly."""
+        self.service.startService()
+        stopped = self.service.stopService()
+        self.assertNoResult(stopped)
+        self.clock.advance(self.service.stopGrace)
+        self.successResultOf(stopped)
+        self.assertEqual(self.flushLoggedErrors(), [])

@@ -18,7 +18,7 @@ class EntryDHT:
     provider supplies:
 
       - C{_putRaw(key, raw, ttl)}: store C{raw} under C{key} for at least
-        C{ttl} seconds; a Deferred firing with L{None};
+        C{ttl} seconds; a Deferred firing with how many other nodes took it;
       - C{_getRaw(key)}: a Deferred firing with every raw value found;
       - C{_listenRaw(key, callback)}: call C{callback(raw)} in the reactor
         thread for each raw value that appears; a Deferred firing with
@@ -47,6 +47,7 @@ class EntryDHT:
             now = self._clock.seconds()
             stone = entry.makeTombstone(raws, value, password, now)
             await self._putRaw(key, stone.encode(), stone.expires - now)
+            return None
 
         return Deferred.fromCoroutine(deleting())
 

@@ -55,7 +55,10 @@ class MemoryNetwork:
         )
         return {putter, *others[: max(self.replicas - 1, 0)]}
 
-    def store(self, key: str, raw: bytes, putter: str) -> None:
+    def store(self, key: str, raw: bytes, putter: str) -> int:
+        """
+        @return: how many nodes besides C{putter} hold C{raw} now.
+        """
         now = self.clock.seconds()
         until = now + self.storagePeriod if self.storagePeriod else float("inf")
         stored = self._values.setdefault(key, [])
@@ -69,6 +72,8 @@ class MemoryNetwork:
         for name, callback in list(self._listeners.get(key, ())):
             if self._online.get(name):
                 self.clock.callLater(0, self._deliver, name, callback, raw)
+        holders = next(item.holders for item in stored if item.raw == raw)
+        return len(holders - {putter})
 
     def _deliver(self, name: str, callback, raw: bytes) -> None:
         if self._online.get(name):
@@ -139,8 +144,7 @@ class MemoryDHT(EntryDHT, Service):
             self._checkOnline()
         except DHTError as e:
             return fail(e)
-        self._network.store(key, raw, self.nodeName)
-        return succeed(None)
+        return succeed(self._network.store(key, raw, self.nodeName))
 
     def _getRaw(self, key: str) -> Deferred:
         try:

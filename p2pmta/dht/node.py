@@ -110,6 +110,11 @@ class OpenDHTNode(EntryDHT, Service):
         config = opendht.DhtConfig()  # never share the default config
         config.setNetwork(self._network)
         config.setPeerDiscovery(False, False)  # no multicast: join explicitly
+        # Storage maintenance is left off: with it, a node's shutdown hands
+        # its values to others first, and the last node of a network waits
+        # some 40 s for nodes that are gone.  Instead, put reports how many
+        # other nodes took a value, and publishers put again soon when none
+        # did (the first peer of a network).
         try:
             if self._interface:
                 runner.run(port=self._wantedPort, ipv4=self._interface, config=config)
@@ -220,15 +225,16 @@ class OpenDHTNode(EntryDHT, Service):
             return fail(e)
         done = Deferred()
 
-        def finished(ok: bool, nodes: object) -> None:
-            self._reactor.callFromThread(done.callback, ok)
+        def finished(ok: bool, nodes) -> None:
+            self._reactor.callFromThread(done.callback, len(nodes) if ok else 0)
 
-        def check(ok: bool) -> None:
-            # A lone node (the first of a new network) stores the value
-            # locally and reports failure to reach others: the value is
-            # still there for peers that join later.
-            if not ok:
+        def check(reached: int) -> int:
+            # A lone node (the first of a new network) keeps the value
+            # locally and reaches no other node: peers that join later still
+            # find it there, but it goes when this node does.
+            if not reached:
                 self.log.debug("put under {key} reached no other node", key=key)
+            return reached
 
         runner.put(infoHash(key), value, done_cb=finished)
         done.addTimeout(OPERATION_TIMEOUT, self._reactor)
