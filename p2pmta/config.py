@@ -16,6 +16,7 @@ DEFAULT_SMTP = "tcp:2525:interface=127.0.0.1"
 DEFAULT_IMAP = "tcp:1143:interface=127.0.0.1"
 DEFAULT_HTTP = "tcp:8080"
 DEFAULT_POLL_INTERVAL = 60.0
+DEFAULT_REPLICATION_INTERVAL = 300.0
 DEFAULT_MAX_MESSAGE_SIZE = 50 * 1024 * 1024
 
 
@@ -39,6 +40,8 @@ class Config:
     @ivar pollInterval: seconds between polls of the DHT for notifications.
     @ivar groupMembers: the members of this peer's group, when it is the
         group master.
+    @ivar replicationInterval: seconds between rounds of outbox
+        replication with the other members of the group.
     @ivar maxMessageSize: the largest message accepted over SMTP, in bytes.
     """
 
@@ -55,6 +58,7 @@ class Config:
     bootstrap: tuple[tuple[str, int], ...] = ()
     pollInterval: float = DEFAULT_POLL_INTERVAL
     groupMembers: tuple[Address, ...] = field(default=())
+    replicationInterval: float = DEFAULT_REPLICATION_INTERVAL
     maxMessageSize: int = DEFAULT_MAX_MESSAGE_SIZE
 
     def __post_init__(self) -> None:
@@ -66,8 +70,8 @@ class Config:
             raise ConfigError(f"DHT port {self.dhtPort} is out of range")
         if not 0 <= self.dhtNetwork < 2**32:
             raise ConfigError(f"DHT network id {self.dhtNetwork} is out of range")
-        if self.pollInterval <= 0:
-            raise ConfigError("the poll interval must be positive")
+        if self.pollInterval <= 0 or self.replicationInterval <= 0:
+            raise ConfigError("the poll and replication intervals must be positive")
         if self.maxMessageSize <= 0:
             raise ConfigError("the message size limit must be positive")
         if self.publicURL is not None:

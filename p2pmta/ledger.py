@@ -50,6 +50,12 @@ CREATE TABLE IF NOT EXISTS incoming (
     reason TEXT
 );
 CREATE INDEX IF NOT EXISTS incoming_message ON incoming(sender, digest);
+CREATE TABLE IF NOT EXISTS replicas (
+    owner TEXT NOT NULL,
+    digest TEXT NOT NULL,
+    added REAL NOT NULL,
+    PRIMARY KEY (owner, digest)
+);
 """
 
 

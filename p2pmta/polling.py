@@ -6,7 +6,7 @@ paper's periodic poll as the fallback that catches what a listener missed.
 
 from __future__ import annotations
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
 
 from p2pmta.logs import logFailure
@@ -55,5 +55,7 @@ class MailFlowService(RoundService):
         for side in (self._receiver, self._sender):
             try:
                 await side.round()
+            except CancelledError:
+                raise
             except Exception:
                 self.log.failure("a poll round failed; the next one retries")

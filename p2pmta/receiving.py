@@ -30,6 +30,7 @@ from p2pmta.errors import (
     P2PMTAError,
     UnknownPeer,
 )
+from p2pmta.groups import UnknownGroup
 from p2pmta.httpclient import fetchInto
 from p2pmta.logs import logFailure
 from p2pmta.notification import (
@@ -64,7 +65,7 @@ class Receiver:
 
     def __init__(self, peer) -> None:
         self._peer = peer
-        self._inFlight: set[str] = set()
+        self._inFlight: set = set()
         self.pullDirectory = os.path.join(peer.dataDir.path, "pulls")
 
     @property
@@ -199,15 +200,10 @@ class Receiver:
     async def _pull(self, row, sender: Address, base: str) -> str:
         peer = self._peer
         started = time.monotonic()
-        descriptor = await peer.directory.lookup(sender)
         try:
-            url = await self._download(descriptor, row, base)
-        except FetchError:
-            # The sender may have moved: read its descriptor afresh.
-            fresh = await peer.directory.lookup(sender, fresh=True)
-            if fresh.url == descriptor.url:
-                raise
-            url = await self._download(fresh, row, base)
+            url = await peer.directory.withPeer(sender, lambda d: self._download(d, row, base))
+        except (FetchError, UnknownPeer, BodyUnavailable) as e:
+            url = await self._downloadFromGroup(sender, row, base, e)
         await peer.keyring.decryptFile(base + ".gpg", base + ".plain", row["size"])
         extra = authenticationResults(self.address, sender, row["reason"])
 
@@ -235,6 +231,27 @@ class Receiver:
             seconds=time.monotonic() - started,
         )
         return path
+
+    async def _downloadFromGroup(self, sender: Address, row, base: str, why: Exception) -> str:
+        """
+        The sender's outbox failed us (C{why}): try the other members of the
+        sender's group, which replicate its outbox (paper, section 4.5).
+        """
+        peer = self._peer
+        try:
+            group = await peer.groups.lookup(sender.group)
+        except UnknownGroup:
+            raise why from None
+        if sender not in group.members:
+            raise why
+        for member in group.members:
+            if member in (sender, self.address):
+                continue
+            try:
+                return await peer.directory.withPeer(member, lambda d: self._download(d, row, base))
+            except (FetchError, UnknownPeer, BodyUnavailable) as e:
+                self.log.info("group member {member} cannot serve {digest}: {e}", member=str(member), digest=row["digest"], e=e)
+        raise why
 
     async def _download(self, descriptor, row, base: str) -> str:
         """
@@ -268,6 +285,15 @@ class Receiver:
             await self._sendReceipt(key)
 
     async def _sendReceipt(self, key: str) -> None:
+        if ("receipt", key) in self._inFlight:
+            return
+        self._inFlight.add(("receipt", key))
+        try:
+            await self._postReceipt(key)
+        finally:
+            self._inFlight.discard(("receipt", key))
+
+    async def _postReceipt(self, key: str) -> None:
         peer = self._peer
         rows = await peer.ledger.query(
             "SELECT * FROM incoming WHERE hash = ? AND state IN ('pulled', 'rejected')", key

@@ -6,7 +6,9 @@ Children, by name:
   - C{"dht"}: the OpenDHT node (or any L{IDHT} service passed in);
   - C{"http"}: the public outbox;
   - C{"descriptor"}: keeps this peer's descriptor in the DHT;
+  - C{"group"}: the group descriptor, on the group master only;
   - C{"mailflow"}: listens and polls for notifications;
+  - C{"replication"}: replicates the other group members' outboxes;
   - C{"smtp"}, C{"imap"}: the mail client's servers.
 
 The bounded thread pool for gpg, SQLite and disk work (L{Peer.threads}) runs
@@ -42,7 +44,9 @@ from p2pmta.store import Outbox
 from p2pmta.web import makeSite
 from p2pmta.auth import makePortal
 from p2pmta.imap import Account, IMAPFactory
+from p2pmta.groups import GroupDirectory, GroupPublisher
 from p2pmta.ledger import Ledger
+from p2pmta.replication import Replicator, ServedOutbox
 from p2pmta.mailstore import MailStore
 from p2pmta.polling import MailFlowService
 from p2pmta.receiving import Receiver
@@ -239,11 +243,13 @@ class Peer(MultiService):
         password = await self.inThreads(self.dataDir.prepare)
         self.keyring = await Keyring.open(self.reactor, self.dataDir.gnupg, config.address, self.threads.pool)
         self.outbox = Outbox(self.reactor, self.dataDir.outbox, self.threads.pool)
+        self.replicas = Outbox(self.reactor, self.dataDir.replicas, self.threads.pool)
         self.httpPool = HTTPConnectionPool(self.reactor)
         self.agent = Agent(self.reactor, pool=self.httpPool)
         self.directory = PeerDirectory(self.reactor, self.dht, self.keyring, self.agent)
+        self.groups = GroupDirectory(self.reactor, self.dht, self.keyring, self.directory)
 
-        http = ListeningService(self.reactor, config.http, makeSite(self.outbox, self.keyring.publicKey), "public outbox")
+        http = ListeningService(self.reactor, config.http, makeSite(ServedOutbox(self.outbox, self.replicas), self.keyring.publicKey), "public outbox")
         http.setName("http")
         port = await http.listen()
         http.setServiceParent(self)
@@ -254,6 +260,10 @@ class Peer(MultiService):
         )
         publisher.setName("descriptor")
         publisher.setServiceParent(self)
+        if config.groupMembers:
+            master = GroupPublisher(self.reactor, self.dht, self.keyring, config.groupMembers, password)
+            master.setName("group")
+            master.setServiceParent(self)
 
         await self._startMail()
 
@@ -273,6 +283,9 @@ class Peer(MultiService):
         )
         flow.setName("mailflow")
         flow.setServiceParent(self)
+        replication = Replicator(self, config.replicationInterval)
+        replication.setName("replication")
+        replication.setServiceParent(self)
 
         tlsOptions = await self.inThreads(loadOrCreateCertificate, self.dataDir.private, str(config.address))
         portal = makePortal(

@@ -38,6 +38,7 @@ class Options(usage.Options):
         ["dht-network", None, str(NETWORK_ID), "OpenDHT network id."],
         ["poll-interval", None, str(_config.DEFAULT_POLL_INTERVAL), "Seconds between DHT polls."],
         ["group-members", None, None, "ADDR,ADDR,...: this peer is the master of that group."],
+        ["replication-interval", None, str(_config.DEFAULT_REPLICATION_INTERVAL), "Seconds between outbox replication rounds."],
         ["max-message-size", None, str(_config.DEFAULT_MAX_MESSAGE_SIZE), "Largest message accepted, in bytes."],
     ]
 
@@ -95,6 +96,7 @@ def toConfig(options) -> _config.Config:
         bootstrap=tuple(_config.parseHostPort(b) for b in options["bootstrap"]),
         pollInterval=_number(options, "poll-interval", float),
         groupMembers=members,
+        replicationInterval=_number(options, "replication-interval", float),
         maxMessageSize=_number(options, "max-message-size"),
     )
 
