@@ -30,9 +30,8 @@ import gnupg
 from twisted.internet import defer, task
 from twisted.internet.threads import deferToThread
 
-from p2pmta.address import Address
-from p2pmta.config import Config
-from p2pmta.service import buildService
+from _peers import startPeer
+
 
 _spawned = {"count": 0}
 _realPopen = subprocess.Popen
@@ -56,25 +55,6 @@ def message(subject: str, size: int) -> bytes:
     return m.as_bytes().replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
 
 
-async def startPeer(reactor, root, name, bootstrap):
-    config = Config(
-        dataDir=os.path.join(root, name),
-        address=Address(name, "demo"),
-        password="pw",
-        smtp="tcp:0:interface=127.0.0.1",
-        imap="tcp:0:interface=127.0.0.1",
-        http="tcp:0:interface=127.0.0.1",
-        dhtPort=0,
-        dhtInterface="127.0.0.1",
-        bootstrap=bootstrap,
-        pollInterval=60.0,
-    )
-    peer = buildService(config, reactor, stopReactorOnFailure=False)
-    peer.startService()
-    await peer.whenReady
-    return peer
-
-
 def port(peer, name):
     return peer.getServiceNamed(name).port.getHost().port
 
@@ -84,8 +64,8 @@ async def run(reactor, rounds: int, opens: int) -> None:
     subprocess.Popen = gnupg.Popen = CountingPopen
     alice = bob = None
     try:
-        alice = await startPeer(reactor, root, "alice", ())
-        bob = await startPeer(reactor, root, "bob", (("127.0.0.1", alice.dht.port),))
+        alice = await startPeer(reactor, root, "alice", "demo", (), pollInterval=60.0)
+        bob = await startPeer(reactor, root, "bob", "demo", (("127.0.0.1", alice.dht.port),), pollInterval=60.0)
         smtpPort, imapPort = port(alice, "smtp"), port(bob, "imap")
         def connect():
             smtp = smtplib.SMTP("127.0.0.1", smtpPort)

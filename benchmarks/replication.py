@@ -19,31 +19,12 @@ import time
 from twisted.internet import defer, task
 from twisted.logger import globalLogPublisher
 
+from _peers import startPeer
+
 from p2pmta.address import Address
-from p2pmta.config import Config
-from p2pmta.service import buildService
 from p2pmta.web import ACCESS_LOG_NAMESPACE
 
 MEMBERS = (Address("alice", "g"), Address("dave", "g"))
-
-
-async def startPeer(reactor, root, name, bootstrap, **extra):
-    config = Config(
-        dataDir=os.path.join(root, name),
-        address=Address(name, "g"),
-        password="pw",
-        smtp="tcp:0:interface=127.0.0.1",
-        imap="tcp:0:interface=127.0.0.1",
-        http="tcp:0:interface=127.0.0.1",
-        dhtPort=0,
-        dhtInterface="127.0.0.1",
-        bootstrap=bootstrap,
-        **extra,
-    )
-    peer = buildService(config, reactor, stopReactorOnFailure=False)
-    peer.startService()
-    await peer.whenReady
-    return peer
 
 
 async def run(reactor, count: int, size: int) -> None:
@@ -60,10 +41,10 @@ async def run(reactor, count: int, size: int) -> None:
     globalLogPublisher.addObserver(observe)
     peers = []
     try:
-        dave = await startPeer(reactor, root, "dave", (), replicationInterval=3600)
+        dave = await startPeer(reactor, root, "dave", "g", (), replicationInterval=3600)
         peers.append(dave)
         alice = await startPeer(
-            reactor, root, "alice", (("127.0.0.1", dave.dht.port),), groupMembers=MEMBERS, replicationInterval=3600
+            reactor, root, "alice", "g", (("127.0.0.1", dave.dht.port),), groupMembers=MEMBERS, replicationInterval=3600
         )
         peers.append(alice)
         for _ in range(count):
