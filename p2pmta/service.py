@@ -242,14 +242,16 @@ class Peer(MultiService):
         config = self.config
         password = await self.inThreads(self.dataDir.prepare)
         self.keyring = await Keyring.open(self.reactor, self.dataDir.gnupg, config.address, self.threads.pool)
-        self.outbox = Outbox(self.reactor, self.dataDir.outbox, self.threads.pool)
-        self.replicas = Outbox(self.reactor, self.dataDir.replicas, self.threads.pool)
+        # Opening a store cleans what a crash left: disk work, in a thread.
+        self.outbox = await self.inThreads(Outbox, self.reactor, self.dataDir.outbox, self.threads.pool)
+        self.replicas = await self.inThreads(Outbox, self.reactor, self.dataDir.replicas, self.threads.pool)
         self.httpPool = HTTPConnectionPool(self.reactor)
         self.agent = Agent(self.reactor, pool=self.httpPool)
         self.directory = PeerDirectory(self.reactor, self.dht, self.keyring, self.agent)
         self.groups = GroupDirectory(self.reactor, self.dht, self.keyring, self.directory)
 
-        http = ListeningService(self.reactor, config.http, makeSite(ServedOutbox(self.outbox, self.replicas), self.keyring.publicKey), "public outbox")
+        site = makeSite(ServedOutbox(self.outbox, self.replicas), self.keyring.publicKey)
+        http = ListeningService(self.reactor, config.http, site, "public outbox")
         http.setName("http")
         port = await http.listen()
         http.setServiceParent(self)
