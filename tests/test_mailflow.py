@@ -410,3 +410,55 @@ class CurlTests(TestCase):
     def test_curlSendAndRead(self):
         """curl submits over SMTP with AUTH and reads the message over IMAP."""
         return ensureDeferred(self._curl())
+
+
+class IdleTests(TestCase):
+    """A mail client idling on INBOX hears of new mail as it is announced."""
+
+    timeout = 120
+
+    async def _idle(self):
+        import socket
+
+        from twisted.internet.threads import deferToThread
+
+        h = PeerHarness(self)
+        await h.start("alice")
+        await h.start("bob")
+        port = h.port("bob", "imap")
+        sock = socket.create_connection(("127.0.0.1", port), timeout=20)
+        self.addCleanup(sock.close)
+        reader = sock.makefile("rb")
+
+        def until(tag: bytes) -> list[bytes]:
+            lines = []
+            while True:
+                line = reader.readline()
+                if not line:
+                    raise AssertionError(f"connection closed; got {lines!r}")
+                lines.append(line)
+                if line.startswith(tag):
+                    return lines
+
+        def startIdle():
+            until(b"* OK")
+            sock.sendall(b"a LOGIN bob@demo bob-pw\r\na SELECT INBOX\r\n")
+            until(b"a OK")  # LOGIN
+            until(b"a OK")  # SELECT
+            sock.sendall(b"b IDLE\r\n")
+            return until(b"+")
+
+        await deferToThread(startIdle)
+        await h.send("alice", ["bob@demo"], makeMessage("alice@demo", ["bob@demo"], "while idling"))
+        lines = await deferToThread(until, b"* 1 EXISTS")
+        self.assertIn(b"* 1 EXISTS\r\n", lines)
+
+        def done():
+            sock.sendall(b"DONE\r\nc LOGOUT\r\n")
+            return until(b"c OK")
+
+        await deferToThread(done)
+
+    def test_newMailDuringIdle(self):
+        """A message alice sends shows up as * 1 EXISTS in bob's IDLE session."""
+        return ensureDeferred(self._idle())
