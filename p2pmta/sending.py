@@ -264,8 +264,9 @@ class Sender:
             self.log.warn("ignoring a forged receive notification for {digest}", digest=receipt.digest)
             return
         if delivery["state"] in ("notified", "pending"):
+            # The local copy of the notification is no longer needed.
             await peer.ledger.query(
-                "UPDATE deliveries SET state = 'done' WHERE outgoing = ? AND recipient = ?",
+                "UPDATE deliveries SET state = 'done', notification = NULL WHERE outgoing = ? AND recipient = ?",
                 delivery["outgoing"],
                 delivery["recipient"],
             )
@@ -320,7 +321,7 @@ class Sender:
                 except NotFound:
                     pass
             await peer.ledger.query(
-                "UPDATE deliveries SET state = 'cancelled' WHERE outgoing = ? AND recipient = ?",
+                "UPDATE deliveries SET state = 'cancelled', notification = NULL WHERE outgoing = ? AND recipient = ?",
                 messageId,
                 delivery["recipient"],
             )
@@ -354,7 +355,7 @@ class Sender:
         )
         for row in expired:
             await peer.ledger.query(
-                "UPDATE deliveries SET state = 'expired' WHERE outgoing = ? AND state = 'notified'",
+                "UPDATE deliveries SET state = 'expired', notification = NULL WHERE outgoing = ? AND state = 'notified'",
                 row["outgoing"],
             )
             await self.finishIfDone(row["outgoing"])

@@ -111,6 +111,8 @@ class MailFlowTests(TestCase):
             return not h.outboxDigests("alice")
 
         await eventually(emptied)
+        copies = await h.running["alice"].ledger.query("SELECT state, notification FROM deliveries")
+        self.assertEqual([(r["state"], r["notification"]) for r in copies], [("done", None)])
         # Sent holds alice's copy; Outbox is empty again.
         sent = await h.imap("alice", lambda c: uids(c, "Sent"))
         self.assertEqual(len(sent), 1)
