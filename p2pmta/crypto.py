@@ -401,6 +401,22 @@ class Keyring:
         """
         return succeed(self._publicKey)
 
+    def exportKey(self, address) -> Deferred:
+        """
+        @return: a Deferred firing with the ASCII-armoured public key pinned
+            for C{address}, or failing with L{UnknownKey}.
+        """
+        return self._shared(self._exportPinned, address)
+
+    def _exportPinned(self, address) -> bytes:
+        fpr = self._lookupPin(address)
+        if fpr is None:
+            raise UnknownKey(str(address))
+        exported = self._gpg.export_keys(fpr, armor=True, minimal=True)
+        if not exported:
+            raise UnknownKey(f"{address}: key {fpr} is not in the key cache")
+        return exported.encode("ascii")
+
     def pinned(self, address) -> Deferred:
         """
         @return: a Deferred firing with the fingerprint pinned for

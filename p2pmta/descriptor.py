@@ -120,13 +120,14 @@ class DescriptorPublisher(RoundService):
     log = Logger()
     roundName = "publishing the peer descriptor"
 
-    def __init__(self, clock, dht, keyring, url, password: bytes, ttl: float = DESCRIPTOR_TTL) -> None:
+    def __init__(self, clock, dht, keyring, url, password: bytes, ttl: float = DESCRIPTOR_TTL, interval=None) -> None:
         """
         @param url: a callable returning a Deferred that fires with the
             outbox's public URL, once it is known.
         @param password: this peer's DHT password for its own descriptors.
+        @param interval: seconds between renewals (default: C{ttl / 4}).
         """
-        RoundService.__init__(self, clock, ttl / 4)
+        RoundService.__init__(self, clock, interval or ttl / 4)
         self._dht = dht
         self._keyring = keyring
         self._url = url

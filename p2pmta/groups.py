@@ -40,6 +40,9 @@ class GroupDescriptor:
     @ivar members: every member's address, the master's included.
     @ivar issued: POSIX time it was made; the newest valid one wins.
     @ivar expires: POSIX time after which it is void.
+    @ivar keys: C{(address, fingerprint, armored public key)} of members,
+        so that a receiver can check a member's mail while that member and
+        its descriptor are gone.
     """
 
     group: str
@@ -47,6 +50,7 @@ class GroupDescriptor:
     members: tuple[Address, ...]
     issued: float
     expires: float
+    keys: tuple = ()
 
     def body(self) -> bytes:
         return json.dumps(
@@ -57,6 +61,7 @@ class GroupDescriptor:
                 "members": [str(m) for m in self.members],
                 "issued": self.issued,
                 "expires": self.expires,
+                "keys": {str(a): {"fingerprint": f, "key": k} for a, f, k in self.keys},
             },
             sort_keys=True,
             separators=(",", ":"),
@@ -78,6 +83,10 @@ class GroupDescriptor:
                 members=tuple(Address.parse(m) for m in doc["members"]),
                 issued=float(doc["issued"]),
                 expires=float(doc["expires"]),
+                keys=tuple(
+                    (Address.parse(a), str(v["fingerprint"]), str(v["key"]))
+                    for a, v in sorted(doc.get("keys", {}).items())
+                ),
             )
         except BadNotification:
             raise
@@ -101,8 +110,15 @@ class GroupPublisher(RoundService):
     log = Logger()
     roundName = "publishing the group descriptor"
 
-    def __init__(self, clock, dht, keyring, members, password: bytes, ttl: float = DESCRIPTOR_TTL) -> None:
-        RoundService.__init__(self, clock, ttl / 4)
+    def __init__(
+        self, clock, dht, keyring, members, password: bytes, peers, ttl: float = DESCRIPTOR_TTL, interval=None
+    ) -> None:
+        """
+        @param peers: the L{p2pmta.descriptor.PeerDirectory}, to find and
+            pin the members' keys.
+        """
+        RoundService.__init__(self, clock, interval or ttl / 4)
+        self._peers = peers
         self._dht = dht
         self._keyring = keyring
         self._members = tuple(members)
@@ -112,8 +128,17 @@ class GroupPublisher(RoundService):
 
     async def round(self) -> None:
         master = Address.parse(self._keyring.address)
+        keys = []
+        for member in self._members:
+            try:
+                if await self._keyring.pinned(str(member)) is None:
+                    await self._peers.lookup(member)
+                fingerprint = await self._keyring.pinned(str(member))
+                keys.append((member, fingerprint, (await self._keyring.exportKey(str(member))).decode("ascii")))
+            except P2PMTAError as e:
+                self.log.info("no key of member {member} yet: {e}", member=str(member), e=e)
         now = self._clock.seconds()
-        descriptor = GroupDescriptor(master.group, master, self._members, now, now + self._ttl)
+        descriptor = GroupDescriptor(master.group, master, self._members, now, now + self._ttl, tuple(keys))
         signature = await self._keyring.sign(descriptor.body())
         value = wrapSigned(descriptor.body(), signature)
         key = groupKey(master.group)
@@ -189,7 +214,7 @@ class GroupDirectory:
                 continue
             try:
                 if await self._keyring.pinned(str(descriptor.master)) is None:
-                    await self._peers.lookup(descriptor.master)  # pins its key
+                    await self._pinMaster(descriptor)
                 await self._keyring.verify(body, signature, str(descriptor.master))
             except P2PMTAError as e:
                 self.log.warn(
@@ -200,5 +225,29 @@ class GroupDirectory:
                 )
                 continue
             self._masters.setdefault(group, descriptor.master)
+            await self._pinMembers(descriptor)
             return descriptor
         raise UnknownGroup(group)
+
+    async def _pinMaster(self, descriptor: GroupDescriptor) -> None:
+        """
+        Pin the master's key: from its peer descriptor if it is around,
+        else from the key the group descriptor carries (first use).
+        """
+        try:
+            await self._peers.lookup(descriptor.master)
+            return
+        except P2PMTAError:
+            pass
+        for address, fingerprint, key in descriptor.keys:
+            if address == descriptor.master:
+                await self._keyring.pin(str(address), key.encode("ascii"), fingerprint)
+
+    async def _pinMembers(self, descriptor: GroupDescriptor) -> None:
+        """Pin, on first use, the members' keys the master vouches for."""
+        for address, fingerprint, key in descriptor.keys:
+            if address in descriptor.members and await self._keyring.pinned(str(address)) is None:
+                try:
+                    await self._keyring.pin(str(address), key.encode("ascii"), fingerprint)
+                except P2PMTAError as e:
+                    self.log.warn("key of {member} in group {group} refused: {e}", member=str(address), group=descriptor.group, e=e)

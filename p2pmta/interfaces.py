@@ -46,6 +46,24 @@ class IDHT(Interface):
             holds C{value}.
         """
 
+    def liveEntries(key: str):
+        """
+        The encoded entries behind L{get}: what a group member keeps to
+        L{republish} for a peer that is away.
+
+        @return: a Deferred firing with a list of L{bytes}.
+        """
+
+    def republish(key: str, entry: bytes):
+        """
+        Store again, unchanged, an encoded entry read with L{liveEntries}
+        (or listed by its owner): same value, password hash and expiry.
+        C{key} may also be C{"hash:"} and the hex SHA-1 of the text key.
+
+        @return: a Deferred firing like L{put}'s, or failing with
+            L{p2pmta.errors.DHTError} if C{entry} is not a live entry.
+        """
+
     def listen(key: str, callback):
         """
         Call C{callback(value)} in the reactor thread for each live value

@@ -50,6 +50,12 @@ CREATE TABLE IF NOT EXISTS incoming (
     reason TEXT
 );
 CREATE INDEX IF NOT EXISTS incoming_message ON incoming(sender, digest);
+CREATE TABLE IF NOT EXISTS republish (
+    owner TEXT NOT NULL,
+    key TEXT NOT NULL,            -- "hash:<sha1>" of the DHT key
+    entry BLOB NOT NULL,          -- the owner's encoded DHT entry, opaque
+    PRIMARY KEY (owner, key, entry)
+);
 CREATE TABLE IF NOT EXISTS replicas (
     owner TEXT NOT NULL,
     digest TEXT NOT NULL,

@@ -94,7 +94,7 @@ class Receiver:
                 await peer.ledger.query(
                     "INSERT OR IGNORE INTO incoming (hash, state, received, reason) VALUES (?, 'bad', ?, ?)",
                     key,
-                    time.time(),
+                    self._peer.clock.seconds(),
                     str(e)[:200],
                 )
                 return
@@ -115,12 +115,30 @@ class Receiver:
         notification = SendNotification.decode(body)
         if notification.recipient != self.address:
             raise BadNotification(f"addressed to {notification.recipient}")
-        await peer.directory.lookup(notification.sender)
+        await self._knowKeyOf(notification.sender)
         try:
             fingerprint = await peer.keyring.verify(body, signature, str(notification.sender))
         except CryptoError as e:
             raise BadNotification(f"signature of {notification.sender}: {e}") from None
         return notification, fingerprint
+
+    async def _knowKeyOf(self, sender: Address) -> None:
+        """
+        Have C{sender}'s key pinned: from its descriptor, or, while it and
+        its descriptor are away, from its group's descriptor.
+        """
+        peer = self._peer
+        if await peer.keyring.pinned(str(sender)) is not None:
+            return
+        try:
+            await peer.directory.lookup(sender)
+        except UnknownPeer:
+            try:
+                await peer.groups.lookup(sender.group)
+            except UnknownGroup:
+                raise UnknownPeer(str(sender)) from None
+            if await peer.keyring.pinned(str(sender)) is None:
+                raise
 
     async def _show(self, key: str, raw: bytes, n: SendNotification, fingerprint: str) -> None:
         peer = self._peer
@@ -133,7 +151,7 @@ class Receiver:
             " size, headers, raw, reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             key,
             state,
-            time.time(),
+            self._peer.clock.seconds(),
             str(n.sender),
             n.digest,
             n.password,
@@ -325,7 +343,7 @@ class Receiver:
             await self._sendReceipt(row["hash"])
         await peer.ledger.query(
             "DELETE FROM incoming WHERE state IN ('bad', 'receipted', 'duplicate') AND received < ?",
-            time.time() - NOTIFICATION_TTL - 86400,
+            self._peer.clock.seconds() - NOTIFICATION_TTL - 86400,
         )
 
 

@@ -11,15 +11,15 @@ at the same C{/outbox/<hash>} URL as the member's own ciphertexts.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
-import time
 
 from twisted.internet.defer import DeferredSemaphore, gatherResults
 from twisted.logger import Logger
 
-from p2pmta.address import Address
+from p2pmta.address import Address, groupKey
 from p2pmta.dht import NOTIFICATION_TTL
 from p2pmta.errors import BodyUnavailable, P2PMTAError
 from p2pmta.fileutil import AtomicFile
@@ -42,9 +42,14 @@ class ServedOutbox:
     never replicate replicas.
     """
 
-    def __init__(self, own, replicas) -> None:
+    def __init__(self, own, replicas, notifications=lambda: []) -> None:
+        """
+        @param notifications: returns this peer's pending send
+            notifications, listed in C{msglist} for group members.
+        """
         self._own = own
         self._replicas = replicas
+        self.notifications = notifications
 
     def path(self, digest: str):
         return self._own.path(digest) or self._replicas.path(digest)
@@ -78,22 +83,67 @@ class Replicator(RoundService):
             return
         if self.address not in group.members:
             return
+        await self._keepGroupAlive(group)
         for member in group.members:
             if member == self.address:
                 continue
             try:
-                listed = await peer.directory.withPeer(member, self._msglist)
-            except (P2PMTAError, ValueError) as e:
+                listed, notifications = await peer.directory.withPeer(member, self._msglist)
+            except (P2PMTAError, ValueError, KeyError, TypeError) as e:
                 self.log.info("group member {member} skipped this round: {e}", member=str(member), e=e)
+                await self._standIn(member)
                 await self._expireAbsent(member)
                 continue
+            await self._keepNotifications(member, notifications)
             await self._mirror(member, listed)
         await self._reportDiskUse()
 
-    async def _msglist(self, descriptor) -> set[str]:
+    async def _msglist(self, descriptor) -> tuple[set[str], set[tuple[str, bytes]]]:
         raw = await fetchBytes(self._peer.agent, descriptor.link("outbox/msglist"), MAX_MSGLIST_SIZE, self._peer.reactor)
-        listed = json.loads(raw)["messages"]
-        return {d for d in listed if isDigest(d)}
+        doc = json.loads(raw)
+        digests = {d for d in doc["messages"] if isDigest(d)}
+        notifications = set()
+        for item in doc.get("notifications", ()):
+            key = str(item["key"])
+            if key.startswith("hash:") and len(key) == 45:
+                notifications.add((key, base64.b64decode(item["entry"], validate=True)))
+        return digests, notifications
+
+    async def _keepGroupAlive(self, group) -> None:
+        """
+        Store the group descriptor again: it must outlive a master that is
+        away as long as the members' mail does.
+        """
+        peer = self._peer
+        for raw in await peer.dht.liveEntries(groupKey(group.group)):
+            await peer.dht.republish(groupKey(group.group), raw)
+
+    async def _keepNotifications(self, member: Address, notifications) -> None:
+        """Remember what C{member} lists as pending, to stand in for it."""
+        statements = [("DELETE FROM republish WHERE owner = ?", (str(member),))]
+        statements += [
+            ("INSERT OR IGNORE INTO republish (owner, key, entry) VALUES (?, ?, ?)", (str(member), key, raw))
+            for key, raw in notifications
+        ]
+        await self._peer.ledger.transaction(statements)
+
+    async def _standIn(self, member: Address) -> None:
+        """
+        C{member} is away: put its pending notifications again, so that
+        they outlive the DHT nodes that stored them, until they expire.
+        """
+        peer = self._peer
+        republished = 0
+        for row in await peer.ledger.query("SELECT key, entry FROM republish WHERE owner = ?", str(member)):
+            try:
+                await peer.dht.republish(row["key"], row["entry"])
+                republished += 1
+            except P2PMTAError:
+                await peer.ledger.query(
+                    "DELETE FROM republish WHERE owner = ? AND key = ? AND entry = ?", str(member), row["key"], row["entry"]
+                )
+        if republished:
+            self.log.info("re-published {n} notifications of {member}, who is away", n=republished, member=str(member))
 
     async def _mirror(self, member: Address, listed: set[str]) -> None:
         peer = self._peer
@@ -126,7 +176,7 @@ class Replicator(RoundService):
             "INSERT OR REPLACE INTO replicas (owner, digest, added) VALUES (?, ?, ?)",
             str(member),
             digest,
-            time.time(),
+            self._peer.clock.seconds(),
         )
         return True
 
@@ -160,7 +210,7 @@ class Replicator(RoundService):
         An owner that stays away: its replicas go once every notification
         that could name them has expired.
         """
-        cutoff = time.time() - NOTIFICATION_TTL
+        cutoff = self._peer.clock.seconds() - NOTIFICATION_TTL
         for row in await self._peer.ledger.query(
             "SELECT digest FROM replicas WHERE owner = ? AND added < ?", str(member), cutoff
         ):

@@ -13,6 +13,7 @@ Deleting a message from C{Outbox} cancels it.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import secrets
@@ -25,7 +26,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from p2pmta.address import Address
-from p2pmta.dht import NOTIFICATION_TTL
+from p2pmta.dht import NOTIFICATION_TTL, entry
 from p2pmta.errors import NotFound, P2PMTAError
 from p2pmta.fileutil import fsyncDir
 from p2pmta.interfaces import ISubmission
@@ -76,6 +77,7 @@ class Sender:
         self.spoolDirectory = peer.dataDir.spool
         self._semaphore = DeferredSemaphore(concurrency)
         self._inFlight: dict[str, Deferred] = {}
+        self._pending: list[dict] = []
 
     @property
     def address(self) -> Address:
@@ -101,7 +103,7 @@ class Sender:
         statements = [
             (
                 "INSERT INTO outgoing (id, sender, created, state, spool) VALUES (?, ?, ?, 'spooled', ?)",
-                (messageId, str(sender), time.time(), spooled),
+                (messageId, str(sender), self._peer.clock.seconds(), spooled),
             )
         ]
         for recipient in dict.fromkeys(str(r) for r in recipients):
@@ -216,6 +218,7 @@ class Sender:
                 delivery["recipient"],
             )
             self.log.info("notified {recipient} of {digest}", recipient=str(recipient), digest=row["digest"])
+        await self.refreshNotifications()
 
     async def _file(self, row):
         """Copy the sent message to Sent and Outbox, then drop the spool file."""
@@ -238,6 +241,34 @@ class Sender:
         await peer.ledger.query("UPDATE outgoing SET state = 'sent' WHERE id = ?", row["id"])
         await peer.inThreads(_removeIfThere, row["spool"])
         return (await peer.ledger.query("SELECT * FROM outgoing WHERE id = ?", row["id"]))[0]
+
+    def notifications(self) -> list[dict]:
+        """
+        The send notifications still waiting for their recipients, as
+        C{{"key": "hash:<sha1 of ns:recipient>", "entry": <base64>}}: opaque
+        DHT entries that group members re-publish while this peer is away
+        (recipients' names stay out of the list).
+        """
+        return list(self._pending)
+
+    async def refreshNotifications(self) -> None:
+        """Recompute L{notifications} from the ledger."""
+        rows = await self._peer.ledger.query(
+            "SELECT d.recipient, d.password, d.notification, o.created FROM deliveries d"
+            " JOIN outgoing o ON o.id = d.outgoing WHERE d.state = 'notified' AND d.notification IS NOT NULL"
+        )
+        pending = []
+        for row in rows:
+            stored = entry.PutEntry(
+                row["notification"], entry.passwordHash(row["password"]), row["created"] + NOTIFICATION_TTL
+            )
+            pending.append(
+                {
+                    "key": "hash:" + entry.keyHash(Address.parse(row["recipient"]).sendKey),
+                    "entry": base64.b64encode(stored.encode()).decode("ascii"),
+                }
+            )
+        self._pending = pending
 
     # Receive notifications (step 11) and garbage collection
 
@@ -343,11 +374,12 @@ class Sender:
         notifications, expire deliveries whose notification expired.
         """
         peer = self._peer
+        await self.refreshNotifications()
         for row in await peer.ledger.query("SELECT id FROM outgoing WHERE state IN ('spooled', 'encrypted')"):
             self.process(row["id"])
         for value in await peer.dht.get(self.address.receiveKey):
             await self.handleReceipt(value)
-        cutoff = time.time() - NOTIFICATION_TTL
+        cutoff = self._peer.clock.seconds() - NOTIFICATION_TTL
         expired = await peer.ledger.query(
             "SELECT DISTINCT d.outgoing FROM deliveries d JOIN outgoing o ON o.id = d.outgoing"
             " WHERE d.state = 'notified' AND o.created < ?",

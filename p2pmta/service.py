@@ -37,6 +37,7 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from p2pmta.config import Config
 from p2pmta.crypto import Keyring
 from p2pmta.descriptor import DescriptorPublisher, PeerDirectory
+from p2pmta.dht import DESCRIPTOR_TTL
 from p2pmta.dht.node import OpenDHTNode
 from p2pmta.errors import P2PMTAError, StartError, StoreError
 from p2pmta.fileutil import createSecretFile, ensureDir
@@ -185,10 +186,15 @@ class Peer(MultiService):
 
     log = Logger()
 
-    def __init__(self, config: Config, reactor, dht=None, stopReactorOnFailure: bool = False) -> None:
+    def __init__(self, config: Config, reactor, dht=None, stopReactorOnFailure: bool = False, clock=None) -> None:
+        """
+        @param clock: what the pipelines read the time from, to decide what
+            has expired (default: C{reactor}); tests move it forward.
+        """
         MultiService.__init__(self)
         self.config = config
         self.reactor = reactor
+        self.clock = clock if clock is not None else reactor
         self.dataDir = DataDir(config.dataDir)
         self._stopReactorOnFailure = stopReactorOnFailure
         # Not a child: it must outlive the other services when stopping.
@@ -209,6 +215,7 @@ class Peer(MultiService):
         self.publicURL: str | None = None
         self.whenReady: Deferred = Deferred()
         self._tasks: set[Deferred] = set()
+        self.sender: Sender | None = None
 
     def startService(self) -> None:
         self.threads.startService()
@@ -250,7 +257,10 @@ class Peer(MultiService):
         self.directory = PeerDirectory(self.reactor, self.dht, self.keyring, self.agent)
         self.groups = GroupDirectory(self.reactor, self.dht, self.keyring, self.directory)
 
-        site = makeSite(ServedOutbox(self.outbox, self.replicas), self.keyring.publicKey)
+        site = makeSite(
+            ServedOutbox(self.outbox, self.replicas, lambda: self.sender.notifications() if self.sender else []),
+            self.keyring.publicKey,
+        )
         http = ListeningService(self.reactor, config.http, site, "public outbox")
         http.setName("http")
         port = await http.listen()
@@ -258,16 +268,28 @@ class Peer(MultiService):
         self.publicURL = publicURLFor(config, port)
 
         publisher = DescriptorPublisher(
-            self.reactor, self.dht, self.keyring, lambda: succeed(self.publicURL), password
+            self.reactor, self.dht, self.keyring, lambda: succeed(self.publicURL), password,
+            interval=self._renewInterval(DESCRIPTOR_TTL),
         )
         publisher.setName("descriptor")
         publisher.setServiceParent(self)
         if config.groupMembers:
-            master = GroupPublisher(self.reactor, self.dht, self.keyring, config.groupMembers, password)
+            master = GroupPublisher(
+                self.reactor, self.dht, self.keyring, config.groupMembers, password, self.directory,
+                interval=self._renewInterval(DESCRIPTOR_TTL),
+            )
             master.setName("group")
             master.setServiceParent(self)
 
         await self._startMail()
+
+    def _renewInterval(self, ttl: float) -> float:
+        """
+        How often to renew an entry of C{ttl}: a quarter of its life, or
+        half the DHT's storage period if storing nodes keep values for less.
+        """
+        period = getattr(self.dht, "storagePeriod", None)
+        return min(ttl / 4, period / 2) if period else ttl / 4
 
     async def _startMail(self) -> None:
         config = self.config
@@ -378,8 +400,8 @@ class Peer(MultiService):
                 return
 
 
-def buildService(config: Config, reactor, dht=None, stopReactorOnFailure: bool = True) -> Peer:
+def buildService(config: Config, reactor, dht=None, stopReactorOnFailure: bool = True, clock=None) -> Peer:
     """
     @return: the peer for C{config}, not yet started.
     """
-    return Peer(config, reactor, dht=dht, stopReactorOnFailure=stopReactorOnFailure)
+    return Peer(config, reactor, dht=dht, stopReactorOnFailure=stopReactorOnFailure, clock=clock)

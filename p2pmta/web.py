@@ -129,7 +129,9 @@ class _PublicKey(_Node):
 
 class _MessageList(_Node):
     """
-    C{/outbox/msglist}: C{{"messages": [<digest>, ...]}}, sorted.
+    C{/outbox/msglist}: C{{"messages": [<digest>, ...]}}, sorted, and, when
+    the outbox has them, C{"notifications": [{"key": "hash:<sha1>",
+    "entry": <base64>}, ...]}.
     """
 
     log = Logger()
@@ -144,9 +146,15 @@ class _MessageList(_Node):
         except OSError:
             self.log.failure("could not list the outbox")
             return _UNAVAILABLE.render(request)
+        listing = {"messages": digests}
+        notifications = getattr(self._outbox, "notifications", None)
+        if notifications is not None:
+            # Opaque DHT entries under key hashes: what group members
+            # re-publish while this peer is away.
+            listing["notifications"] = notifications()
         request.setHeader(b"content-type", b"application/json")
         request.setHeader(b"cache-control", b"no-store")
-        return json.dumps({"messages": digests}).encode("ascii")
+        return json.dumps(listing).encode("ascii")
 
 
 class _Ciphertext(static.File):

@@ -73,9 +73,10 @@ class PeerHarness:
         self.running: dict[str, object] = {}
         self.configs: dict[str, Config] = {}
 
-    async def start(self, name: str, group: str = "demo", **overrides):
+    async def start(self, name: str, group: str = "demo", dht=None, clock=None, **overrides):
         """
-        Start (or restart, with the same data dir) peer C{name@group}.
+        Start (or restart, with the same data dir) peer C{name@group}, on
+        a real OpenDHT node unless C{dht} is given.
         """
         config = self.configs.get(name)
         if config is None:
@@ -90,10 +91,10 @@ class PeerHarness:
                 dhtInterface="127.0.0.1",
                 pollInterval=1.0,
             )
-        bootstrap = tuple(("127.0.0.1", p.dht.port) for p in self.running.values())
+        bootstrap = tuple(("127.0.0.1", p.dht.port) for p in self.running.values() if getattr(p.dht, "port", None))
         config = replace(config, bootstrap=bootstrap, **overrides)
         self.configs[name] = config
-        peer = buildService(config, reactor, stopReactorOnFailure=False)
+        peer = buildService(config, reactor, dht=dht, stopReactorOnFailure=False, clock=clock)
         peer.startService()
         self.testCase.addCleanup(self._stopIfRunning, name, peer)
         await peer.whenReady

@@ -202,6 +202,23 @@ class DHTContractMixin:
         """A listener hears values put later, from any node, each once."""
         return ensureDeferred(self._listen())
 
+    async def _republish(self):
+        a, b, c = self.nodes[:3]
+        await a.put("k:re", b"kept", b"pw", 3600)
+        await self.getFrom(b, "k:re", lambda v: v)
+        [raw] = await b.liveEntries("k:re")
+        await c.republish("hash:" + entry.keyHash("k:re"), raw)
+        self.assertEqual(await self.getFrom(c, "k:re", lambda v: v), [b"kept"])
+        with self.assertRaises(DHTError):
+            await c.republish("k:re", b"garbage")
+        # Deleting with the password deletes the republished copy too.
+        await c.delete("k:re", b"kept", b"pw")
+        self.assertEqual(await self.getFrom(a, "k:re", lambda v: not v), [])
+
+    def test_republish(self):
+        """An entry stored again unchanged, by key hash, reads once and deletes as one."""
+        return ensureDeferred(self._republish())
+
     async def _tooLarge(self):
         with self.assertRaises(ValueTooLarge):
             await self.nodes[0].put("k:big", b"x" * (entry.MAX_VALUE_SIZE + 1), b"p", 60)

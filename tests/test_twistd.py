@@ -112,7 +112,7 @@ class TwistdTests(TestCase):
         url = f"http://127.0.0.1:{int(outbox.group(1))}"
         key = await self.curl(url + "/pubkey")
         self.assertIn(b"BEGIN PGP PUBLIC KEY BLOCK", key)
-        self.assertEqual(json.loads(await self.curl(url + "/outbox/msglist")), {"messages": []})
+        self.assertEqual(json.loads(await self.curl(url + "/outbox/msglist")), {"messages": [], "notifications": []})
 
         # A bare OpenDHT node on p2pmta's network finds the descriptor.
         raws = await deferToThread(bareGet, dhtPort, "alice@demo")

@@ -10,6 +10,7 @@ from twisted.internet.defer import Deferred, fail
 from twisted.logger import Logger
 
 from p2pmta.dht import entry
+from p2pmta.errors import DHTError
 
 
 class EntryDHT:
@@ -50,6 +51,18 @@ class EntryDHT:
             return None
 
         return Deferred.fromCoroutine(deleting())
+
+    def liveEntries(self, key: str) -> Deferred:
+        return self._getRaw(key).addCallback(
+            lambda raws: [e.encode() for e in entry.liveEntries(raws, self._clock.seconds())]
+        )
+
+    def republish(self, key: str, raw: bytes) -> Deferred:
+        found = entry.decode(raw)
+        now = self._clock.seconds()
+        if not isinstance(found, entry.PutEntry) or found.expires <= now:
+            return fail(DHTError("not a live entry"))
+        return self._putRaw(key, found.encode(), found.expires - now)
 
     def listen(self, key: str, callback) -> Deferred:
         seen: set[tuple[bytes, str]] = set()

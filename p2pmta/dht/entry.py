@@ -33,6 +33,17 @@ MAX_ENTRY_SIZE = 64 * 1024
 _VERSION = 1
 
 
+def keyHash(key: str) -> str:
+    """
+    @return: the hex SHA-1 of a text key: its OpenDHT C{InfoHash}.  The
+        key C{"hash:" + keyHash(k)} names the same DHT key as C{k}, for
+        those who may store under a key without learning its name.
+    """
+    if key.startswith("hash:"):
+        return key[5:].lower()
+    return hashlib.sha1(key.encode("utf-8")).hexdigest()
+
+
 def passwordHash(password: bytes) -> str:
     """
     @return: the hex SHA-1 of C{password}, as the paper's DHT stores it.

@@ -19,6 +19,7 @@ from twisted.internet.defer import Deferred, fail, succeed
 from zope.interface import implementer
 
 from p2pmta.dht.base import EntryDHT
+from p2pmta.dht.entry import keyHash
 from p2pmta.errors import DHTError
 from p2pmta.interfaces import IDHT
 
@@ -121,6 +122,7 @@ class MemoryDHT(EntryDHT, Service):
         self._network = network
         self._clock = network.clock
         self.nodeName = name
+        self.storagePeriod = network.storagePeriod
 
     def join(self) -> None:
         """Bring this node online."""
@@ -144,19 +146,19 @@ class MemoryDHT(EntryDHT, Service):
             self._checkOnline()
         except DHTError as e:
             return fail(e)
-        return succeed(self._network.store(key, raw, self.nodeName))
+        return succeed(self._network.store(keyHash(key), raw, self.nodeName))
 
     def _getRaw(self, key: str) -> Deferred:
         try:
             self._checkOnline()
         except DHTError as e:
             return fail(e)
-        return succeed(self._network.fetch(key))
+        return succeed(self._network.fetch(keyHash(key)))
 
     def _listenRaw(self, key: str, callback) -> Deferred:
         try:
             self._checkOnline()
         except DHTError as e:
             return fail(e)
-        self._network.listen(key, self.nodeName, callback)
+        self._network.listen(keyHash(key), self.nodeName, callback)
         return succeed(None)

@@ -33,6 +33,7 @@ from zope.interface import implementer
 
 from p2pmta.dht import NETWORK_ID
 from p2pmta.dht.base import EntryDHT
+from p2pmta.dht.entry import keyHash
 from p2pmta.errors import DHTError
 from p2pmta.interfaces import IDHT
 
@@ -67,8 +68,10 @@ def valueTypeFor(ttl: float) -> int:
 
 def infoHash(key: str) -> opendht.InfoHash:
     """
-    @return: the OpenDHT key of the text key C{key}.
+    @return: the OpenDHT key of the text key C{key} (or of C{"hash:<hex>"}).
     """
+    if key.startswith("hash:"):
+        return opendht.InfoHash(keyHash(key).encode("ascii"))
     return opendht.InfoHash.get(key)
 
 
@@ -101,6 +104,8 @@ class OpenDHTNode(EntryDHT, Service):
         self._stopping: Deferred | None = None
         self._listeners: list[tuple[opendht.ListenToken, object]] = []
         self.port: int | None = None
+        #: Storing nodes keep a value for its type's expiry, at least its TTL.
+        self.storagePeriod: float | None = None
 
     # Lifecycle
 
