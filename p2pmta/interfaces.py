@@ -64,6 +64,13 @@ class IDHT(Interface):
             L{p2pmta.errors.DHTError} if C{entry} is not a live entry.
         """
 
+    def deleted(key: str, entry: bytes):
+        """
+        @return: a Deferred firing with whether a live tombstone deletes the
+            encoded C{entry} under C{key}: whoever held its password is done
+            with it (a re-publisher stops then).
+        """
+
     def listen(key: str, callback):
         """
         Call C{callback(value)} in the reactor thread for each live value

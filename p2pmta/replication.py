@@ -136,6 +136,10 @@ class Replicator(RoundService):
         republished = 0
         for row in await peer.ledger.query("SELECT key, entry FROM republish WHERE owner = ?", str(member)):
             try:
+                if await peer.dht.deleted(row["key"], row["entry"]):
+                    # Its recipient is done with it (it deleted it, proving
+                    # the password): nothing more to keep alive.
+                    raise P2PMTAError("deleted by its recipient")
                 await peer.dht.republish(row["key"], row["entry"])
                 republished += 1
             except P2PMTAError:

@@ -212,8 +212,10 @@ class DHTContractMixin:
         with self.assertRaises(DHTError):
             await c.republish("k:re", b"garbage")
         # Deleting with the password deletes the republished copy too.
+        self.assertFalse(await c.deleted("k:re", raw))
         await c.delete("k:re", b"kept", b"pw")
         self.assertEqual(await self.getFrom(a, "k:re", lambda v: not v), [])
+        self.assertTrue(await b.deleted("hash:" + entry.keyHash("k:re"), raw))
 
     def test_republish(self):
         """An entry stored again unchanged, by key hash, reads once and deletes as one."""

@@ -201,6 +201,14 @@ class AbsentSenderTests(TestCase):
         self.assertIn(alice.keyring.fingerprint.encode(), data[0][1])
         del bob
 
+        # bob deleted the notification (proving its password): dave stops
+        # keeping it alive.
+        async def letGo():
+            rows = await dave.ledger.query("SELECT COUNT(*) AS n FROM republish WHERE owner = 'alice@g'")
+            return rows[0]["n"] == 0
+
+        await eventually(letGo)
+
     def test_mailOutlivesItsSender(self):
         """
         alice stops; several storage periods later bob starts for the first

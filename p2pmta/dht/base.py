@@ -64,6 +64,18 @@ class EntryDHT:
             return fail(DHTError("not a live entry"))
         return self._putRaw(key, found.encode(), found.expires - now)
 
+    def deleted(self, key: str, raw: bytes) -> Deferred:
+        found = entry.decode(raw)
+        if not isinstance(found, entry.PutEntry):
+            return fail(DHTError("not an entry"))
+
+        def check(raws) -> bool:
+            now = self._clock.seconds()
+            stones = [e for e in map(entry.decode, raws) if isinstance(e, entry.Tombstone) and e.expires > now]
+            return any(stone.deletes(found) for stone in stones)
+
+        return self._getRaw(key).addCallback(check)
+
     def listen(self, key: str, callback) -> Deferred:
         seen: set[tuple[bytes, str]] = set()
 
