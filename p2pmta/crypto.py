@@ -417,6 +417,38 @@ class Keyring:
             raise UnknownKey(f"{address}: key {fpr} is not in the key cache")
         return exported.encode("ascii")
 
+    def prune(self, unseenSince: float) -> Deferred:
+        """
+        Forget the keys of peers not seen (pinned, verified or encrypted
+        to) since POSIX time C{unseenSince}, pins included; our own key
+        stays.  A forgotten peer is pinned afresh on its next contact.
+
+        @return: a Deferred firing with the addresses forgotten.
+        """
+        return Deferred.fromCoroutine(self._call(True, self._pruneBlocking, unseenSince))
+
+    def _pruneBlocking(self, unseenSince: float) -> list[str]:
+        with self._db() as db:
+            rows = db.execute(
+                "SELECT address, fingerprint FROM pins WHERE last_seen < ? AND address != ? ORDER BY address",
+                (unseenSince, self.address),
+            ).fetchall()
+        forgotten = []
+        for address, fpr in rows:
+            self._gpg.delete_keys(fpr)
+            with self._db() as db, db:
+                db.execute("DELETE FROM pins WHERE address = ? AND fingerprint = ?", (address, fpr))
+            forgotten.append(address)
+        return forgotten
+
+    def _seen(self, addresses) -> None:
+        """Note that C{addresses} were just used (blocking)."""
+        now = time.time()
+        with self._db() as db, db:
+            db.executemany(
+                "UPDATE pins SET last_seen = ? WHERE address = ?", [(now, str(_address(a))) for a in addresses]
+            )
+
     def pinned(self, address) -> Deferred:
         """
         @return: a Deferred firing with the fingerprint pinned for
@@ -523,6 +555,7 @@ class Keyring:
             os.remove(sigPath)
         if result.returncode != 0 or not _signedBy(_status(result.stderr), expected):
             raise BadSignature(f"not a good signature by {address}")
+        self._seen([address])
         return expected
 
     def encrypt(self, data: bytes, recipients, sign=False, compress=True) -> Deferred:
@@ -562,6 +595,7 @@ class Keyring:
                 raise UnknownKey(str(recipient))
             if fpr not in fingerprints:
                 fingerprints.append(fpr)
+        self._seen(recipients)
         extra = [] if compress else ["--compress-algo", "none"]
         signer = self.fingerprint if sign else None
         with _source(source) as stream, _output(outPath) as tmp:

@@ -40,6 +40,9 @@ from p2pmta.notification import (
     wrapSigned,
 )
 
+#: How long the key of a peer not seen (no mail to or from it) is kept.
+KEY_RETENTION = 90 * 86400.0
+
 #: Content types that are already compressed: gpg's compression only costs
 #: time on them.
 _COMPRESSED_TYPES = (b"image/jpeg", b"image/png", b"application/zip", b"application/gzip", b"video/", b"audio/")
@@ -78,6 +81,7 @@ class Sender:
         self._semaphore = DeferredSemaphore(concurrency)
         self._inFlight: dict[str, Deferred] = {}
         self._pending: list[dict] = []
+        self._lastKeyPrune = float("-inf")
 
     @property
     def address(self) -> Address:
@@ -391,6 +395,12 @@ class Sender:
                 row["outgoing"],
             )
             await self.finishIfDone(row["outgoing"])
+        now = peer.clock.seconds()
+        if now - self._lastKeyPrune >= 86400:
+            self._lastKeyPrune = now
+            forgotten = await peer.keyring.prune(now - KEY_RETENTION)
+            if forgotten:
+                self.log.info("forgot the keys of {n} peers unseen for long", n=len(forgotten))
 
 
 def _removeIfThere(path: str) -> None:

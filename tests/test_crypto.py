@@ -378,6 +378,26 @@ class KeyringTests(TestCase):
             bob.verify(b"hello", b"junk", "alice@demo"), BadSignature
         )
 
+    async def test_pruneUnseenKeys(self):
+        """
+        Keys of peers unseen since a cutoff are forgotten (the pin and the
+        key); recently used ones and our own stay.
+        """
+        alice, bob, carol = await self.pair("alice@demo", "bob@demo", "carol@demo")
+        signature = await bob.sign(b"hi")
+        await alice.verify(b"hi", signature, "bob@demo")
+        cutoff = time.time()
+        await alice.verify(b"hi", signature, "bob@demo")  # bob seen after the cutoff
+        self.assertEqual(await alice.prune(cutoff), ["carol@demo"])
+        self.assertIsNone(await alice.pinned("carol@demo"))
+        self.assertEqual(await alice.pinned("bob@demo"), bob.fingerprint)
+        await self.assertFailure(alice.encrypt(b"x", ["carol@demo"]), UnknownKey)
+        # Forgotten means pinned afresh on the next contact.
+        await alice.pin("carol@demo", await carol.publicKey(), carol.fingerprint)
+        self.assertEqual(await alice.prune(time.time() + 1), ["bob@demo", "carol@demo"])
+        self.assertEqual(await alice.pinned("alice@demo"), alice.fingerprint)
+        await alice.sign(b"still works")
+
     async def test_pinRefusesOtherKey(self):
         """
         Once an address is pinned, another key for it is refused and logged.

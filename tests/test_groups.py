@@ -278,3 +278,29 @@ class GarbageCollectionTests(TestCase):
     def test_replicaGoesAtExpiryWhileOwnerAway(self):
         """A replica whose owner stays away goes once no notification can name it."""
         return ensureDeferred(self._replicaExpired())
+
+
+class KeyPruningTests(TestCase):
+    timeout = 120
+
+    async def _pruned(self):
+        from p2pmta.sending import KEY_RETENTION
+        from tests.test_dht import ShiftedClock
+
+        h = PeerHarness(self)
+        clock = ShiftedClock()
+        alice = await h.start("alice", clock=clock)
+        await h.start("bob")
+        await alice.directory.lookup(Address("bob", "demo"))
+        self.assertIsNotNone(await alice.keyring.pinned("bob@demo"))
+        await alice.getServiceNamed("mailflow").runNow()
+        self.assertIsNotNone(await alice.keyring.pinned("bob@demo"), "seen recently: kept")
+        alice.sender._lastKeyPrune = float("-inf")
+        clock.advance(KEY_RETENTION + 1)
+        await alice.getServiceNamed("mailflow").runNow()
+        self.assertIsNone(await alice.keyring.pinned("bob@demo"))
+        self.assertEqual(await alice.keyring.pinned("alice@demo"), alice.keyring.fingerprint)
+
+    def test_keysOfPeersUnseenForLongArePruned(self):
+        """The key cache forgets peers unseen for KEY_RETENTION; a poll round does it."""
+        return ensureDeferred(self._pruned())
