@@ -76,6 +76,12 @@ class Replicator(RoundService):
         return self._peer.config.address
 
     async def round(self) -> None:
+        try:
+            await self._replicateGroup()
+        finally:
+            await self._reportDiskUse()
+
+    async def _replicateGroup(self) -> None:
         peer = self._peer
         try:
             group = await peer.groups.lookup(self.address.group)
@@ -96,7 +102,6 @@ class Replicator(RoundService):
                 continue
             await self._keepNotifications(member, notifications)
             await self._mirror(member, listed)
-        await self._reportDiskUse()
 
     async def _msglist(self, descriptor) -> tuple[set[str], set[tuple[str, bytes]]]:
         raw = await fetchBytes(self._peer.agent, descriptor.link("outbox/msglist"), MAX_MSGLIST_SIZE, self._peer.reactor)
