@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import sys
 from urllib.parse import urlunsplit
 
 from twisted.application.service import MultiService, Service
@@ -239,6 +240,10 @@ class Peer(MultiService):
             self.whenReady.errback(reason)
         self.whenReady.addErrback(lambda _: None)
         if self._stopReactorOnFailure and self.reactor.running:
+            # twistd has no way to set its exit status: leave with 1 once
+            # the reactor has shut down, so that scripts and service
+            # managers see the failure.
+            self.reactor.addSystemEventTrigger("after", "shutdown", _exitFailed)
             self.reactor.stop()
 
     def inThreads(self, f, *args, **kwargs) -> Deferred:
@@ -398,6 +403,12 @@ class Peer(MultiService):
             except Exception:
                 self.log.warn("stopping with {n} background tasks unfinished", n=len(self._tasks))
                 return
+
+
+def _exitFailed() -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)
 
 
 def buildService(config: Config, reactor, dht=None, stopReactorOnFailure: bool = True, clock=None) -> Peer:

@@ -157,7 +157,7 @@ class TwistdTests(TestCase):
         args[args.index("--http") + 1] = f"tcp:{blocker.getHost().port}:interface=127.0.0.1"
         proto = self.start(*args)
         await proto.waitFor(rb"p2pmta cannot start: .*public outbox cannot listen on")
-        await proto.ended
+        self.assertEqual(await proto.ended, 1)
         self.assertNotIn(b"Traceback", proto.output)
 
     def test_portInUse(self):
