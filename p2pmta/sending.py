@@ -156,8 +156,11 @@ class Sender:
         if row["state"] == "spooled":
             row = await self._encrypt(row)
         if row["state"] == "encrypted":
-            await self._notifyAll(row)
+            # Filed in Sent and Outbox first: a recipient whose peer cannot
+            # be reached now must not keep the message out of Sent.
             row = await self._file(row)
+        if row["state"] == "sent":
+            await self._notifyAll(row)
 
     async def _encrypt(self, row):
         peer = self._peer
@@ -211,10 +214,15 @@ class Sender:
                 attachments=tuple(json.loads(row["attachments"] or "[]")),
             )
             body = notification.encode()
-            await peer.directory.lookup(recipient)  # pins its key if new
-            signature = await peer.keyring.sign(body)
-            value = await peer.keyring.encrypt(wrapSigned(body, signature), [str(recipient)])
-            await peer.dht.put(recipient.sendKey, value, delivery["password"], NOTIFICATION_TTL)
+            try:
+                await peer.directory.lookup(recipient)  # pins its key if new
+                signature = await peer.keyring.sign(body)
+                value = await peer.keyring.encrypt(wrapSigned(body, signature), [str(recipient)])
+                await peer.dht.put(recipient.sendKey, value, delivery["password"], NOTIFICATION_TTL)
+            except P2PMTAError as e:
+                # The others still go; the poll round tries this one again.
+                self.log.warn("cannot notify {recipient} yet: {e}", recipient=str(recipient), e=e)
+                continue
             await peer.ledger.query(
                 "UPDATE deliveries SET state = 'notified', notification = ? WHERE outgoing = ? AND recipient = ?",
                 value,
@@ -379,19 +387,23 @@ class Sender:
         """
         peer = self._peer
         await self.refreshNotifications()
-        for row in await peer.ledger.query("SELECT id FROM outgoing WHERE state IN ('spooled', 'encrypted')"):
+        for row in await peer.ledger.query(
+            "SELECT id FROM outgoing WHERE state IN ('spooled', 'encrypted') OR (state = 'sent' AND EXISTS"
+            " (SELECT 1 FROM deliveries d WHERE d.outgoing = outgoing.id AND d.state = 'pending'))"
+        ):
             self.process(row["id"])
         for value in await peer.dht.get(self.address.receiveKey):
             await self.handleReceipt(value)
         cutoff = self._peer.clock.seconds() - NOTIFICATION_TTL
         expired = await peer.ledger.query(
             "SELECT DISTINCT d.outgoing FROM deliveries d JOIN outgoing o ON o.id = d.outgoing"
-            " WHERE d.state = 'notified' AND o.created < ?",
+            " WHERE d.state IN ('pending', 'notified') AND o.created < ?",
             cutoff,
         )
         for row in expired:
             await peer.ledger.query(
-                "UPDATE deliveries SET state = 'expired', notification = NULL WHERE outgoing = ? AND state = 'notified'",
+                "UPDATE deliveries SET state = 'expired', notification = NULL"
+                " WHERE outgoing = ? AND state IN ('pending', 'notified')",
                 row["outgoing"],
             )
             await self.finishIfDone(row["outgoing"])

@@ -464,3 +464,45 @@ class IdleTests(TestCase):
     def test_newMailDuringIdle(self):
         """A message alice sends shows up as * 1 EXISTS in bob's IDLE session."""
         return ensureDeferred(self._idle())
+
+
+class UnreachableRecipientTests(TestCase):
+    timeout = 120
+
+    async def _oneLate(self):
+        from twisted.internet.defer import fail
+
+        from p2pmta.errors import UnknownPeer
+
+        h = self.harness = PeerHarness(self)
+        alice = await h.start("alice")
+        await h.start("bob")
+        await h.start("carol")
+        alice.sender.process = lambda messageId: None  # hold the pipeline
+        await h.send("alice", ["bob@demo", "carol@demo"], makeMessage("alice@demo", ["bob@demo", "carol@demo"], "x"))
+        del alice.sender.process
+        blocked = {Address("carol", "demo")}
+        lookup = alice.directory.lookup
+        alice.directory.lookup = lambda a, fresh=False: fail(UnknownPeer(str(a))) if a in blocked else lookup(a, fresh)
+        await alice.getServiceNamed("mailflow").runNow()
+        await self.waitListed("bob")
+        self.assertEqual(len(await h.imap("alice", lambda c: uids(c, "Sent"))), 1, "filed despite carol")
+        states = await alice.ledger.query("SELECT recipient, state FROM deliveries ORDER BY recipient")
+        self.assertEqual([(r["recipient"], r["state"]) for r in states], [("bob@demo", "notified"), ("carol@demo", "pending")])
+        self.flushLoggedErrors()
+        blocked.clear()
+        await alice.getServiceNamed("mailflow").runNow()
+        await self.waitListed("carol")
+
+    async def waitListed(self, name):
+        async def probe():
+            return await self.harness.imap(name, uids)
+
+        return await eventually(probe)
+
+    def test_unreachableRecipientDoesNotHoldTheOthers(self):
+        """
+        A recipient that cannot be notified now neither keeps the message out
+        of Sent nor delays the others; a later round notifies it.
+        """
+        return ensureDeferred(self._oneLate())
