@@ -110,6 +110,26 @@ def decodeSigned(value: bytes) -> tuple[Descriptor, bytes, bytes]:
     return descriptor, body, signature
 
 
+async def deleteReplaced(dht, key: str, current: bytes, password: bytes, replaced) -> int:
+    """
+    Delete, with C{password}, the values under C{key} that C{current}
+    replaces (those for which C{replaced(value)} is true); one that cannot
+    be deleted is left to expire.
+
+    @return: how many were deleted.
+    """
+    deleted = 0
+    for old in await dht.get(key):
+        if old == current or not replaced(old):
+            continue
+        try:
+            await dht.delete(key, old, password)
+        except P2PMTAError:
+            continue
+        deleted += 1
+    return deleted
+
+
 class DescriptorPublisher(RoundService):
     """
     Keeps this peer's descriptor in the DHT while the peer runs: publishes it
@@ -159,21 +179,16 @@ class DescriptorPublisher(RoundService):
             fingerprint=descriptor.fingerprint,
             expires=descriptor.expires,
         )
-        for old in await self._dht.get(descriptor.address.descriptorKey):
-            if old == value:
-                continue
+        def replaced(old: bytes) -> bool:
             try:
                 found, _, _ = decodeSigned(old)
             except BadDescriptor:
-                continue
-            if found.fingerprint != descriptor.fingerprint or found.issued >= descriptor.issued:
-                continue
-            try:
-                await self._dht.delete(descriptor.address.descriptorKey, old, self._password)
-            except P2PMTAError as e:
-                self.log.debug("could not delete an old descriptor: {e}", e=e)
-            else:
-                self.log.info("deleted an older descriptor ({url})", url=found.url)
+                return False
+            return found.fingerprint == descriptor.fingerprint and found.issued < descriptor.issued
+
+        deleted = await deleteReplaced(self._dht, descriptor.address.descriptorKey, value, self._password, replaced)
+        if deleted:
+            self.log.info("deleted {n} older descriptors", n=deleted)
         return descriptor
 
 

@@ -19,7 +19,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from p2pmta.address import Address, groupKey
-from p2pmta.descriptor import LONELY_RETRY
+from p2pmta.descriptor import LONELY_RETRY, deleteReplaced
 from p2pmta.dht import DESCRIPTOR_TTL
 from p2pmta.errors import BadAddress, P2PMTAError
 from p2pmta.notification import BadNotification, unwrapSigned, wrapSigned
@@ -150,18 +150,15 @@ class GroupPublisher(RoundService):
             group=master.group,
             members=", ".join(str(m) for m in self._members),
         )
-        for old in await self._dht.get(key):
-            if old == value:
-                continue
+
+        def replaced(old: bytes) -> bool:
             try:
                 found = GroupDescriptor.fromBody(unwrapSigned(old)[0])
             except BadNotification:
-                continue
-            if found.master == master and found.issued < descriptor.issued:
-                try:
-                    await self._dht.delete(key, old, self._password)
-                except P2PMTAError:
-                    pass
+                return False
+            return found.master == master and found.issued < descriptor.issued
+
+        await deleteReplaced(self._dht, key, value, self._password, replaced)
 
 
 class GroupDirectory:
