@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import time
 import uuid
 
@@ -226,16 +227,24 @@ class Receiver:
         extra = authenticationResults(self.address, sender, row["reason"])
 
         def assemble() -> str:
+            # Streamed: a 50 MB message is never held in memory.
+            notified = row["headers"]
             with open(base + ".plain", "rb") as plain:
-                message = plain.read()
-            headers, _ = splitHeaders(message)
-            if len(message) != row["size"] or headers != row["headers"]:
-                raise BodyUnavailable("the message does not match its notification")
-            with open(base + ".eml", "wb") as out:
-                out.write(extra)
-                out.write(message)
-                out.flush()
-                os.fsync(out.fileno())
+                size = os.fstat(plain.fileno()).st_size
+                if size > len(notified):
+                    # The notified section ends at the message's first blank line.
+                    matches = plain.read(len(notified)) == notified
+                else:
+                    # A message without a body: compare as the sender split it.
+                    matches = splitHeaders(plain.read())[0] == notified
+                if size != row["size"] or not matches:
+                    raise BodyUnavailable("the message does not match its notification")
+                plain.seek(0)
+                with open(base + ".eml", "wb") as out:
+                    out.write(extra)
+                    shutil.copyfileobj(plain, out, 1024 * 1024)
+                    out.flush()
+                    os.fsync(out.fileno())
             os.remove(base + ".plain")
             os.remove(base + ".gpg")
             return base + ".eml"
