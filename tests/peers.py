@@ -44,6 +44,14 @@ async def eventually(probe, timeout: float = 20.0, interval: float = 0.1):
         waited += interval
 
 
+def uids(client, mailbox: str = "INBOX") -> list[int]:
+    """The UIDs of C{mailbox}, with a logged-in C{imaplib} client."""
+    typ, _ = client.select(mailbox)
+    assert typ == "OK", typ
+    typ, data = client.uid("SEARCH", None, "ALL")
+    return [int(u) for u in data[0].split()]
+
+
 class AccessLog:
     """Collects the outbox access-log lines of every peer in the test."""
 
@@ -156,6 +164,19 @@ class PeerHarness:
                     pass
 
         return deferToThread(session)
+
+    async def listed(self, name: str, count: int = 1, timeout: float = 20.0) -> list[int]:
+        """
+        Wait until peer C{name}'s INBOX lists at least C{count} messages.
+
+        @return: their UIDs.
+        """
+
+        async def probe():
+            found = await self.imap(name, uids)
+            return found if len(found) >= count else None
+
+        return await eventually(probe, timeout=timeout)
 
     def outboxDigests(self, name: str) -> list[str]:
         return self.running[name].outbox.digests()

@@ -69,10 +69,7 @@ class GroupTests(TestCase):
         message = makeMessage("alice@g", ["bob@h"], "while you were away", os.urandom(30_000))
         await h.send("alice", ["bob@h"], message)
 
-        async def listed():
-            return await h.imap("bob", uids)
-
-        [uid] = await eventually(listed)
+        [uid] = await h.listed("bob")
         [digest] = h.outboxDigests("alice")
         dave = h.running["dave"]
 
@@ -191,10 +188,7 @@ class AbsentSenderTests(TestCase):
 
         bob = await h.start("bob", "h", dht=MemoryDHT(network, "bob-2"), **fast)
 
-        async def listed():
-            return await h.imap("bob", uids)
-
-        [uid] = await eventually(listed, timeout=30)
+        [uid] = await h.listed("bob", timeout=30)
         typ, data = await h.imap("bob", lambda c: fetchOne(c, uid, "(BODY[])"))
         self.assertEqual(typ, "OK", data)
         self.assertEqual(stripAdded(data[0][1]), message)

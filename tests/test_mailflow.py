@@ -17,7 +17,7 @@ from twisted.trial.unittest import TestCase
 from p2pmta.address import Address
 from p2pmta.dht import NOTIFICATION_TTL
 from p2pmta.notification import splitHeaders
-from tests.peers import PeerHarness, eventually, sleep
+from tests.peers import PeerHarness, eventually, sleep, uids
 
 
 def makeMessage(sender: str, recipients, subject: str, attachment: bytes = b"") -> bytes:
@@ -30,13 +30,6 @@ def makeMessage(sender: str, recipients, subject: str, attachment: bytes = b"") 
     if attachment:
         message.add_attachment(attachment, maintype="application", subtype="octet-stream", filename="data.bin")
     return message.as_bytes()
-
-
-def uids(client, mailbox: str = "INBOX") -> list[int]:
-    typ, _ = client.select(mailbox)
-    assert typ == "OK", typ
-    typ, data = client.uid("SEARCH", None, "ALL")
-    return [int(u) for u in data[0].split()]
 
 
 def fetchOne(client, uid: int, what: str, mailbox: str = "INBOX"):
@@ -69,13 +62,6 @@ class MailFlowTests(TestCase):
             started[name] = await self.harness.start(name)
         return started
 
-    async def waitForInbox(self, name: str, count: int = 1) -> list[int]:
-        async def probe():
-            found = await self.harness.imap(name, uids)
-            return found if len(found) >= count else None
-
-        return await eventually(probe)
-
     async def _sendReceive(self):
         await self.peers("alice", "bob")
         h = self.harness
@@ -83,7 +69,7 @@ class MailFlowTests(TestCase):
         submitted = makeMessage("alice@demo", ["bob@demo"], "binary attachment", attachment)
         refused = await h.send("alice", ["bob@demo"], submitted)
         self.assertEqual(refused, {})
-        [uid] = await self.waitForInbox("bob")
+        [uid] = await self.harness.listed("bob")
 
         # Headers and size are there before any pull.
         typ, data = await h.imap("bob", lambda c: fetchOne(c, uid, "(RFC822.SIZE BODY.PEEK[HEADER] FLAGS)"))
@@ -138,8 +124,8 @@ class MailFlowTests(TestCase):
         h = self.harness
         message = makeMessage("alice@demo", ["bob@demo", "carol@demo"], "for two", os.urandom(5000))
         await h.send("alice", ["bob@demo", "carol@demo"], message)
-        [bobUid] = await self.waitForInbox("bob")
-        [carolUid] = await self.waitForInbox("carol")
+        [bobUid] = await self.harness.listed("bob")
+        [carolUid] = await self.harness.listed("carol")
         self.assertEqual(len(h.outboxDigests("alice")), 1)
         await h.imap("bob", lambda c: fetchOne(c, bobUid, "(BODY[])"))
         await sleep(2.5)  # more than two poll rounds
@@ -162,7 +148,7 @@ class MailFlowTests(TestCase):
         await self.peers("alice", "bob")
         h = self.harness
         await h.send("alice", ["bob@demo"], makeMessage("alice@demo", ["bob@demo"], "spam", os.urandom(10_000)))
-        [uid] = await self.waitForInbox("bob")
+        [uid] = await self.harness.listed("bob")
 
         def deleteUnread(client):
             client.select("INBOX")
@@ -186,7 +172,7 @@ class MailFlowTests(TestCase):
         await self.peers("alice", "bob")
         h = self.harness
         await h.send("alice", ["bob@demo"], makeMessage("alice@demo", ["bob@demo"], "oops"))
-        [uid] = await self.waitForInbox("bob")
+        [uid] = await self.harness.listed("bob")
 
         async def inOutbox():
             return await h.imap("alice", lambda c: uids(c, "Outbox"))
@@ -228,7 +214,7 @@ class MailFlowTests(TestCase):
         spool = os.listdir(os.path.join(h.root, "alice", "spool"))
         self.assertEqual(len([n for n in spool if n.endswith(".eml")]), 1)
         await h.start("alice")
-        [uid] = await self.waitForInbox("bob")
+        [uid] = await self.harness.listed("bob")
         typ, data = await h.imap("bob", lambda c: fetchOne(c, uid, "(BODY[])"))
         self.assertEqual(stripAdded(data[0][1]), message)
         await sleep(2.5)
@@ -245,7 +231,7 @@ class MailFlowTests(TestCase):
         refused = await h.send("alice", ["bob@demo", "nobody@demo"], message)
         self.assertEqual(list(refused), ["nobody@demo"])
         self.assertEqual(refused["nobody@demo"][0], 550)
-        await self.waitForInbox("bob")
+        await self.harness.listed("bob")
         with self.assertRaises(smtplib.SMTPRecipientsRefused):
             await h.send("alice", ["nobody@demo"], message)
         with self.assertRaises(smtplib.SMTPRecipientsRefused) as caught:
@@ -295,10 +281,7 @@ class HostileInputTests(TestCase):
         real = makeMessage("alice@demo", ["bob@demo"], "the real one")
         await h.send("alice", ["bob@demo"], real)
 
-        async def probe():
-            return await h.imap("bob", uids)
-
-        [uid] = await eventually(probe)
+        [uid] = await h.listed("bob")
         await sleep(2.5)
         self.assertEqual(await h.imap("bob", uids), [uid])
         typ, data = await h.imap("bob", lambda c: fetchOne(c, uid, "(BODY.PEEK[HEADER.FIELDS (SUBJECT)])"))
@@ -320,10 +303,7 @@ class HostileInputTests(TestCase):
         message = makeMessage("alice@demo", ["bob@demo"], "tampered", os.urandom(4000))
         await h.send("alice", ["bob@demo"], message)
 
-        async def probe():
-            return await h.imap("bob", uids)
-
-        [uid] = await eventually(probe)
+        [uid] = await h.listed("bob")
         [digest] = alice.outbox.digests()
         path = alice.outbox.path(digest).path
         with open(path, "rb") as f:
@@ -353,10 +333,7 @@ class HostileInputTests(TestCase):
         message = makeMessage("alice@demo", ["bob@demo"], "pull later")
         await h.send("alice", ["bob@demo"], message)
 
-        async def probe():
-            return await h.imap("bob", uids)
-
-        [uid] = await eventually(probe)
+        [uid] = await h.listed("bob")
         await h.stop("alice")
         typ, data = await h.imap("bob", lambda c: fetchOne(c, uid, "(BODY[])"))
         self.assertEqual(typ, "NO")
@@ -395,10 +372,7 @@ class CurlTests(TestCase):
         )
         self.assertEqual(code, 0, err)
 
-        async def probe():
-            return await h.imap("bob", uids)
-
-        [uid] = await eventually(probe)
+        [uid] = await h.listed("bob")
         out, err, code = await getProcessOutputAndValue(
             "/usr/bin/curl", ["-sS", f"imap://127.0.0.1:{h.port('bob', 'imap')}/INBOX;UID={uid}", "--user", "bob@demo:bob-pw"]
         )
@@ -485,20 +459,14 @@ class UnreachableRecipientTests(TestCase):
         lookup = alice.directory.lookup
         alice.directory.lookup = lambda a, fresh=False: fail(UnknownPeer(str(a))) if a in blocked else lookup(a, fresh)
         await alice.getServiceNamed("mailflow").runNow()
-        await self.waitListed("bob")
+        await self.harness.listed("bob")
         self.assertEqual(len(await h.imap("alice", lambda c: uids(c, "Sent"))), 1, "filed despite carol")
         states = await alice.ledger.query("SELECT recipient, state FROM deliveries ORDER BY recipient")
         self.assertEqual([(r["recipient"], r["state"]) for r in states], [("bob@demo", "notified"), ("carol@demo", "pending")])
         self.flushLoggedErrors()
         blocked.clear()
         await alice.getServiceNamed("mailflow").runNow()
-        await self.waitListed("carol")
-
-    async def waitListed(self, name):
-        async def probe():
-            return await self.harness.imap(name, uids)
-
-        return await eventually(probe)
+        await self.harness.listed("carol")
 
     def test_unreachableRecipientDoesNotHoldTheOthers(self):
         """

@@ -201,7 +201,7 @@ class KillTests(TestCase):
     timeout = 180
 
     async def _killedAfter250(self):
-        from tests.peers import PeerHarness, eventually
+        from tests.peers import PeerHarness
         from tests.test_mailflow import fetchOne, makeMessage, stripAdded, uids
 
         harness = PeerHarness(self)
@@ -236,15 +236,11 @@ class KillTests(TestCase):
         again = runner.start(*args)
         await again.waitFor(rb"peer alice@demo started")
 
-        async def listed():
-            return await harness.imap("bob", uids)
-
-        [uid] = await eventually(listed, timeout=30)
+        [uid] = await harness.listed("bob", timeout=30)
         typ, data = await harness.imap("bob", lambda c: fetchOne(c, uid, "(BODY[])"))
         self.assertEqual(typ, "OK")
         self.assertEqual(stripAdded(data[0][1]), message)
         await TwistdTests.stop(runner, again)
-        await eventually(listed)
         self.assertEqual(await harness.imap("bob", uids), [uid], "delivered once")
 
     def test_killedRightAfter250(self):
