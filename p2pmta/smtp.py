@@ -12,6 +12,10 @@ and a refused message (a line over 1000 octets: RFC 5321, clients wrap or
 encode; a bare CR or LF; a NUL; too large) is swallowed up to it, so nothing
 of a body runs as a command; input sent with STARTTLS is dropped.  Messages
 stream to a temporary file in the spool; the C{fsync} runs in a thread.
+
+The factory caps the open sessions; when it is full, a newcomer takes the
+place of the oldest session that has not logged in within a grace period,
+so idle connections cannot lock the user out.
 """
 
 from __future__ import annotations
@@ -20,17 +24,20 @@ import base64
 import binascii
 import datetime
 import email.utils
+import errno
 import os
 import re
 import tempfile
 
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.mail.imap4 import IllegalClientResponse, PLAINCredentials
 from twisted.mail.smtp import ESMTP, IMessageDelivery, LOGINCredentials, SMTPFactory
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from p2pmta.address import Address
 from p2pmta.errors import BadAddress, CryptoError, UnknownPeer
@@ -46,7 +53,11 @@ _MAIL = re.compile(rb"FROM:\s*" + _PATH + rb"(?:\s+(.*))?", re.I | re.S)
 _RCPT = re.compile(rb"TO:\s*" + _PATH + rb"(?:\s+(.*))?", re.I | re.S)
 _DOMAIN = re.compile(rb"[\x21-\x7e]{1,255}")
 _MECHANISMS = {b"PLAIN": PLAINCredentials, b"LOGIN": LOGINCredentials}
-_COMMANDS = frozenset(b"EHLO HELO AUTH STARTTLS MAIL RCPT DATA RSET NOOP VRFY HELP QUIT".split())
+_COMMANDS = frozenset(
+    b"EHLO HELO AUTH STARTTLS MAIL RCPT DATA RSET NOOP VRFY HELP QUIT".split()
+)
+#: The errors of a write that mean the spool's file system is full.
+_NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
 class SubmissionServer(ESMTP):
@@ -55,11 +66,33 @@ class SubmissionServer(ESMTP):
     mail from the authenticated user only, to recipients the submission
     pipeline can reach.
 
-    @ivar timeout: Seconds of client silence before the session is closed.
+    What a message may hold: any octet but NUL, in lines of at most
+    L{maxLineLength} octets ending in CRLF, a header section of at most
+    L{maxHeaderSize} octets, the whole at most the submission's
+    C{maxMessageSize}.  Within those limits a message is stored byte for
+    byte (dot-unstuffed, under a C{Received} header) and its structure is
+    not looked at: a folded header, a header line that only looks like a
+    CRLF injection, 10,000 header fields, deeply nested or many MIME parts
+    are the client's business.  Otherwise, after the final dot:
+      - a longer line: C{500 5.5.2};
+      - a bare CR or LF, also in a header value: C{550 5.5.2} (as Postfix's
+        C{smtpd_forbid_bare_newline}; normalising would change what the
+        user signed or hashed);
+      - a NUL: C{550 5.6.0};
+      - too large, or a header section too large: C{552 5.3.4};
+      - the spool's file system full: C{452 4.3.1}, other spool errors
+        C{451 4.3.0}.
+    Past L{maxRecipients} accepted recipients RCPT gets C{452 4.5.3} (RFC
+    5321, 4.5.3.1.10); the message goes to those accepted.
+
+    @ivar timeout: Seconds of client silence before the session is closed
+        (the factory's C{timeout}).
     @ivar maxRecipients: The most recipients of one message.
     @ivar maxLineLength: The longest line of a message, CRLF included.
     @ivar maxHeaderSize: The largest header section of a message, in bytes.
     @ivar maxAuthFailures: Failed AUTH attempts before the session is closed.
+    @ivar abortTimeout: Seconds a closing connection may take to send
+        its last replies (a client that does not read) before it is aborted.
     @ivar holdLimit: Unread input, in bytes, past which reading from the
         connection pauses while an asynchronous step is pending.
     """
@@ -70,6 +103,7 @@ class SubmissionServer(ESMTP):
     maxLineLength = 1000
     maxHeaderSize = 256 * 1024
     maxAuthFailures = 3
+    abortTimeout = 30
     holdLimit = 64 * 1024
     MAX_LENGTH = 16384
 
@@ -84,10 +118,14 @@ class SubmissionServer(ESMTP):
         self._waiting: Deferred | None = None
         self._draining = False
         self._paused = False
+        self._writesBlocked = False
+        self._backpressure: _Backpressure | None = None
+        self._abortCall = None
         self._lost = False
         self._skipLine = False
         self._authFailures = 0
         self._file = None
+        self.timeout = factory.timeout
         self._resetSession()
 
     # Session state
@@ -112,19 +150,60 @@ class SubmissionServer(ESMTP):
             logout()
 
     def connectionMade(self) -> None:
-        self.factory.connections += 1
+        self.factory.opened(self)
+        # Stop reading from a client that does not read its replies.
+        self._backpressure = _Backpressure(self)
+        self.transport.registerProducer(self._backpressure, True)
         ESMTP.connectionMade(self)
 
     def connectionLost(self, reason: Failure) -> None:
         self._lost = True
-        self.factory.connections -= 1
+        self.factory.closed(self)
         self.setTimeout(None)
+        if self._abortCall is not None:
+            self._abortCall.cancel()
+            self._abortCall = None
         self._discardFile()
         self._logout()
 
+    def evict(self) -> None:
+        """
+        Close this session (not logged in yet) for a newcomer: the server
+        is full.
+        """
+        self.sendCode(
+            421, b"4.7.0 " + self.host + b" Too many connections, closing this one"
+        )
+        self._close()
+
+    def _close(self) -> None:
+        """
+        Close the connection once the replies are sent; abort it if they
+        are still not taken after L{abortTimeout} seconds.
+        """
+        if self._backpressure is not None:
+            # A transport waits for its producer to go before it closes.
+            self._backpressure = None
+            self.transport.unregisterProducer()
+        self.transport.loseConnection()
+        if self._abortCall is None and not self._lost:
+            self._abortCall = self.callLater(self.abortTimeout, self._abort)
+
+    def _abort(self) -> None:
+        self._abortCall = None
+        self.transport.abortConnection()
+
+    def _blockWrites(self, blocked: bool) -> None:
+        """
+        The transport's write buffer is full (or no longer): read on only
+        when the client takes its replies.
+        """
+        self._writesBlocked = blocked
+        self._readOrPause()
+
     def timeoutConnection(self) -> None:
         self.sendCode(421, b"4.4.2 " + self.host + b" Idle timeout, closing connection")
-        self.transport.loseConnection()
+        self._close()
 
     def greeting(self) -> bytes:
         return self.host + b" ESMTP p2pmta"
@@ -163,12 +242,24 @@ class SubmissionServer(ESMTP):
                     break
         finally:
             self._draining = False
-        if self._lost:
+        self._readOrPause()
+
+    def _readOrPause(self) -> None:
+        """
+        Read from the connection unless the client's replies are not taken,
+        or much input waits behind a pending step.
+        """
+        if self._lost or self.transport.disconnecting:
             return
-        pause = self._waiting is not None and len(self._buffer) > self.holdLimit
+        pause = self._writesBlocked or (
+            self._waiting is not None and len(self._buffer) > self.holdLimit
+        )
         if pause != self._paused:
             self._paused = pause
-            (self.transport.pauseProducing if pause else self.transport.resumeProducing)()
+            if pause:
+                self.transport.pauseProducing()
+            else:
+                self.transport.resumeProducing()
 
     def _hold(self, d: Deferred) -> None:
         """
@@ -194,13 +285,14 @@ class SubmissionServer(ESMTP):
         """
         end = self._buffer.find(b"\r\n")
         if end < 0:
-            if len(self._buffer) > self.MAX_LENGTH:
+            cr = self._buffer.endswith(b"\r")
+            if len(self._buffer) - cr > self.MAX_LENGTH:
                 self._skipLine = True
-                self._buffer[:] = b"\r" if self._buffer.endswith(b"\r") else b""
+                self._buffer[:] = b"\r" if cr else b""
             return False
         line = bytes(self._buffer[:end])
         del self._buffer[: end + 2]
-        if self._skipLine:
+        if self._skipLine or end > self.MAX_LENGTH:
             self._skipLine = False
             if self.mode == _AUTH:
                 self.mode = _COMMAND
@@ -337,7 +429,7 @@ class SubmissionServer(ESMTP):
         self._authFailures += 1
         if self._authFailures >= self.maxAuthFailures:
             self.reply(421, "4.7.0 Too many failed authentication attempts")
-            self.transport.loseConnection()
+            self._close()
         else:
             self.reply(535, "5.7.8 Authentication credentials invalid")
 
@@ -360,11 +452,14 @@ class SubmissionServer(ESMTP):
             key, _, value = param.partition(b"=")
             key = key.upper()
             if key == b"SIZE":
-                if not value.isdigit():
+                # RFC 1870: 1*20DIGIT (and int() refuses over 4300 digits).
+                if not value.isdigit() or len(value) > 20:
                     self.reply(501, "5.5.4 Bad SIZE parameter")
                     return
                 if int(value) > self._submission.maxMessageSize:
-                    self.reply(552, "5.3.4 Message size exceeds fixed maximum message size")
+                    self.reply(
+                        552, "5.3.4 Message size exceeds fixed maximum message size"
+                    )
                     return
             elif key == b"BODY" and value.upper() in (b"7BIT", b"8BITMIME"):
                 pass
@@ -397,8 +492,13 @@ class SubmissionServer(ESMTP):
             self.reply(452, "4.5.3 Error: too many recipients")
         else:
             d = maybeDeferred(self._submission.checkRecipient, recipient)
-            d.addCallbacks(self._recipientOk, self._recipientFailed,
-                           (recipient,), None, (recipient,))
+            d.addCallbacks(
+                self._recipientOk,
+                self._recipientFailed,
+                (recipient,),
+                None,
+                (recipient,),
+            )
             self._hold(d)
 
     def _recipientOk(self, _: object, recipient: Address) -> None:
@@ -412,7 +512,9 @@ class SubmissionServer(ESMTP):
             why = "no usable OpenPGP key for that peer"
         else:
             self.log.failure("checking recipient {rcpt}", reason, rcpt=str(recipient))
-            self.reply(451, f"4.4.3 {recipient}: recipient look-up failed, try again later")
+            self.reply(
+                451, f"4.4.3 {recipient}: recipient look-up failed, try again later"
+            )
             return
         self.log.info("refused recipient {rcpt}: {why}", rcpt=str(recipient), why=why)
         self.reply(550, f"5.1.1 {recipient}: {why}")
@@ -425,14 +527,11 @@ class SubmissionServer(ESMTP):
             self.reply(554, "5.5.1 Error: no valid recipients")
             return
         try:
-            fd, self._path = tempfile.mkstemp(prefix=TEMP_PREFIX,
-                                              dir=self._submission.spoolDirectory)
-            self._file = os.fdopen(fd, "wb")
+            self._file, self._path = _openSpoolFile(self._submission.spoolDirectory)
             self._file.write(self._receivedHeader())
-        except OSError:
-            self.log.failure("cannot spool a message")
+        except OSError as e:
             self._discardFile()
-            self.reply(451, "4.3.0 Cannot spool the message, try again later")
+            self.reply(*self._spoolError(e))
             return
         self.mode = _DATA
         self._atLineStart = True
@@ -457,7 +556,7 @@ class SubmissionServer(ESMTP):
 
     def do_QUIT(self, rest: bytes) -> None:
         self.reply(221, "2.0.0 Bye")
-        self.transport.loseConnection()
+        self._close()
 
     # The message
 
@@ -468,9 +567,12 @@ class SubmissionServer(ESMTP):
         """
         when = datetime.datetime.fromtimestamp(self.factory.clock.seconds(), _UTC)
         return b"Received: from %s ([%s])\r\n\tby %s (p2pmta) with %s;\r\n\t%s\r\n" % (
-            self._greeting or b"unknown", self._peerHost(), self.host,
+            self._greeting or b"unknown",
+            self._peerHost(),
+            self.host,
             b"ESMTPSA" if self.startedTLS else b"ESMTPA",
-            email.utils.format_datetime(when).encode("ascii"))
+            email.utils.format_datetime(when).encode("ascii"),
+        )
 
     def _peerHost(self) -> bytes:
         host = getattr(self.transport.getPeer(), "host", "unknown")
@@ -502,7 +604,9 @@ class SubmissionServer(ESMTP):
             return True
         tail = self._buffer[:-1] if self._buffer.endswith(b"\r") else self._buffer
         if len(tail) > self.maxLineLength - 2:
-            self._fail(500, "5.5.2 Message line longer than %d octets" % (self.maxLineLength,))
+            self._fail(
+                500, "5.5.2 Message line longer than %d octets" % (self.maxLineLength,)
+            )
             # Discard the line, up to its CRLF: what follows is no line start.
             self._buffer[:] = self._buffer[len(tail) :]
             self._atLineStart = False
@@ -518,9 +622,13 @@ class SubmissionServer(ESMTP):
         lines = raw.split(b"\r\n")
         lines.pop()
         if max(map(len, lines)) > self.maxLineLength - 2:
-            self._fail(500, "5.5.2 Message line longer than %d octets" % (self.maxLineLength,))
+            self._fail(
+                500, "5.5.2 Message line longer than %d octets" % (self.maxLineLength,)
+            )
         elif raw.count(b"\r") != len(lines) or raw.count(b"\n") != len(lines):
-            self._fail(550, "5.5.2 Bare <CR> or <LF> in message: use <CR><LF> line ends")
+            self._fail(
+                550, "5.5.2 Bare <CR> or <LF> in message: use <CR><LF> line ends"
+            )
         elif b"\0" in raw:
             self._fail(550, "5.6.0 NUL character in message")
         if self._dataError is not None:
@@ -538,9 +646,21 @@ class SubmissionServer(ESMTP):
         else:
             try:
                 self._file.write(data)
-            except OSError:
-                self.log.failure("cannot spool a message")
-                self._fail(452, "4.3.1 Insufficient system storage")
+            except OSError as e:
+                self._fail(*self._spoolError(e))
+
+    def _spoolError(self, error: OSError) -> tuple[int, str]:
+        """
+        Log a failed write to the spool (in an C{except} block).
+
+        @return: the reply: C{452 4.3.1} if the file system is full (the
+            client tries again later), else C{451 4.3.0}.
+        """
+        if error.errno in _NO_SPACE:
+            self.log.warn("cannot spool a message: {error}", error=str(error))
+            return 452, "4.3.1 Insufficient system storage"
+        self.log.failure("cannot spool a message")
+        return 451, "4.3.0 Cannot spool the message, try again later"
 
     def _fail(self, code: int, text: str) -> None:
         """
@@ -553,7 +673,7 @@ class SubmissionServer(ESMTP):
     def _discardFile(self) -> None:
         f, self._file = self._file, None
         if f is not None:
-            f.close()
+            _closeQuietly(f)
             _unlink(self._path)
 
     def _endOfData(self) -> None:
@@ -564,7 +684,11 @@ class SubmissionServer(ESMTP):
             self.reply(*self._dataError)
             return
         f, self._file = self._file, None
-        self._hold(Deferred.fromCoroutine(self._deliver(f, self._path, sender, list(recipients))))
+        self._hold(
+            Deferred.fromCoroutine(
+                self._deliver(f, self._path, sender, list(recipients))
+            )
+        )
 
     async def _deliver(self, f, path: str, sender: Address, recipients: list) -> None:
         """
@@ -575,16 +699,40 @@ class SubmissionServer(ESMTP):
         try:
             await self.factory.runBlocking(_flushAndClose, f)
             messageId = await self._submission.accept(sender, recipients, path)
-        except Exception:
-            self.log.failure("message from {sender} not accepted", sender=str(sender))
-            if not f.closed:
-                f.close()
+        except Exception as e:
+            _closeQuietly(f)
             _unlink(path)
-            self.reply(451, "4.3.0 Error: queue file write error, try again later")
+            if isinstance(e, OSError) and e.errno in _NO_SPACE:
+                self.log.warn(
+                    "message from {sender} not accepted: {error}",
+                    sender=str(sender),
+                    error=str(e),
+                )
+                self.reply(452, "4.3.1 Insufficient system storage")
+            else:
+                self.log.failure(
+                    "message from {sender} not accepted", sender=str(sender)
+                )
+                self.reply(451, "4.3.0 Error: queue file write error, try again later")
             return
-        self.log.info("accepted {id} from {sender} for {n} recipients, {size} bytes",
-                      id=messageId, sender=str(sender), n=len(recipients), size=size)
+        self.log.info(
+            "accepted {id} from {sender} for {n} recipients, {size} bytes",
+            id=messageId,
+            sender=str(sender),
+            n=len(recipients),
+            size=size,
+        )
         self.reply(250, f"2.0.0 Ok: queued as {messageId}")
+
+
+def _openSpoolFile(directory: str):
+    """
+    Create the file a message arrives in.
+
+    @return: the file, open for writing, and its path.
+    """
+    fd, path = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=directory)
+    return os.fdopen(fd, "wb"), path
 
 
 def _flushAndClose(f) -> None:
@@ -595,10 +743,40 @@ def _flushAndClose(f) -> None:
         f.close()
 
 
+def _closeQuietly(f) -> None:
+    """
+    Close a file whose content is thrown away: a buffered write that fails
+    again (a full disk) does not matter.
+    """
+    try:
+        f.close()
+    except OSError:
+        pass
+
+
 def _unlink(path: str) -> None:
     try:
         os.unlink(path)
     except FileNotFoundError:
+        pass
+
+
+@implementer(IPushProducer)
+class _Backpressure:
+    """
+    Told by a session's transport when its write buffer fills and drains.
+    """
+
+    def __init__(self, session: SubmissionServer) -> None:
+        self._session = session
+
+    def pauseProducing(self) -> None:
+        self._session._blockWrites(True)
+
+    def resumeProducing(self) -> None:
+        self._session._blockWrites(False)
+
+    def stopProducing(self) -> None:
         pass
 
 
@@ -616,14 +794,33 @@ class SubmissionFactory(SMTPFactory):
     """
     Makes L{SubmissionServer}s, at most L{maxConnections} at a time.
 
-    @ivar connections: The number of sessions now open.
+    When that many are open, a newcomer takes the place of the oldest
+    session that has not logged in though it connected L{loginGrace}
+    seconds ago or more (as Dovecot drops its oldest unauthenticated
+    client); the closed session is told C{421 4.7.0}.  If there is none,
+    the newcomer is greeted with C{421 4.7.0} and closed.  Sessions that
+    logged in are never closed for another.
+
+    @ivar maxConnections: The most sessions open at a time.
+    @ivar timeout: Seconds of client silence before a session is closed.
+    @ivar loginGrace: Seconds a new session has to log in before it may
+        be closed for a newcomer when the server is full.
     """
 
     protocol = SubmissionServer
-    maxConnections = 100
 
-    def __init__(self, portal, submission, tlsOptions=None, hostname=b"p2pmta",
-                 clock=None, runBlocking=None) -> None:
+    def __init__(
+        self,
+        portal,
+        submission,
+        tlsOptions=None,
+        hostname=b"p2pmta",
+        clock=None,
+        runBlocking=None,
+        maxConnections: int = 100,
+        timeout: float = 300,
+        loginGrace: float = 10,
+    ) -> None:
         """
         @param portal: The cred portal (L{p2pmta.auth.makePortal}); its realm
             must give an L{IMessageDelivery} avatar.
@@ -636,6 +833,9 @@ class SubmissionFactory(SMTPFactory):
         @param runBlocking: C{f(callable, *args)} returning a Deferred of
             the call's result, run off the reactor thread (default:
             L{twisted.internet.threads.deferToThread}).
+        @param maxConnections: See L{maxConnections}.
+        @param timeout: See L{timeout}.
+        @param loginGrace: See L{loginGrace}.
         """
         SMTPFactory.__init__(self, portal)
         if clock is None:
@@ -644,12 +844,49 @@ class SubmissionFactory(SMTPFactory):
             from twisted.internet.threads import deferToThread as runBlocking
         self.submission = submission
         self.tlsOptions = tlsOptions
-        self.domain = hostname.encode("ascii") if isinstance(hostname, str) else hostname
+        self.domain = (
+            hostname.encode("ascii") if isinstance(hostname, str) else hostname
+        )
         self.clock = clock
         self.runBlocking = runBlocking
-        self.connections = 0
+        self.maxConnections = maxConnections
+        self.timeout = timeout
+        self.loginGrace = loginGrace
+        # The open sessions, oldest first, with the time they connected.
+        self._sessions: dict[SubmissionServer, float] = {}
+
+    @property
+    def connections(self) -> int:
+        """
+        The number of sessions now open.
+        """
+        return len(self._sessions)
+
+    def opened(self, session: SubmissionServer) -> None:
+        self._sessions[session] = self.clock.seconds()
+
+    def closed(self, session: SubmissionServer) -> None:
+        self._sessions.pop(session, None)
 
     def buildProtocol(self, addr) -> Protocol:
-        if self.connections >= self.maxConnections:
+        if len(self._sessions) >= self.maxConnections and not self._evictOne():
             return _TooBusy()
         return self.protocol(self)
+
+    def _evictOne(self) -> bool:
+        """
+        Close the oldest session past its login grace that has not logged in.
+
+        @return: whether there was one.
+        """
+        deadline = self.clock.seconds() - self.loginGrace
+        for session, connected in self._sessions.items():
+            if connected > deadline:
+                break
+            if not session.authenticated:
+                # It no longer counts, though its connection may take a
+                # moment to close.
+                del self._sessions[session]
+                session.evict()
+                return True
+        return False
