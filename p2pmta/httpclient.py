@@ -1,14 +1,32 @@
-# -*- test-case-name: tests.test_descriptor -*-
+# -*- test-case-name: tests.test_descriptor,tests.test_hostile_web -*-
 """
 Reading other peers' outboxes over HTTP, bounded in size and time.
+
+Whoever runs the other end may be hostile, so every fetch is bounded:
+
+  - the connection and the response's headers must come within C{timeout}
+    seconds (a port that accepts and never answers, or answers a byte a
+    second, fails then);
+  - the headers may take at most L{MAX_HEADER_BYTES} when the agent's pool
+    is a L{BoundedHTTPConnectionPool} (Twisted's client has no limit on
+    how many header lines it collects);
+  - the body may not be larger than the caller expects: a larger
+    C{Content-Length} fails at once, and a body that goes on fails at the
+    first byte too many, so no more is ever read or kept;
+  - the body may not go quiet for C{timeout} seconds, and must have arrived
+    C{timeout + maxSize / minRate} seconds after the headers.
+
+Every failure is a L{FetchError}, and a fetch that fails drops its
+connection.
 """
 
 from __future__ import annotations
 
 from twisted.internet.defer import Deferred
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, ResponseDone
+from twisted.web._newclient import HEADER, STATUS, HTTP11ClientProtocol
+from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone, ResponseFailed
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 
@@ -17,78 +35,257 @@ from p2pmta.errors import FetchError
 
 USER_AGENT = f"p2pmta/{__version__}".encode("ascii")
 
+TIMEOUT = 30.0
+"""
+Seconds to wait for a connection and a response's headers, and the longest
+silence allowed while its body arrives.
+"""
+
+MIN_RATE = 16 * 1024
+"""
+The slowest average rate, in bytes per second, that a body may arrive at
+(beyond the first L{TIMEOUT} seconds).
+"""
+
+MAX_HEADER_BYTES = 64 * 1024
+"""The most bytes of status line and headers a response may have."""
+
+
+class _HeaderBoundedProtocol(HTTP11ClientProtocol):
+    """
+    An L{HTTP11ClientProtocol} that drops the connection once a response's
+    status line and headers pass L{MAX_HEADER_BYTES}: Twisted limits each
+    line, not how many there are.
+    """
+
+    maxHeaderBytes = MAX_HEADER_BYTES
+    _headerBytes = 0
+
+    def request(self, request):
+        self._headerBytes = 0
+        return super().request(request)
+
+    def dataReceived(self, data: bytes) -> None:
+        super().dataReceived(data)
+        parser = getattr(self, "_parser", None)
+        if parser is not None and parser.state in (STATUS, HEADER):
+            # Still in the headers after all of it: all of it was headers.
+            self._headerBytes += len(data)
+            if self._headerBytes > self.maxHeaderBytes and self.transport is not None:
+                self.transport.abortConnection()
+
+
+class _HeaderBoundedFactory(Factory):
+    """
+    What L{HTTPConnectionPool} builds its connections with (the signature
+    of Twisted's C{_HTTP11ClientFactory}).
+    """
+
+    def __init__(self, quiescentCallback, metadata) -> None:
+        self._quiescentCallback = quiescentCallback
+        self._metadata = metadata
+
+    def __repr__(self) -> str:
+        return f"_HeaderBoundedFactory({self._quiescentCallback}, {self._metadata})"
+
+    def buildProtocol(self, addr):
+        return _HeaderBoundedProtocol(self._quiescentCallback)
+
+
+class BoundedHTTPConnectionPool(HTTPConnectionPool):
+    """
+    An L{HTTPConnectionPool} whose connections refuse responses with more
+    than L{MAX_HEADER_BYTES} of headers.  Give it to the L{Agent} that
+    L{fetchInto} uses.
+    """
+
+    _factory = _HeaderBoundedFactory
+
+
+def makeAgent(
+    reactor, persistent: bool = True
+) -> tuple[Agent, BoundedHTTPConnectionPool]:
+    """
+    @return: an L{Agent} for L{fetchInto}, and its pool (whose
+        C{closeCachedConnections} a service calls when it stops).
+    """
+    pool = BoundedHTTPConnectionPool(reactor, persistent=persistent)
+    return Agent(reactor, pool=pool), pool
+
+
+class _Discard(Protocol):
+    """
+    A body nobody wants: its connection is dropped rather than read to the
+    end (it may be huge, or never end).
+    """
+
+    def connectionMade(self) -> None:
+        self.transport.stopProducing()
+
 
 class _BoundedBody(Protocol):
     """
-    Collect a response body into C{sink} (a callable taking bytes), failing
-    once more than C{maxSize} bytes arrive.
+    Pass a response body to C{sink} (a callable taking bytes), failing
+    L{finished} with L{FetchError} once more than C{maxSize} bytes arrive
+    or none for C{idleTimeout} seconds.  Cancelling L{finished} stops the
+    transfer too.  Once failed, the connection is dropped and nothing more
+    reaches C{sink}.
+
+    @ivar finished: a L{Deferred} firing with L{None} once the whole body
+        has been passed on.
     """
 
-    def __init__(self, finished: Deferred, sink, maxSize: int) -> None:
-        self._finished = finished
+    def __init__(self, sink, maxSize: int, clock, idleTimeout: float | None) -> None:
+        self.finished: Deferred = Deferred(self._cancelled)
         self._sink = sink
         self._remaining = maxSize
-        self._failed = False
+        self._clock = clock
+        self._idleTimeout = idleTimeout
+        self._idle = None
+        self._done = False
+
+    def connectionMade(self) -> None:
+        if self._idleTimeout:
+            self._idle = self._clock.callLater(self._idleTimeout, self._tooQuiet)
 
     def dataReceived(self, data: bytes) -> None:
-        if self._failed:
+        if self._done:
             return
         self._remaining -= len(data)
         if self._remaining < 0:
-            self._failed = True
-            self.transport.stopProducing()
-            self._finished.errback(FetchError("response larger than expected"))
+            self._fail(FetchError("response larger than expected"))
             return
+        if self._idle is not None:
+            self._idle.reset(self._idleTimeout)
         try:
             self._sink(data)
         except Exception:
-            self._failed = True
-            self.transport.stopProducing()
-            self._finished.errback(Failure())
+            self._fail(Failure())
 
     def connectionLost(self, reason: Failure) -> None:
-        if self._failed:
+        self._stopClock()
+        if self._done:
             return
+        self._done = True
         if reason.check(ResponseDone, PotentialDataLoss):
-            self._finished.callback(None)
+            self.finished.callback(None)
         else:
-            self._finished.errback(FetchError(f"connection lost: {reason.getErrorMessage()}"))
+            self.finished.errback(FetchError(f"connection lost: {_why(reason.value)}"))
+
+    def _tooQuiet(self) -> None:
+        self._idle = None
+        self._fail(FetchError(f"nothing received for {self._idleTimeout:g}s"))
+
+    def _fail(self, why) -> None:
+        if self._done:
+            return
+        self._done = True
+        self._stopClock()
+        self.transport.stopProducing()
+        self.finished.errback(why)
+
+    def _cancelled(self, finished: Deferred) -> None:
+        # The Deferred then fails with CancelledError by itself.
+        if self._done:
+            return
+        self._done = True
+        self._stopClock()
+        if self.transport is not None:
+            self.transport.stopProducing()
+
+    def _stopClock(self) -> None:
+        if self._idle is not None:
+            if self._idle.active():
+                self._idle.cancel()
+            self._idle = None
 
 
-async def fetchInto(agent: Agent, url: str, sink, maxSize: int, reactor, timeout: float = 30.0) -> None:
+def _timedOut(what: str):
+    """
+    An C{onTimeoutCancel} for L{Deferred.addTimeout}: whatever the
+    cancellation gave, the fetch failed for want of time.
+    """
+
+    def timedOut(result, timeout: float) -> Failure:
+        if not isinstance(result, Failure) and hasattr(result, "deliverBody"):
+            # A response came just as time ran out: too late all the same.
+            result.deliverBody(_Discard())
+        return Failure(FetchError(f"{what} within {timeout:g}s"))
+
+    return timedOut
+
+
+def _why(error: BaseException) -> str:
+    """
+    A short reason for a failed fetch.
+    """
+    if isinstance(error, FetchError):
+        return str(error.args[0]) if error.args else "failed"
+    if isinstance(error, ResponseFailed):
+        return (
+            "; ".join(f.getErrorMessage() for f in error.reasons) or "response failed"
+        )
+    return str(error) or type(error).__name__
+
+
+async def fetchInto(
+    agent: Agent,
+    url: str,
+    sink,
+    maxSize: int,
+    reactor,
+    timeout: float = TIMEOUT,
+    minRate: float = MIN_RATE,
+) -> None:
     """
     GET C{url} and pass its body, chunk by chunk, to C{sink}.
 
+    @param maxSize: the most bytes the body may have.
+    @param timeout: see L{TIMEOUT}.
+    @param minRate: see L{MIN_RATE}.
+
     @raise FetchError: on a network error, a status other than 200, a body
-        over C{maxSize} bytes, or no answer within C{timeout} seconds.
+        over C{maxSize} bytes, or a server too slow (see the module
+        docstring).
     """
-    requested = agent.request(b"GET", url.encode("ascii"), Headers({b"User-Agent": [USER_AGENT]}))
-    requested.addTimeout(timeout, reactor)
+    requested = agent.request(
+        b"GET", url.encode("ascii"), Headers({b"User-Agent": [USER_AGENT]})
+    )
+    requested.addTimeout(timeout, reactor, onTimeoutCancel=_timedOut("no answer"))
     try:
         response = await requested
     except Exception as e:
-        raise FetchError(f"{url}: {e}") from None
+        raise FetchError(f"{url}: {_why(e)}") from None
     if response.code != 200:
-        response.deliverBody(Protocol())
+        response.deliverBody(_Discard())
         raise FetchError(f"{url}: HTTP {response.code}")
-    if response.length is not None and isinstance(response.length, int) and response.length > maxSize:
-        response.deliverBody(Protocol())
+    if isinstance(response.length, int) and response.length > maxSize:
+        response.deliverBody(_Discard())
         raise FetchError(f"{url}: {response.length} bytes is more than {maxSize}")
-    finished = Deferred()
-    response.deliverBody(_BoundedBody(finished, sink, maxSize))
-    finished.addTimeout(timeout, reactor)
+    body = _BoundedBody(sink, maxSize, reactor, timeout)
+    response.deliverBody(body)
+    deadline = timeout + maxSize / minRate
+    body.finished.addTimeout(
+        deadline, reactor, onTimeoutCancel=_timedOut("body not received")
+    )
     try:
-        await finished
-    except FetchError as e:
-        raise FetchError(f"{url}: {e}") from None
+        await body.finished
     except Exception as e:
-        raise FetchError(f"{url}: {e}") from None
+        raise FetchError(f"{url}: {_why(e)}") from None
 
 
-async def fetchBytes(agent: Agent, url: str, maxSize: int, reactor, timeout: float = 30.0) -> bytes:
+async def fetchBytes(
+    agent: Agent,
+    url: str,
+    maxSize: int,
+    reactor,
+    timeout: float = TIMEOUT,
+    minRate: float = MIN_RATE,
+) -> bytes:
     """
-    GET C{url}, whose body must be at most C{maxSize} bytes.
+    GET C{url}, whose body must be at most C{maxSize} bytes (see
+    L{fetchInto}).
     """
     chunks: list[bytes] = []
-    await fetchInto(agent, url, chunks.append, maxSize, reactor, timeout)
+    await fetchInto(agent, url, chunks.append, maxSize, reactor, timeout, minRate)
     return b"".join(chunks)

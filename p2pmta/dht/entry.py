@@ -16,12 +16,15 @@ same value twice, or an old copy beside a renewed one).
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
 import json
+import math
+import re
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
-from p2pmta.errors import NotFound, ValueTooLarge, WrongPassword
+from p2pmta.errors import DHTError, NotFound, ValueTooLarge, WrongPassword
 
 #: The largest value p2pmta stores under one key.  OpenDHT refuses values
 #: over 64 KiB; base64 and the JSON envelope take the rest.
@@ -30,7 +33,22 @@ MAX_VALUE_SIZE = 46 * 1024
 #: Largest encoded entry accepted from the network.
 MAX_ENTRY_SIZE = 64 * 1024
 
+#: Most raw values read under one key: anyone may store anything under any
+#: key, so a reader takes this many and ignores the rest.  A busy inbox key
+#: holds a week of notifications and their tombstones, some thousands.
+MAX_VALUES_PER_KEY = 8192
+
+#: Most bytes of raw values read under one key (see L{MAX_VALUES_PER_KEY}).
+MAX_BYTES_PER_KEY = 32 * 1024 * 1024
+
 _VERSION = 1
+
+_SHA1_HEX = re.compile(r"[0-9a-fA-F]{40}")
+_SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
+
+
+class BadEntry(DHTError):
+    """A value read from the DHT is not a well-formed p2pmta entry."""
 
 
 def keyHash(key: str) -> str:
@@ -140,76 +158,121 @@ def makePut(value: bytes, password: bytes, ttl: float, now: float) -> PutEntry:
     return PutEntry(value, passwordHash(password), now + ttl)
 
 
+def parse(raw: bytes) -> PutEntry | Tombstone:
+    """
+    Decode an entry read from the network.
+
+    @raise BadEntry: if C{raw} is not a well-formed p2pmta entry (anyone may
+        store anything under any key), saying why.
+    """
+    if not isinstance(raw, bytes):
+        raise BadEntry(f"not bytes but {type(raw).__name__}")
+    if len(raw) > MAX_ENTRY_SIZE:
+        raise BadEntry(f"{len(raw)} bytes, at most {MAX_ENTRY_SIZE}")
+    try:
+        doc = json.loads(raw)
+    except (ValueError, RecursionError):
+        # RecursionError: "[[[[..." nested deeper than the interpreter's stack.
+        raise BadEntry("not JSON") from None
+    if not isinstance(doc, dict):
+        raise BadEntry("not a JSON object")
+    version = doc.get("p2pmta")
+    if type(version) is not int or version != _VERSION:
+        raise BadEntry("not a p2pmta entry of a known version")
+    expires = doc.get("expires")
+    if type(expires) not in (int, float):
+        raise BadEntry("no expiry time")
+    try:
+        expires = float(expires)
+    except OverflowError:
+        raise BadEntry("expiry time out of range") from None
+    if not math.isfinite(expires):
+        raise BadEntry("expiry time out of range")
+    kind = doc.get("kind")
+    if kind == "put":
+        pwhash = doc.get("pwhash")
+        if not (isinstance(pwhash, str) and _SHA1_HEX.fullmatch(pwhash)):
+            raise BadEntry("malformed password hash")
+        return PutEntry(_base64(doc.get("value")), pwhash.lower(), expires)
+    if kind == "del":
+        target = doc.get("target")
+        if not (isinstance(target, str) and _SHA256_HEX.fullmatch(target)):
+            raise BadEntry("malformed target")
+        return Tombstone(target.lower(), _base64(doc.get("password")), expires)
+    raise BadEntry("unknown kind")
+
+
+def _base64(text: object) -> bytes:
+    if not isinstance(text, str):
+        raise BadEntry("malformed base64")
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise BadEntry("malformed base64") from None
+
+
 def decode(raw: bytes) -> PutEntry | Tombstone | None:
     """
     Decode an entry read from the network.
 
     @return: the entry, or L{None} if C{raw} is not a well-formed p2pmta
-        entry (anyone may store anything under any key).
+        entry (see L{parse}).
     """
-    if len(raw) > MAX_ENTRY_SIZE:
-        return None
     try:
-        doc = json.loads(raw)
-        if not isinstance(doc, dict) or doc.get("p2pmta") != _VERSION:
-            return None
-        expires = doc["expires"]
-        if not isinstance(expires, (int, float)) or isinstance(expires, bool):
-            return None
-        if doc["kind"] == "put":
-            pwhash = doc["pwhash"]
-            if not (isinstance(pwhash, str) and len(pwhash) == 40):
-                return None
-            int(pwhash, 16)
-            value = base64.b64decode(doc["value"], validate=True)
-            return PutEntry(value, pwhash.lower(), float(expires))
-        if doc["kind"] == "del":
-            target = doc["target"]
-            if not (isinstance(target, str) and len(target) == 64):
-                return None
-            int(target, 16)
-            password = base64.b64decode(doc["password"], validate=True)
-            return Tombstone(target.lower(), password, float(expires))
-    except (ValueError, KeyError, TypeError):
+        return parse(raw)
+    except BadEntry:
         return None
-    return None
 
 
-def liveEntries(raws: Iterable[bytes], now: float) -> list[PutEntry]:
+def liveEntries(raws: Iterable[bytes], now: float, rejected=None) -> list[PutEntry]:
     """
     Apply the reading rules to the raw values found under one key: drop
     garbage, expired entries and tombstoned values, and keep each
     C{(value, passwordHash)} once, with its latest expiry.
 
+    It takes time linear in the number and size of C{raws}: tombstones are
+    looked up by target, not tried against every entry.
+
+    @param rejected: if given, called with the L{BadEntry} of each raw value
+        that is not an entry.
+
     @return: the live put entries, in the order first seen.
     """
     puts: dict[tuple[bytes, str], PutEntry] = {}
-    tombstones: list[Tombstone] = []
+    # target -> hashes of the passwords revealed by live tombstones
+    deletions: dict[str, set[str]] = {}
     for raw in raws:
-        entry = decode(raw)
-        if entry is None or entry.expires <= now:
+        try:
+            entry = parse(raw)
+        except BadEntry as e:
+            if rejected is not None:
+                rejected(e)
+            continue
+        if entry.expires <= now:
             continue
         if isinstance(entry, Tombstone):
-            tombstones.append(entry)
+            deletions.setdefault(entry.target, set()).add(passwordHash(entry.password))
             continue
         ident = (entry.value, entry.passwordHash)
         known = puts.get(ident)
         if known is None or known.expires < entry.expires:
             puts[ident] = entry
+    if not deletions:
+        return list(puts.values())
     return [
         entry
         for entry in puts.values()
-        if not any(stone.deletes(entry) for stone in tombstones)
+        if entry.passwordHash not in deletions.get(valueHash(entry.value), ())
     ]
 
 
-def liveValues(raws: Iterable[bytes], now: float) -> list[bytes]:
+def liveValues(raws: Iterable[bytes], now: float, rejected=None) -> list[bytes]:
     """
     @return: each live value under a key once (see L{liveEntries}).
     """
     seen: set[bytes] = set()
     values = []
-    for entry in liveEntries(raws, now):
+    for entry in liveEntries(raws, now, rejected):
         if entry.value not in seen:
             seen.add(entry.value)
             values.append(entry.value)

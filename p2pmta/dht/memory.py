@@ -45,7 +45,8 @@ class MemoryNetwork:
     clock: object
     storagePeriod: float | None = None
     replicas: int = 8
-    _values: dict[str, list[_Stored]] = field(default_factory=dict)
+    # key -> raw -> stored copy, in the order first stored
+    _values: dict[str, dict[bytes, _Stored]] = field(default_factory=dict)
     _listeners: dict[str, list[tuple[str, object]]] = field(default_factory=dict)
     _online: dict[str, bool] = field(default_factory=dict)
 
@@ -62,19 +63,17 @@ class MemoryNetwork:
         """
         now = self.clock.seconds()
         until = now + self.storagePeriod if self.storagePeriod else float("inf")
-        stored = self._values.setdefault(key, [])
-        for item in stored:
-            if item.raw == raw:
-                item.holders |= self._holdersFor(key, putter)
-                item.storedUntil = until
-                break
+        stored = self._values.setdefault(key, {})
+        item = stored.get(raw)
+        if item is None:
+            item = stored[raw] = _Stored(raw, self._holdersFor(key, putter), until)
         else:
-            stored.append(_Stored(raw, self._holdersFor(key, putter), until))
+            item.holders |= self._holdersFor(key, putter)
+            item.storedUntil = until
         for name, callback in list(self._listeners.get(key, ())):
             if self._online.get(name):
                 self.clock.callLater(0, self._deliver, name, callback, raw)
-        holders = next(item.holders for item in stored if item.raw == raw)
-        return len(holders - {putter})
+        return len(item.holders - {putter})
 
     def _deliver(self, name: str, callback, raw: bytes) -> None:
         if self._online.get(name):
@@ -82,14 +81,18 @@ class MemoryNetwork:
 
     def fetch(self, key: str) -> list[bytes]:
         now = self.clock.seconds()
-        kept = [
-            item
-            for item in self._values.get(key, ())
-            if item.storedUntil > now
-            and any(self._online.get(name) for name in item.holders)
+        stored = self._values.get(key)
+        if not stored:
+            return []
+        gone = [
+            raw
+            for raw, item in stored.items()
+            if item.storedUntil <= now
+            or not any(self._online.get(name) for name in item.holders)
         ]
-        self._values[key] = kept
-        return [item.raw for item in kept]
+        for raw in gone:
+            del stored[raw]
+        return list(stored)
 
     def listen(self, key: str, name: str, callback) -> None:
         self._listeners.setdefault(key, []).append((name, callback))
@@ -105,10 +108,11 @@ class MemoryNetwork:
         self._online[name] = False
         for key, listeners in self._listeners.items():
             self._listeners[key] = [(n, cb) for n, cb in listeners if n != name]
-        for key in list(self._values):
-            for item in self._values[key]:
+        for stored in self._values.values():
+            for raw, item in list(stored.items()):
                 item.holders.discard(name)
-            self._values[key] = [item for item in self._values[key] if item.holders]
+                if not item.holders:
+                    del stored[raw]
 
 
 @implementer(IDHT)
