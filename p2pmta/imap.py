@@ -12,7 +12,21 @@ itself:
   - one command at a time, in order: pipelined commands wait their turn;
   - lines up to 64 KiB; anything malformed or too long gets one tagged BAD
     and the session goes on; literals are bounded, APPEND's by
-    C{maxMessageSize} (C{NO [TOOBIG]} before the literal is read);
+    C{maxMessageSize} (advertised as C{APPENDLIMIT}): a synchronizing
+    literal over the limit gets C{NO [TOOBIG]} (C{BAD [TOOBIG]} outside
+    APPEND) before it is read, a non-synchronizing one the same answer,
+    then its bytes and the rest of its command are read and dropped (up to
+    L{MAX_SKIP}; past that, C{BYE} and the connection is closed).  A
+    literal of a command that cannot run in the session's state (or is
+    unknown) gets BAD at once, without a continuation;
+  - the session is its transport's push producer: when the client does not
+    read its answers, it stops answering and reading until the client
+    catches up, so what waits on either side is bounded;
+  - sequence sets are resolved against the messages held, never
+    materialised; SEARCH is bounded (see L{p2pmta.imapsearch});
+  - a full disk fails the command with C{NO [OVERQUOTA] Not enough disk
+    space} (RFC 5530's code, as Dovecot answers it); nothing stored before
+    is touched and the same command works once there is room;
   - each session has its own sequence-number view: other sessions'
     expunges are announced only where RFC 3501 section 7.4.1 allows (not
     after FETCH, STORE, SEARCH or COPY by sequence number), and until then
@@ -20,9 +34,12 @@ itself:
   - a FETCH that needs a body first asks the store for it, which may pull
     it from its sender; if that fails the FETCH ends C{NO [UNAVAILABLE]}.
     Header items never do.  Sections are cut from stored bytes and streamed.
+    SEARCH never pulls: C{TEXT} and C{BODY} look only at the headers of a
+    message not pulled yet, and an untagged C{NO} says how many.
 
 Not implemented: CREATE, DELETE and RENAME (the mailboxes are fixed), the
-\\Recent flag (RECENT is always 0), LITERAL+, MOVE, CONDSTORE.
+\\Recent flag (RECENT is always 0), LITERAL+ (small non-synchronizing
+literals are read all the same), MOVE, CONDSTORE.
 """
 
 from __future__ import annotations
@@ -47,8 +64,8 @@ from zope.interface import implementer
 
 from p2pmta import imapfetch, imapsearch
 from p2pmta.errors import BodyUnavailable
-from p2pmta.imapsearch import Args, BadCommand, SelectedMailbox
-from p2pmta.mailstore import NoSuchMailbox
+from p2pmta.imapsearch import Args, BadCommand, SelectedMailbox, TooComplex
+from p2pmta.mailstore import DiskFull, NoSuchMailbox, splitHeaders
 
 #: The longest command line accepted (without its CRLF).
 MAX_LINE = 64 * 1024
@@ -58,6 +75,12 @@ MAX_COMMAND = 256 * 1024
 MAX_MESSAGE_SIZE = 50 * 1024 * 1024
 #: How many bodies one FETCH asks for at once.
 BODY_CONCURRENCY = 4
+#: The largest header section APPEND accepts (the mail store keeps header
+#: sections in memory).
+MAX_APPEND_HEADER = 256 * 1024
+#: The most bytes of a refused non-synchronizing literal read and dropped;
+#: past this the connection is closed instead.
+MAX_SKIP = 256 * 1024 * 1024
 
 _LITERAL = re.compile(rb"\{([0-9]{1,20})(\+?)\}\Z")
 _TAG = re.compile(rb"[^\x00-\x20\x7f(){%*\"\\+]+")
@@ -199,11 +222,17 @@ class IMAPServer(protocol.Protocol, policies.TimeoutMixin):
         self._commandBytes = 0
         self._literalLeft = 0
         self._literalChunks: list = []
+        self._skipLeft = 0
+        self._skipping = False
         self._append = False
         self._discarding: bytes | None = None
         self._busy = False
         self._draining = False
-        self._paused = False
+        self._inputFull = False
+        self._outputFull = False
+        self._reading = True
+        self._producing = False
+        self._sender = None
         self._closed = False
         self._closing = False
         self._lineWaiter: Deferred | None = None
@@ -216,6 +245,8 @@ class IMAPServer(protocol.Protocol, policies.TimeoutMixin):
     def connectionMade(self) -> None:
         self.callLater = self.factory.clock.callLater
         self.setTimeout(self.preAuthTimeout)
+        self.transport.registerProducer(self, True)
+        self._producing = True
         self._send(
             b"* OK [CAPABILITY " + self.capabilities() + b"] p2pmta IMAP4rev1 ready"
         )
@@ -223,6 +254,8 @@ class IMAPServer(protocol.Protocol, policies.TimeoutMixin):
     def connectionLost(self, reason=protocol.connectionDone) -> None:
         self._closed = True
         self.setTimeout(None)
+        if self._sender is not None:
+            self._sender.stop()
         self._deselect()
         if self._lineWaiter is not None:
             waiter, self._lineWaiter = self._lineWaiter, None
@@ -233,7 +266,50 @@ class IMAPServer(protocol.Protocol, policies.TimeoutMixin):
 
     def timeoutConnection(self) -> None:
         self._send(b"* BYE Autologout; idle for too long")
+        self._close()
+
+    def _close(self) -> None:
+        """
+        Close the connection once what was written is sent; read nothing
+        more.
+        """
+        self._closing = True
+        if self._producing:
+            self._producing = False
+            self.transport.unregisterProducer()
         self.transport.loseConnection()
+
+    # -- flow control: the session is its transport's push producer ----------
+
+    def pauseProducing(self) -> None:
+        """
+        The client does not read as fast as we answer: stop answering, and
+        reading, until it catches up (what waits is bounded).
+        """
+        self._outputFull = True
+        self._updateReading()
+
+    def resumeProducing(self) -> None:
+        self._outputFull = False
+        self._updateReading()
+        if self._sender is not None:
+            self._sender.resume()
+        else:
+            self._drain()
+
+    def stopProducing(self) -> None:
+        self._closed = True
+        if self._sender is not None:
+            self._sender.stop()
+
+    def _updateReading(self) -> None:
+        reading = not (self._inputFull or self._outputFull)
+        if reading != self._reading and not (self._closed or self._closing):
+            self._reading = reading
+            if reading:
+                self.transport.resumeProducing()
+            else:
+                self.transport.pauseProducing()
 
     def _send(self, line: bytes) -> None:
         if not self._closed:
@@ -244,6 +320,8 @@ class IMAPServer(protocol.Protocol, policies.TimeoutMixin):
         if self.factory.tlsOptions is not None and not self._tls:
             caps.append(b"STARTTLS")
         caps.append(b"AUTH=PLAIN")
+        if self.state != "unauth":
+            caps.append(b"APPENDLIMIT=%d" % self.factory.maxMessageSize)
         return b" ".join(caps)
 
     # -- reading commands ------------------------------------------------
@@ -261,13 +339,20 @@ class IMAPServer(protocol.Protocol, policies.TimeoutMixin):
             self._drainLoop()
         finally:
             self._draining = False
-        if self._paused and len(self._buffer) < MAX_COMMAND:
-            self._paused = False
-            self.transport.resumeProducing()
+        if self._inputFull and len(self._buffer) < MAX_COMMAND:
+            self._inputFull = False
+            self._updateReading()
 
     def _drainLoop(self) -> None:
         buf = self._buffer
         while buf and not self._closed and not self._closing:
+            if self._outputFull:
+                return
+            if self._skipLeft:
+                skipped = min(self._skipLeft, len(buf))
+                del buf[:skipped]
+                self._skipLeft -= skipped
+                continue
             if self._literalLeft:
                 chunk = bytes(buf[: self._literalLeft])
                 del buf[: len(chunk)]
@@ -280,9 +365,9 @@ class IMAPServer(protocol.Protocol, policies.TimeoutMixin):
                     self._literalChunks = []
                 continue
             if self._busy and self._lineWaiter is None:
-                if len(buf) > MAX_COMMAND and not self._paused:
-                    self._paused = True
-                    self.transport.pauseProducing()
+                if len(buf) > MAX_COMMAND and not self._inputFull:
+                    self._inputFull = True
+                    self._updateReading()
                 return
             end = buf.find(b"\n")
             if end < 0:
@@ -301,11 +386,21 @@ class IMAPServer(protocol.Protocol, policies.TimeoutMixin):
                 head = self._discarding or (self._parts[0] if self._parts else line)
                 self._discarding = None
                 self._reset()
-                self._send(_tagOf(head) + b" BAD Command line too long")
+                if self._skipping:
+                    # The end of a command already answered.
+                    self._skipping = False
+                elif self._lineWaiter is not None:
+                    waiter, self._lineWaiter = self._lineWaiter, None
+                    waiter.errback(BadCommand("line too long"))
+                else:
+                    self._send(_tagOf(head) + b" BAD Command line too long")
                 continue
             if self._lineWaiter is not None:
                 waiter, self._lineWaiter = self._lineWaiter, None
                 waiter.callback(line)
+                continue
+            if self._skipping:
+                self._skipLine(line)
                 continue
             self._lineReceived(line)
 
@@ -332,26 +427,75 @@ class IMAPServer(protocol.Protocol, policies.TimeoutMixin):
             else:
                 self._execute(parts)
             return
+        first = not self._parts
         self._parts.append(line[: m.start()])
         size, sync = int(m.group(1)), not m.group(2)
         self._commandBytes += size
+        refusal = self._refusal(line) if first else None
+        if refusal is not None:
+            # No literal for a command that cannot run now.
+            self._reset()
+            self._send(_tagOf(line) + b" BAD " + refusal)
+            if not sync:
+                self._skip(size)
+            return
         if self._commandBytes > limit or (self._append and size > limit - MAX_COMMAND):
             tag = _tagOf(self._parts[0])
             self._reset()
-            if not sync:
-                self._send(b"* BYE Literal too large")
-                self.transport.loseConnection()
-                self._closing = True
-            elif self._append:
-                self._send(tag + b" NO [TOOBIG] Message too large")
+            if self._append:
+                self._send(
+                    tag
+                    + b" NO [TOOBIG] Message too large (APPENDLIMIT=%d)"
+                    % self.factory.maxMessageSize
+                )
             else:
-                self._send(tag + b" BAD Literal too large")
+                self._send(tag + b" BAD [TOOBIG] Literal too large")
+            if not sync:
+                self._skip(size)
             return
         if sync:
             self._send(b"+ Ready for literal data")
         self._literalLeft = size
         if not size:
             self._parts.append(imapsearch.Literal(b""))
+
+    def _refusal(self, line: bytes) -> bytes | None:
+        """
+        Why the command starting with C{line} cannot run in this state, if
+        that shows already.
+        """
+        command = _COMMAND.match(line)
+        if command is None:
+            return b"Missing or malformed command"
+        name = command.group(1).upper()
+        states = _STATES.get(name)
+        if states is None:
+            return b"unknown command"
+        if self.state not in states:
+            return name + b" is not allowed now"
+        return None
+
+    def _skip(self, size: int) -> None:
+        """
+        Drop a refused non-synchronizing literal of C{size} bytes and the
+        rest of its command, which the client sends without waiting.
+        """
+        if size > MAX_SKIP:
+            self._send(b"* BYE Literal too large to skip")
+            self._close()
+            return
+        self._skipLeft = size
+        self._skipping = True
+
+    def _skipLine(self, line: bytes) -> None:
+        """
+        A line of a command being dropped: the command ends with the first
+        line that announces no non-synchronizing literal.
+        """
+        m = _LITERAL.search(line)
+        self._skipping = False
+        if m is not None and m.group(2):
+            self._skip(int(m.group(1)))
 
     def _readLine(self) -> Deferred:
         """
@@ -385,12 +529,13 @@ class IMAPServer(protocol.Protocol, policies.TimeoutMixin):
             if self.state not in states:
                 raise BadCommand(f"{name.decode()} is not allowed now")
         except BadCommand as e:
-            self._send(tag + b" BAD " + str(e).encode())
+            self._send(tag + b" BAD " + _text(e))
             return
         self._busy = True
         handler = getattr(self, "do_" + name.decode())
         d = maybeDeferred(lambda: Deferred.fromCoroutine(handler(args, uid)))
         d.addBoth(self._finish, tag, name, uid)
+        d.addErrback(self._broken, name)
 
     def _finish(self, result, tag: bytes, name: bytes, uid: bool) -> None:
         if isinstance(result, Failure):
@@ -404,22 +549,38 @@ class IMAPServer(protocol.Protocol, policies.TimeoutMixin):
             self._send(tag + b" " + result)
         self._busy = False
         if self._closing:
-            self.transport.loseConnection()
+            self._close()
             return
         self._drain()
 
+    def _broken(self, failure: Failure, name: bytes) -> None:
+        """
+        Answering a command failed: the session's state is unknown, so log
+        it and close the connection.
+        """
+        self.log.failure(
+            "IMAP {command}: the session broke", failure, command=name.decode()
+        )
+        if not self._closed:
+            self._close()
+
     def _failureResponse(self, failure: Failure, name: bytes) -> bytes:
         if failure.check(BadCommand):
-            return b"BAD " + str(failure.value).encode("utf-8", "replace")
+            return b"BAD " + _text(failure.value)
         if failure.check(_No):
             return b"NO " + failure.value.args[0]
         if failure.check(BodyUnavailable):
-            reason = (
-                str(failure.value).encode("utf-8", "replace").replace(b"\r\n", b" ")
-            )
+            reason = _text(failure.value)
             return b"NO [UNAVAILABLE] " + reason
         if failure.check(NoSuchMailbox):
             return b"NO [NONEXISTENT] No such mailbox"
+        if failure.check(TooComplex):
+            return b"NO [LIMIT] " + _text(failure.value)
+        if failure.check(DiskFull):
+            self.log.warn(
+                "IMAP {command}: the mail store's disk is full", command=name.decode()
+            )
+            return b"NO [OVERQUOTA] Not enough disk space"
         if self._closed:
             return b"NO Connection lost"
         self.log.failure("IMAP {command} failed", failure, command=name.decode())
@@ -614,10 +775,10 @@ class IMAPServer(protocol.Protocol, policies.TimeoutMixin):
         name = args.mailbox()
         args.sp()
         args.expect(b"(")
-        items = [args.atom().upper().decode()]
+        items = [args.atom().upper().decode("ascii", "replace")]
         while not args.take(b")"):
             args.sp()
-            items.append(args.atom().upper().decode())
+            items.append(args.atom().upper().decode("ascii", "replace"))
         args.end()
         for item in items:
             if item not in _STATUS_ITEMS:
@@ -654,6 +815,8 @@ class IMAPServer(protocol.Protocol, policies.TimeoutMixin):
         name = self._checkMailbox(name)
         if name in self.factory.noAppend:
             raise _No(b"[CANNOT] Messages cannot be added to " + name.encode())
+        if len(splitHeaders(message[: MAX_APPEND_HEADER + 4])) > MAX_APPEND_HEADER:
+            raise _No(b"[LIMIT] Header section too large")
         store = self.store
         newUid = await store.append(
             name, message, [f for f in flags if f != "\\Recent"], date
@@ -729,8 +892,13 @@ class IMAPServer(protocol.Protocol, policies.TimeoutMixin):
         charset, key = imapsearch.parseSearch(args)
         if charset not in (None, "US-ASCII", "UTF-8"):
             raise _No(b"[BADCHARSET (US-ASCII UTF-8)] Unsupported charset")
-        found = await self._requireSelected().search(key, uid)
-        self._send(b"* SEARCH" + b"".join(b" %d" % n for n in found))
+        result = await self._requireSelected().evaluate(key, uid)
+        if result.unsearched:
+            self._send(
+                b"* NO Searched only the headers of %d message(s) not pulled yet"
+                % result.unsearched
+            )
+        self._send(b"* SEARCH" + b"".join(b" %d" % n for n in result.found))
         return b"OK SEARCH completed"
 
     def _live(self, box: SelectedMailbox, args: Args, uid: bool) -> tuple[list, bool]:
@@ -766,6 +934,8 @@ class IMAPServer(protocol.Protocol, policies.TimeoutMixin):
             box.name, [u for _, u, _ in live], flags, mode
         )
         box.flagsReported(result)
+        # Expunged by another session while the change waited its turn.
+        gone = gone or any(u not in result for _, u, _ in live)
         if not m.group(2):
             for seq, u, _ in live:
                 if u in result:
@@ -789,7 +959,7 @@ class IMAPServer(protocol.Protocol, policies.TimeoutMixin):
             raise _No(b"[CANNOT] Messages cannot be added to " + destination.encode())
         store = self.store
         pairs = await store.copy(box.name, [u for _, u, _ in live], destination)
-        if gone:
+        if gone or len(pairs) < len(live):
             raise _No(b"[EXPUNGEISSUED] Some messages were expunged meanwhile")
         if not pairs:
             return b"OK COPY completed"
@@ -814,24 +984,59 @@ class IMAPServer(protocol.Protocol, policies.TimeoutMixin):
             files, unavailable = await imapfetch.fetchBodies(
                 store, box.name, uids, BODY_CONCURRENCY
             )
+            missing = [u for _, u, _ in live if u not in files]
+            if missing and all(store.record(box.name, u) is None for u in missing):
+                # Expunged by another session while their bodies were pulled.
+                unavailable, gone = None, True
             live = [x for x in live if x[1] in files]
             if any(i.needsStructure for i in items):
                 structures = await self.factory.structures.get(store, box.name, files)
+                for x in [x for x in live if x[1] not in structures]:
+                    live.remove(x)
+                    if store.record(box.name, x[1]) is None:
+                        gone = True
+                    elif unavailable is None:
+                        unavailable = Failure(
+                            BodyUnavailable("the message file is missing")
+                        )
         seen: set = set()
         if box.rw and any(i.setsSeen for i in items):
             unseen = [u for _, u, r in live if "\\Seen" not in r.flags]
             if unseen:
                 seen = set(await store.setFlags(box.name, unseen, ["\\Seen"], "add"))
                 box.flagsReported(seen)
+        vanished: list = []
         pieces = imapfetch.fetchPieces(
-            store, box.name, live, items, files, structures, seen
+            store, box.name, live, items, files, structures, seen, vanished
         )
-        await imapfetch.PieceSender(self.transport, pieces).start()
+        self._sender = imapfetch.PieceSender(
+            self.transport,
+            pieces,
+            canWrite=lambda: not (self._outputFull or self._closed),
+            abort=self._close,
+        )
+        try:
+            await self._sender.start()
+        finally:
+            self._sender = None
+        for u in vanished:
+            if store.record(box.name, u) is None:
+                gone = True
+            elif unavailable is None:
+                unavailable = Failure(BodyUnavailable("the message file is missing"))
         if unavailable is not None:
             unavailable.raiseException()
         if gone:
             raise _No(b"[EXPUNGEISSUED] Some messages were expunged meanwhile")
         return b"OK FETCH completed"
+
+
+def _text(error: Exception) -> bytes:
+    """
+    An error's message as response text: one line of printable ASCII.
+    """
+    text = str(error).encode("ascii", "replace")
+    return bytes(c if 0x20 <= c < 0x7F else 0x3F for c in text)
 
 
 def _tagOf(line: bytes) -> bytes:

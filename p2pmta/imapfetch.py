@@ -8,8 +8,15 @@ C{HEADER.FIELDS} are cut from the exact header section the store keeps (case,
 order, duplicates and the blank line kept), and body sections are byte
 ranges of the message file, streamed to the client in chunks rather than
 read whole.  The MIME structure (for C{BODYSTRUCTURE} and numbered parts)
-is found by scanning the file for boundaries in a thread, at most
-L{MAX_MIME_DEPTH} levels deep.
+is found by scanning the file for boundaries in a thread, and C{BODY} and
+C{BODYSTRUCTURE} are written out there too, so the reactor never walks a
+large structure.  The structure is bounded: a multipart or attached message
+deeper than L{MAX_MIME_DEPTH} levels is shown as one
+C{application/octet-stream} part (its bytes still served whole by
+C{BODY[...]}), and after L{MAX_MIME_PARTS} entities the remaining parts of a
+multipart are not listed (C{BODY[n]} of such a part is empty).  A message
+nested 2,000 deep or made of 100,000 parts is answered in a few seconds
+at most.
 """
 
 from __future__ import annotations
@@ -19,16 +26,14 @@ import os
 import re
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from email.parser import BytesHeaderParser
 from email.policy import compat32
 from email.utils import collapse_rfc2231_value, getaddresses
 
 from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore
-from twisted.internet.interfaces import IPullProducer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from zope.interface import implementer
 
 from p2pmta.errors import BodyUnavailable
 from p2pmta.imapsearch import Args, BadCommand, flagList
@@ -313,6 +318,7 @@ class Entity:
         self.children: list = []
         self.lines = 0
         self.cost = 0
+        self.rendered: dict = {}
 
     @property
     def isMessage(self) -> bool:
@@ -421,6 +427,18 @@ def parseStructure(path: str) -> Entity:
     return root
 
 
+def describe(path: str) -> Entity:
+    """
+    L{parseStructure}, with the root's C{BODY} and C{BODYSTRUCTURE} written
+    out in C{rendered} (blocking: run it in a thread).
+    """
+    root = parseStructure(path)
+    for name in ("BODY", "BODYSTRUCTURE"):
+        root.rendered[name] = sexp(bodyStructure(root, name == "BODYSTRUCTURE"))
+        root.cost += len(root.rendered[name])
+    return root
+
+
 def _params(msg, header: str):
     params = msg.get_params(header=header) or []
     out = []
@@ -506,12 +524,15 @@ def _resolve(root: Entity, part: tuple):
 @dataclass(frozen=True)
 class FileRange:
     """
-    C{length} bytes of the file at C{path} from C{offset}.
+    C{length} bytes of the file at C{path} from C{offset}; read through
+    C{handle} when given (a file opened before the message was expunged
+    stays readable).
     """
 
     path: str
     offset: int
     length: int
+    handle: object = field(default=None, compare=False)
 
 
 def sectionData(item: FetchItem, headers: bytes, path, fileSize: int, root):
@@ -568,21 +589,31 @@ def partial(data, window):
     return data[start : start + length]
 
 
-@implementer(IPullProducer)
 class PieceSender:
     """
     Writes a stream of pieces (L{bytes} and L{FileRange}s) to a transport
-    as it drains, reading files in chunks.  A file that turns out shorter
-    than announced is padded, so the client's literal count stays right.
+    while C{canWrite()} says the transport keeps up, reading files in
+    chunks; L{resume} goes on when it has drained.  A file that turns out
+    shorter than announced is padded, so the client's literal count stays
+    right.
     """
 
     log = Logger()
     chunkSize = 64 * 1024
 
-    def __init__(self, transport, pieces) -> None:
+    def __init__(self, transport, pieces, canWrite=lambda: True, abort=None) -> None:
+        """
+        @param canWrite: Called before each write: whether the transport
+            still takes data (the session's producer is not paused).
+        @param abort: Called to drop the connection when writing fails
+            (C{transport.loseConnection} by default).
+        """
         self._transport = transport
         self._pieces = iter(pieces)
+        self._canWrite = canWrite
+        self._abort = abort or transport.loseConnection
         self._file = None
+        self._ownFile = True
         self._left = 0
         self._done: Deferred = Deferred()
         self._finished = False
@@ -591,13 +622,15 @@ class PieceSender:
         """
         @return: a Deferred firing when everything is written.
         """
-        self._transport.registerProducer(self, False)
+        self.resume()
         return self._done
 
-    def resumeProducing(self) -> None:
-        written = 0
+    def resume(self) -> None:
+        """
+        Write until done or until the transport has enough.
+        """
         try:
-            while written < self.chunkSize and not self._finished:
+            while not self._finished and self._canWrite():
                 if self._left:
                     data = (
                         self._file.read(min(self._left, self.chunkSize))
@@ -607,7 +640,6 @@ class PieceSender:
                     if not data:
                         data = b" " * min(self._left, self.chunkSize)
                     self._left -= len(data)
-                    written += len(data)
                     self._transport.write(data)
                     if not self._left:
                         self._closeFile()
@@ -620,15 +652,18 @@ class PieceSender:
                     self._openFile(piece)
                 else:
                     self._transport.write(piece)
-                    written += len(piece)
         except Exception:
             self.log.failure("writing a FETCH response failed")
-            self._transport.loseConnection()
+            self._abort()
             self._finish(Failure())
 
     def _openFile(self, piece: FileRange) -> None:
+        self._ownFile = piece.handle is None
         try:
-            self._file = open(piece.path, "rb")  # noqa: SIM115
+            if self._ownFile:
+                self._file = open(piece.path, "rb")  # noqa: SIM115
+            else:
+                self._file = piece.handle
             self._file.seek(piece.offset)
         except OSError:
             self.log.warn("message file {path} vanished", path=piece.path)
@@ -636,25 +671,31 @@ class PieceSender:
 
     def _closeFile(self) -> None:
         if self._file is not None:
-            self._file.close()
+            if self._ownFile:
+                self._file.close()
             self._file = None
+
+    def _closePieces(self) -> None:
+        close = getattr(self._pieces, "close", None)
+        if close is not None:
+            close()
 
     def _finish(self, result) -> None:
         if self._finished:
             return
         self._finished = True
         self._closeFile()
-        self._transport.unregisterProducer()
+        self._closePieces()
         if isinstance(result, Failure):
             self._done.errback(result)
         else:
             self._done.callback(result)
 
-    def stopProducing(self) -> None:
-        if not self._finished:
-            self._finished = True
-            self._closeFile()
-            self._done.errback(Failure(ConnectionError("connection lost")))
+    def stop(self) -> None:
+        """
+        The connection is gone: give up.
+        """
+        self._finish(Failure(ConnectionError("connection lost")))
 
 
 # -- the FETCH command's work ------------------------------------------------
@@ -705,7 +746,8 @@ class StructureCache:
         """
         @param store: The store the files are in (its threadpool parses).
         @param files: C{{uid: (path, size)}}.
-        @return: C{{uid: root Entity}}.
+        @return: C{{uid: root Entity}}, without the messages whose file
+            vanished (expunged meanwhile).
         """
         validity = store.uidValidity(mailbox)
         structures = {}
@@ -713,7 +755,10 @@ class StructureCache:
             key = (mailbox, validity, u)
             entity = self._entries.get(key)
             if entity is None:
-                entity = await store.runInThread(parseStructure, path)
+                try:
+                    entity = await store.runInThread(describe, path)
+                except OSError:
+                    continue
                 if entity.cost <= self._maxCost:
                     self._entries[key] = entity
                     self._cost += entity.cost
@@ -725,14 +770,18 @@ class StructureCache:
         return structures
 
 
-def fetchPieces(store, mailbox: str, live, items, files, structures, seen):
+def fetchPieces(store, mailbox: str, live, items, files, structures, seen, vanished):
     """
     The FETCH responses, as pieces for L{PieceSender}, made as they are
-    sent.
+    sent.  Each message's file is opened when its response starts and
+    closed when it ends, so an expunge by another session meanwhile cannot
+    cut it short.
 
     @param live: C{(seq, uid, record)} of each message.
     @param files: C{{uid: (path, size)}} of the bodies.
     @param seen: UIDs just marked C{\\Seen}, whose FLAGS must be sent.
+    @param vanished: A list the UIDs whose file could not be opened (and
+        whose response was left out) are appended to.
     """
     for seq, u, record in live:
         record = store.record(mailbox, u) or record
@@ -740,15 +789,28 @@ def fetchPieces(store, mailbox: str, live, items, files, structures, seen):
         if u in seen and FetchItem("FLAGS") not in items:
             wanted = [*items, FetchItem("FLAGS")]
         path, size = files.get(u, (None, record.size))
-        yield b"* %d FETCH (" % seq
-        for i, item in enumerate(wanted):
-            if i:
-                yield b" "
-            yield from _itemPieces(item, record, path, size, structures.get(u))
-        yield b")\r\n"
+        handle = None
+        if path is not None:
+            try:
+                handle = open(path, "rb")  # noqa: SIM115
+            except OSError:
+                vanished.append(u)
+                continue
+        try:
+            yield b"* %d FETCH (" % seq
+            for i, item in enumerate(wanted):
+                if i:
+                    yield b" "
+                yield from _itemPieces(
+                    item, record, path, size, structures.get(u), handle
+                )
+            yield b")\r\n"
+        finally:
+            if handle is not None:
+                handle.close()
 
 
-def _itemPieces(item: FetchItem, record, path, size: int, root) -> list:
+def _itemPieces(item: FetchItem, record, path, size: int, root, handle) -> list:
     name = item.name
     if name == "FLAGS":
         return [b"FLAGS " + flagList(record.flags)]
@@ -763,12 +825,16 @@ def _itemPieces(item: FetchItem, record, path, size: int, root) -> list:
     if name == "RFC822.HEADER":
         return [b"RFC822.HEADER ", *literal(record.headers)]
     if name in ("BODYSTRUCTURE", "BODY"):
-        structure = bodyStructure(root, name == "BODYSTRUCTURE")
-        return [name.encode() + b" " + sexp(structure)]
+        rendered = root.rendered.get(name)
+        if rendered is None:
+            rendered = sexp(bodyStructure(root, name == "BODYSTRUCTURE"))
+        return [name.encode() + b" " + rendered]
     if name == "RFC822":
         item = FetchItem("SECTION")
     elif name == "RFC822.TEXT":
         item = FetchItem("SECTION", text="TEXT")
     data = partial(sectionData(item, record.headers, path, size, root), item.partial)
+    if isinstance(data, FileRange):
+        data = replace(data, handle=handle)
     label = name.encode() if name.startswith("RFC822") else item.label()
     return [label + b" ", *literal(data)]

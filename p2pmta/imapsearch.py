@@ -11,8 +11,16 @@ SEARCH is evaluated here over L{p2pmta.mailstore.MessageRecord}s, never by
 Twisted's broken one.  Header keys use the stored header section.  C{TEXT}
 and C{BODY} read the message file when it is held; for a message whose body
 is not here yet they search its header section only: a search never pulls a
-body from its sender.  Bodies are searched as raw bytes, ASCII
-case-insensitively (no charset or transfer decoding).
+body from its sender (pulling every body would cost the traffic that pulling
+on demand saves), and the server warns with an untagged C{NO} when that
+happened.  Bodies are searched as raw bytes, ASCII case-insensitively (no
+charset or transfer decoding).
+
+The work of one command is bounded: sequence sets are merged and resolved
+against the ids held (never the range a client wrote), one SEARCH holds at
+most L{MAX_SEARCH_KEYS} keys and L{MAX_TEXT_KEYS} different C{TEXT}/C{BODY}
+strings (more is L{TooComplex}), and each held file is read at most once per
+SEARCH.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ import email.header
 import email.utils
 import re
 import time
+from dataclasses import dataclass
 from email.parser import BytesHeaderParser
 from email.policy import compat32
 
@@ -37,10 +46,19 @@ _UTC = datetime.timezone.utc  # noqa: UP017 - Python 3.10 has no datetime.UTC
 
 #: How deep parentheses, NOT and OR may nest in one SEARCH.
 MAX_SEARCH_DEPTH = 50
+#: How many keys one SEARCH may hold (each is evaluated for every message).
+MAX_SEARCH_KEYS = 250
+#: How many different C{TEXT} and C{BODY} strings one SEARCH may hold (each
+#: is looked for in every held message file).
+MAX_TEXT_KEYS = 32
 
 
 class BadCommand(Exception):
     """The command is malformed."""
+
+
+class TooComplex(Exception):
+    """The command is well formed but asks for more work than allowed."""
 
 
 class Literal(bytes):
@@ -320,28 +338,51 @@ def parseSequenceSet(token: bytes) -> list:
     return ranges
 
 
+def mergeRanges(ranges: list, last: int) -> tuple[list, list]:
+    """
+    The ranges of a sequence set as sorted, disjoint spans, C{*} being
+    C{last}: a list of their starts and a list of their ends.
+    """
+    spans = sorted(
+        (min(low, high), max(low, high))
+        for low, high in (
+            (last if a is None else a, last if b is None else b) for a, b in ranges
+        )
+    )
+    starts: list = []
+    ends: list = []
+    for low, high in spans:
+        if ends and low <= ends[-1] + 1:
+            ends[-1] = max(ends[-1], high)
+        else:
+            starts.append(low)
+            ends.append(high)
+    return starts, ends
+
+
+def inSpans(n: int, spans: tuple[list, list]) -> bool:
+    """
+    Whether C{n} is in the spans L{mergeRanges} made.
+    """
+    starts, ends = spans
+    i = bisect.bisect_right(starts, n) - 1
+    return i >= 0 and n <= ends[i]
+
+
 def resolveSet(ranges: list, ids) -> list:
     """
     The members of the sorted C{ids} (a list or a L{range}) that a sequence
     set names, in order.  Only the ids held are visited, never the whole
-    range a client wrote: C{1:99999999999999999999} costs no more than
+    range a client wrote, and overlapping ranges are merged first:
+    C{1:99999999999999999999} or 15,000 times C{2:*} cost no more than
     C{1:*}.
     """
     if not len(ids):
         return []
-    last = ids[-1]
-    picked: set = set()
-    for low, high in ranges:
-        low = last if low is None else low
-        high = last if high is None else high
-        if low > high:
-            low, high = high, low
-        start = bisect.bisect_left(ids, low)
-        stop = bisect.bisect_right(ids, high)
-        if stop - start == len(ids):
-            return list(ids)
-        picked.update(ids[start:stop])
-    return sorted(picked)
+    found: list = []
+    for low, high in zip(*mergeRanges(ranges, ids[-1])):
+        found.extend(ids[bisect.bisect_left(ids, low) : bisect.bisect_right(ids, high)])
+    return found
 
 
 def parseDate(raw: bytes) -> datetime.date:
@@ -383,28 +424,50 @@ def parseSearch(args: Args):
     if args.take(b"CHARSET "):
         charset = args.astring().decode("ascii", "replace").upper()
         args.sp()
-    keys = [_parseKey(args, 0)]
+    budget = _Budget()
+    keys = [_parseKey(args, 0, budget)]
     while args.more():
         args.sp()
         if not args.more():
             break
-        keys.append(_parseKey(args, 0))
+        keys.append(_parseKey(args, 0, budget))
     args.end()
     return charset, keys[0] if len(keys) == 1 else ("and", keys)
+
+
+class _Budget:
+    """
+    What one SEARCH has used of L{MAX_SEARCH_KEYS} and L{MAX_TEXT_KEYS}.
+    """
+
+    def __init__(self) -> None:
+        self.keys = 0
+        self.texts: set = set()
+
+    def key(self) -> None:
+        self.keys += 1
+        if self.keys > MAX_SEARCH_KEYS:
+            raise TooComplex(f"more than {MAX_SEARCH_KEYS} search keys")
+
+    def text(self, needle: bytes) -> None:
+        self.texts.add(needle.lower())
+        if len(self.texts) > MAX_TEXT_KEYS:
+            raise TooComplex(f"more than {MAX_TEXT_KEYS} TEXT or BODY strings")
 
 
 def _text(args: Args) -> str:
     return args.astring().decode("utf-8", "replace")
 
 
-def _parseKey(args: Args, depth: int):
+def _parseKey(args: Args, depth: int, budget: _Budget):
     if depth > MAX_SEARCH_DEPTH:
         raise BadCommand("search keys nested too deeply")
+    budget.key()
     if args.take(b"("):
-        keys = [_parseKey(args, depth + 1)]
+        keys = [_parseKey(args, depth + 1, budget)]
         while not args.take(b")"):
             args.sp()
-            keys.append(_parseKey(args, depth + 1))
+            keys.append(_parseKey(args, depth + 1, budget))
         return ("and", keys)
     c = args.peek()
     if c and (c.isdigit() or c == b"*"):
@@ -421,11 +484,11 @@ def _parseKey(args: Args, depth: int):
         return ("all",)
     args.sp()
     if key == b"NOT":
-        return ("not", _parseKey(args, depth + 1))
+        return ("not", _parseKey(args, depth + 1, budget))
     if key == b"OR":
-        first = _parseKey(args, depth + 1)
+        first = _parseKey(args, depth + 1, budget)
         args.sp()
-        return ("or", first, _parseKey(args, depth + 1))
+        return ("or", first, _parseKey(args, depth + 1, budget))
     if key in _HEADER_KEYS:
         return ("header", key.decode().lower(), _text(args))
     if key == b"HEADER":
@@ -433,7 +496,9 @@ def _parseKey(args: Args, depth: int):
         args.sp()
         return ("header", name, _text(args))
     if key in (b"TEXT", b"BODY"):
-        return (key.decode().lower(), args.astring())
+        needle = args.astring()
+        budget.text(needle)
+        return (key.decode().lower(), needle.lower())
     if key in (b"KEYWORD", b"UNKEYWORD"):
         return ("flag", args.flag(), key == b"KEYWORD")
     if key in (b"LARGER", b"SMALLER"):
@@ -465,16 +530,62 @@ def needsBody(key) -> bool:
     return False
 
 
+def _bodyNeedles(key, found: set) -> set:
+    """
+    The C{TEXT} and C{BODY} strings of C{key}.
+    """
+    kind = key[0]
+    if kind in ("text", "body"):
+        found.add(key[1])
+    elif kind == "and":
+        for k in key[1]:
+            _bodyNeedles(k, found)
+    elif kind == "or":
+        _bodyNeedles(key[1], found)
+        _bodyNeedles(key[2], found)
+    elif kind == "not":
+        _bodyNeedles(key[1], found)
+    return found
+
+
+def _prepare(key, lastSeq: int, lastUid: int):
+    """
+    C{key} with its sequence sets merged into spans, C{*} resolved.
+    """
+    kind = key[0]
+    if kind == "seq":
+        return ("seq", mergeRanges(key[1], lastSeq))
+    if kind == "uid":
+        return ("uid", mergeRanges(key[1], lastUid))
+    if kind == "and":
+        return ("and", [_prepare(k, lastSeq, lastUid) for k in key[1]])
+    if kind == "or":
+        return (
+            "or",
+            _prepare(key[1], lastSeq, lastUid),
+            _prepare(key[2], lastSeq, lastUid),
+        )
+    if kind == "not":
+        return ("not", _prepare(key[1], lastSeq, lastUid))
+    return key
+
+
 class _Candidate:
     """
-    One message being searched; headers are parsed on demand.
+    One message being searched; what several keys read (its parsed headers,
+    which strings its body holds) is worked out once.
     """
 
-    def __init__(self, seq: int, record: MessageRecord, path) -> None:
+    def __init__(self, seq: int, record: MessageRecord, path, needles) -> None:
         self.seq = seq
         self.record = record
         self.path = path
+        self._needles = needles
         self._headers = None
+        self._lowerHeaders = None
+        self._values: dict = {}
+        self._inBody = None
+        self.unsearched = False
 
     def headers(self):
         if self._headers is None:
@@ -482,6 +593,40 @@ class _Candidate:
                 self.record.headers
             )
         return self._headers
+
+    def headerValues(self, name: str) -> list:
+        """
+        The casefolded values of the header fields C{name}, unfolded, each
+        as written and RFC 2047-decoded.
+        """
+        values = self._values.get(name)
+        if values is None:
+            values = []
+            for value in self.headers().get_all(name) or []:
+                value = _unfold(str(value))
+                values += [value.casefold(), _decoded(value).casefold()]
+            self._values[name] = values
+        return values
+
+    def lowerHeaders(self) -> bytes:
+        if self._lowerHeaders is None:
+            self._lowerHeaders = self.record.headers.lower()
+        return self._lowerHeaders
+
+    def bodyHas(self, needle: bytes) -> bool:
+        """
+        Whether the held body (after the header section) holds C{needle}
+        (lower case).  The file is read once for all the strings searched.
+        """
+        if self._inBody is None:
+            try:
+                self._inBody = _fileContains(
+                    self.path, len(self.record.headers), self._needles
+                )
+            except OSError:
+                # Expunged while we searched.
+                self._inBody = set()
+        return needle in self._inBody
 
 
 def _unfold(value: str) -> str:
@@ -496,46 +641,40 @@ def _decoded(value: str) -> str:
 
 
 def _headerMatches(msg: _Candidate, name: str, needle: str) -> bool:
-    values = msg.headers().get_all(name) or []
     needle = needle.casefold()
-    for value in values:
-        value = _unfold(str(value))
-        if needle in value.casefold() or needle in _decoded(value).casefold():
-            return True
-    return False
+    return any(needle in value for value in msg.headerValues(name))
 
 
-def _fileContains(path: str, start: int, needle: bytes) -> bool:
+def _fileContains(path: str, start: int, needles) -> set:
     """
-    Whether the file at C{path} holds C{needle} (ASCII case-insensitively)
-    at or after C{start}; read in chunks.
+    Which of C{needles} (lower case) the file at C{path} holds, ASCII
+    case-insensitively, at or after C{start}; read once, in chunks.
     """
     chunkSize = 1 << 20
-    overlap = max(len(needle) - 1, 0)
+    overlap = max((len(n) for n in needles), default=1) - 1
+    left = {n for n in needles if n}
+    found = set(needles) - left
     tail = b""
     with open(path, "rb") as f:
         f.seek(start)
-        while chunk := f.read(chunkSize):
+        while left and (chunk := f.read(chunkSize)):
             data = tail + chunk.lower()
-            if needle in data:
-                return True
+            hits = {n for n in left if n in data}
+            found |= hits
+            left -= hits
             tail = data[-overlap:] if overlap else b""
-    return False
+    return found
 
 
 def _matchesText(msg: _Candidate, needle: bytes, headers: bool) -> bool:
-    needle = needle.lower()
     if not needle:
         return True
-    if (msg.path is None or headers) and needle in msg.record.headers.lower():
+    if (msg.path is None or headers) and needle in msg.lowerHeaders():
         return True
     if msg.path is None:
+        msg.unsearched = True
         return False
-    try:
-        return _fileContains(msg.path, len(msg.record.headers), needle)
-    except OSError:
-        # Expunged while we searched.
-        return False
+    return msg.bodyHas(needle)
 
 
 def _sentDate(msg: _Candidate):
@@ -548,7 +687,7 @@ def _sentDate(msg: _Candidate):
         return None
 
 
-def _matches(key, msg: _Candidate, last: tuple) -> bool:
+def _matches(key, msg: _Candidate) -> bool:
     kind = key[0]
     record = msg.record
     if kind == "all":
@@ -556,11 +695,11 @@ def _matches(key, msg: _Candidate, last: tuple) -> bool:
     if kind == "none":
         return False
     if kind == "and":
-        return all(_matches(k, msg, last) for k in key[1])
+        return all(_matches(k, msg) for k in key[1])
     if kind == "or":
-        return _matches(key[1], msg, last) or _matches(key[2], msg, last)
+        return _matches(key[1], msg) or _matches(key[2], msg)
     if kind == "not":
-        return not _matches(key[1], msg, last)
+        return not _matches(key[1], msg)
     if kind == "flag":
         _, flag, present = key
         has = any(f.lower() == flag.lower() for f in record.flags)
@@ -575,9 +714,9 @@ def _matches(key, msg: _Candidate, last: tuple) -> bool:
         _, larger, n = key
         return record.size > n if larger else record.size < n
     if kind == "seq":
-        return _inRanges(msg.seq, key[1], last[0])
+        return inSpans(msg.seq, key[1])
     if kind == "uid":
-        return _inRanges(record.uid, key[1], last[1])
+        return inSpans(record.uid, key[1])
     if kind == "date":
         _, when, sent, date = key
         if sent:
@@ -594,30 +733,37 @@ def _matches(key, msg: _Candidate, last: tuple) -> bool:
     raise AssertionError(kind)
 
 
-def _inRanges(n: int, ranges: list, last: int) -> bool:
-    for low, high in ranges:
-        low = last if low is None else low
-        high = last if high is None else high
-        if min(low, high) <= n <= max(low, high):
-            return True
-    return False
+@dataclass
+class SearchResult:
+    """
+    What a SEARCH found.
+
+    @ivar found: The C{(seq, uid)} of the messages that match.
+    @ivar unsearched: How many messages had a C{TEXT} or C{BODY} key
+        evaluated over their headers only, their body not being here yet.
+    """
+
+    found: list
+    unsearched: int = 0
 
 
-def search(key, candidates: list, lastSeq: int, lastUid: int) -> list:
+def search(key, candidates: list, lastSeq: int, lastUid: int) -> SearchResult:
     """
     Evaluate a parsed SEARCH key.  This may read message files (for
     C{TEXT} and C{BODY} on held messages): then run it in a thread.
 
     @param candidates: C{(seq, record, path)} for every message of the
         session's view; C{path} is the held file or L{None}.
-    @return: the C{(seq, uid)} of the messages that match.
     """
-    last = (lastSeq, lastUid)
-    found = []
+    key = _prepare(key, lastSeq, lastUid)
+    needles = frozenset(_bodyNeedles(key, set()))
+    result = SearchResult([])
     for seq, record, path in candidates:
-        if _matches(key, _Candidate(seq, record, path), last):
-            found.append((seq, record.uid))
-    return found
+        msg = _Candidate(seq, record, path, needles)
+        if _matches(key, msg):
+            result.found.append((seq, record.uid))
+        result.unsearched += msg.unsearched
+    return result
 
 
 _DATETIME = re.compile(
@@ -759,12 +905,12 @@ class SelectedMailbox:
     def getHierarchicalDelimiter(self) -> str:
         return "/"
 
-    def search(self, query, uid) -> Deferred:
+    def evaluate(self, query, uid: bool) -> Deferred:
         """
         Evaluate a key parsed by L{parseSearch} over this view.
 
-        @return: a Deferred firing with the matching UIDs (C{uid}) or
-            sequence numbers.
+        @return: a Deferred firing with a L{SearchResult} whose C{found} are
+            the matching UIDs (C{uid}) or sequence numbers.
         """
         candidates = []
         for seq, u in enumerate(self.uids, 1):
@@ -777,4 +923,15 @@ class SelectedMailbox:
             d = self.store.runInThread(search, query, candidates, *last)
         else:
             d = maybeDeferred(search, query, candidates, *last)
-        return d.addCallback(lambda found: [u if uid else s for s, u in found])
+
+        def numbers(result: SearchResult) -> SearchResult:
+            result.found = [u if uid else s for s, u in result.found]
+            return result
+
+        return d.addCallback(numbers)
+
+    def search(self, query, uid) -> Deferred:
+        """
+        C{ISearchableMailbox.search}: L{evaluate}'s numbers.
+        """
+        return self.evaluate(query, uid).addCallback(lambda result: result.found)

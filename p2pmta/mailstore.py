@@ -18,6 +18,7 @@ L{MailStore.bodyFetcher} when a client first needs it.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sqlite3
@@ -67,6 +68,26 @@ CREATE TABLE IF NOT EXISTS mail_messages (
 
 class NoSuchMailbox(StoreError):
     """There is no mailbox of that name."""
+
+
+class DiskFull(StoreError):
+    """The disk holding the mail store is full."""
+
+
+def _diskFull(failure: Failure):
+    """
+    Translate a full disk or quota (C{ENOSPC}, C{EDQUOT}, SQLite's
+    C{SQLITE_FULL}) into L{DiskFull}; pass other failures on.
+    """
+    e = failure.value
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        raise DiskFull(e.strerror or str(e)) from e
+    if isinstance(e, sqlite3.Error) and (
+        getattr(e, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+        or "disk is full" in str(e)
+    ):
+        raise DiskFull(str(e)) from e
+    return failure
 
 
 class NoSuchMessage(StoreError):
@@ -156,6 +177,11 @@ class MailStore:
         returns a Deferred; it is called before messages are expunged (to
         post receive notifications, or cancel a send).  If it fails the
         failure is logged and the messages are expunged all the same.
+    @ivar attachedHook: Set by the core: C{attachedHook(mailbox, record)}
+        is called once a body pulled by C{bodyFetcher} is safely in the
+        Maildir (the moment to tell its sender it may delete its copy: a
+        body that could not be stored, for want of disk space say, must be
+        pulled again later).
     """
 
     log = Logger()
@@ -187,6 +213,7 @@ class MailStore:
         self._expunging: set[tuple[str, int]] = set()
         self.bodyFetcher: Callable[[str, MessageRecord], Deferred] | None = None
         self.expungeHook: Callable[[str, list], Deferred] | None = None
+        self.attachedHook: Callable[[str, MessageRecord], object] | None = None
 
     # -- plumbing --------------------------------------------------------
 
@@ -196,6 +223,13 @@ class MailStore:
         on message files by the front ends (MIME parsing, body search).
         """
         return deferToThreadPool(self._reactor, self._threadpool, f, *args)
+
+    def _change(self, f, *args) -> Deferred:
+        """
+        Run C{f(*args)}, which writes, in the threadpool; a full disk (or
+        quota) fails it with L{DiskFull}.
+        """
+        return self.runInThread(f, *args).addErrback(_diskFull)
 
     def _write(self, f, *args) -> Deferred:
         """
@@ -477,7 +511,7 @@ class MailStore:
             return [record], [filename]
 
         return self._writeLock.run(
-            lambda: self.runInThread(work, box.uidNext).addCallback(
+            lambda: self._change(work, box.uidNext).addCallback(
                 lambda r: self._added(box, *r)[0]
             )
         )
@@ -563,7 +597,7 @@ class MailStore:
             if not records:
                 return succeed([])
             files = [src.files.get(r.uid) for r in records]
-            d = self.runInThread(work, dst.uidNext, records, files)
+            d = self._change(work, dst.uidNext, records, files)
             d.addCallback(
                 lambda r: list(zip([x.uid for x in records], self._added(dst, *r)))
             )
@@ -630,7 +664,7 @@ class MailStore:
                 return fail(NoSuchMessage(f"{box.name} {uid}"))
             if record.held:
                 return fail(StoreError(f"{box.name} {uid} already has its body"))
-            return self.runInThread(work, record).addCallback(done, record)
+            return self._change(work, record).addCallback(done, record)
 
         return self._writeLock.run(start)
 
@@ -652,7 +686,7 @@ class MailStore:
                 return fail(NoSuchMessage(f"{box.name} {uid}"))
             new = {**record.meta, **meta}
             sql = "UPDATE mail_messages SET meta = ? WHERE mailbox = ? AND uid = ?"
-            d = self.runInThread(
+            d = self._change(
                 self._transaction, [(sql, (json.dumps(new), box.name, uid))]
             )
 
@@ -706,7 +740,7 @@ class MailStore:
                 self._notify(box.name, "flags", list(changed))
                 return result
 
-            return self.runInThread(self._transaction, statements).addCallback(done)
+            return self._change(self._transaction, statements).addCallback(done)
 
         return self._writeLock.run(start)
 
@@ -744,7 +778,7 @@ class MailStore:
         def start():
             uids = [r.uid for r in records if r.uid in box.records]
             names = [box.files[u] for u in uids if u in box.files]
-            return self.runInThread(work, uids, names).addCallback(lambda _: uids)
+            return self._change(work, uids, names).addCallback(lambda _: uids)
 
         def done(removed: list):
             for uid in removed:
@@ -812,12 +846,32 @@ class MailStore:
                     raise BodyUnavailable("the message was expunged")
                 return f
 
-            return self.attachBody(box.name, record.uid, path).addErrback(refused)
+            d = self.attachBody(box.name, record.uid, path)
+            d.addCallbacks(attached, refused)
+            return d
+
+        def attached(stored: str) -> str:
+            hook = self.attachedHook
+            if hook is not None:
+                try:
+                    hook(box.name, record)
+                except Exception:
+                    self.log.failure(
+                        "the attached hook failed for {uid}", uid=record.uid
+                    )
+            return stored
 
         return d.addCallback(attach)
 
     def _pulled(self, result, key) -> None:
         waiters = self._fetching.pop(key, [])
+        if isinstance(result, Failure) and result.check(DiskFull):
+            self.log.warn(
+                "no room to store the body of message {uid} of {mailbox}",
+                uid=key[1],
+                mailbox=key[0],
+            )
+            result = Failure(BodyUnavailable(str(result.value)))
         if isinstance(result, Failure) and not result.check(BodyUnavailable):
             self.log.failure(
                 "pulling message {uid} of {mailbox} failed",
