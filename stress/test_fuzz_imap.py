@@ -466,6 +466,12 @@ SEEDS = [
         Unit(b"NOOP"),
         Unit(b"STARTTLS", last=True),
     ],
+    # Input piles up behind a delayed failed LOGIN, then the session ends.
+    [
+        Unit(b"LOGIN alice@demo wrong"),
+        *[Unit(b"NOOP".ljust(60000, b" "))] * 5,
+        Unit(b"APPEND INBOX {99999999999999999999+}\r\nxx", last=True),
+    ],
 ]
 
 
@@ -575,6 +581,7 @@ class FuzzIMAPTests(SynchronousTestCase):
     @example(items=SEEDS[0], points=[], start="selected")
     @example(items=SEEDS[0], points=[i / 500 for i in range(500)], start="selected")
     @example(items=SEEDS[1], points=[0.1, 0.5, 0.9], start="auth")
+    @example(items=SEEDS[2], points=[], start="unauth")
     def test_everyCommandAnsweredOnce(self, items, points, start):
         """
         Every tagged command gets exactly one tagged completion, nothing
