@@ -198,8 +198,12 @@ class Peer(MultiService):
         self.clock = clock if clock is not None else reactor
         self.dataDir = DataDir(config.dataDir)
         self._stopReactorOnFailure = stopReactorOnFailure
-        # Not a child: it must outlive the other services when stopping.
+        # Not children: they must outlive the other services when stopping.
         self.threads = ThreadPoolService()
+        # The ledger's SQLite work runs one statement at a time anyway: it
+        # gets a thread of its own instead of holding pool threads while
+        # they wait for its lock (and keeping file and crypto work waiting).
+        self.ledgerThread = ThreadPoolService(1, "p2pmta-ledger")
         if dht is None:
             dht = OpenDHTNode(
                 reactor,
@@ -219,7 +223,8 @@ class Peer(MultiService):
         self.sender: Sender | None = None
 
     def startService(self) -> None:
-        self.threads.startService()
+        for pool in (self.threads, self.ledgerThread):
+            pool.startService()
         try:
             MultiService.startService(self)
         except Exception as e:
@@ -298,7 +303,7 @@ class Peer(MultiService):
 
     async def _startMail(self) -> None:
         config = self.config
-        self.ledger = await self.inThreads(Ledger, self.reactor, self.dataDir.database, self.threads.pool)
+        self.ledger = await self.inThreads(Ledger, self.reactor, self.dataDir.database, self.ledgerThread.pool)
         self.mailStore = await MailStore(
             self.reactor, self.dataDir.database, self.dataDir.inbox, self.threads.pool
         ).open()
@@ -391,7 +396,8 @@ class Peer(MultiService):
             if getattr(self, "ledger", None) is not None:
                 await self.inThreads(self.ledger.close)
         finally:
-            self.threads.stopService()
+            for pool in (self.ledgerThread, self.threads):
+                pool.stopService()
             self.log.info("peer {address} stopped", address=str(self.config.address))
 
     async def _drain(self, timeout: float = 5.0) -> None:
