@@ -149,7 +149,9 @@ class Ledger:
                 cursor.execute("COMMIT")
                 return rows
             except BaseException:
-                cursor.execute("ROLLBACK")
+                # SQLite rolls back by itself on some errors (a full disk).
+                if self._connection.in_transaction:
+                    cursor.execute("ROLLBACK")
                 raise
 
     def query(self, sql: str, *args):
@@ -178,7 +180,8 @@ class Ledger:
                         cursor.execute(sql, args)
                     cursor.execute("COMMIT")
                 except BaseException:
-                    cursor.execute("ROLLBACK")
+                    if self._connection.in_transaction:
+                        cursor.execute("ROLLBACK")
                     raise
                 finally:
                     if durable:

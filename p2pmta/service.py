@@ -332,7 +332,13 @@ class Peer(MultiService):
             self.reactor,
             config.smtp,
             SubmissionFactory(
-                portal, self.sender, tlsOptions=tlsOptions, clock=self.reactor, runBlocking=self.inThreads
+                portal,
+                self.sender,
+                tlsOptions=tlsOptions,
+                clock=self.reactor,
+                runBlocking=self.inThreads,
+                maxConnections=config.smtpMaxConnections,
+                timeout=config.smtpIdleTimeout,
             ),
             "SMTP submission",
         )
