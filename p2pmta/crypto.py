@@ -748,7 +748,7 @@ class Keyring:
         """
         return Deferred.fromCoroutine(self._decrypt(data, None, maxOutput, sender))
 
-    def decryptFile(self, inPath: str, outPath: str, maxOutput: int, sender=None, sessionKey=None):
+    def decryptFile(self, inPath: str, outPath: str, maxOutput: int, sender=None, sessionKey=None, prefix=b""):
         """
         Like L{decrypt}, streaming from C{inPath} to a temporary file beside
         C{outPath}, renamed to C{outPath} once accepted; after a failure
@@ -756,14 +756,18 @@ class Keyring:
 
         @param sessionKey: the message's session key, if known: then no
             secret key is needed.
+        @param prefix: bytes written before the plaintext (not counted in
+            C{maxOutput}); only without C{sender}.
         @return: a Deferred firing with L{None}.
         """
-        return Deferred.fromCoroutine(self._decrypt(inPath, outPath, maxOutput, sender, sessionKey))
+        return Deferred.fromCoroutine(self._decrypt(inPath, outPath, maxOutput, sender, sessionKey, prefix))
 
-    async def _decrypt(self, source, outPath, maxOutput, sender, sessionKey=None):
+    async def _decrypt(self, source, outPath, maxOutput, sender, sessionKey=None, prefix=b""):
+        if prefix and sender is not None:
+            raise ValueError("a prefix is only written in-process, without sender")
         if sender is None and (sessionKey or self._secret is not None):
             try:
-                return await self._shared(self._decryptInProcess, source, outPath, maxOutput, sessionKey)
+                return await self._shared(self._decryptInProcess, source, outPath, maxOutput, sessionKey, prefix)
             except DecryptionFailed as e:
                 self.log.info("refused a message: {reason}", reason=str(e))
                 raise
@@ -779,15 +783,17 @@ class Keyring:
             )
         return data
 
-    def _decryptInProcess(self, source, outPath, maxOutput, sessionKey):
+    def _decryptInProcess(self, source, outPath, maxOutput, sessionKey, prefix=b""):
         maxOutput = max(0, int(maxOutput))
         keys = {"sessionKey": sessionKey} if sessionKey else {"secretKey": self._secret}
         with _source(source) as stream:
             if outPath is None:
                 out = io.BytesIO()
+                out.write(prefix)
                 openpgp.decrypt(stream, out, maxOutput=maxOutput, **keys)
                 return out.getvalue()
             with _output(outPath) as tmp, open(tmp, "wb") as out:
+                out.write(prefix)
                 openpgp.decrypt(stream, out, maxOutput=maxOutput, **keys)
         return None
 

@@ -89,6 +89,7 @@ class Receiver:
         self._receiptsAgain = False
         self.pullDirectory = os.path.join(peer.dataDir.path, "pulls")
         self._pulls = DeferredSemaphore(PULL_CONCURRENCY)
+        self._pullDirectoryMade = False
 
     @property
     def address(self) -> Address:
@@ -268,14 +269,15 @@ class Receiver:
             raise BodyUnavailable("no notification is known for this message")
         row = rows[0]
         sender = Address.parse(row["sender"])
-        await peer.inThreads(os.makedirs, self.pullDirectory, 0o700, True)
+        if not self._pullDirectoryMade:
+            await peer.inThreads(os.makedirs, self.pullDirectory, 0o700, True)
+            self._pullDirectoryMade = True
         base = os.path.join(self.pullDirectory, uuid.uuid4().hex)
         try:
             path = await self._pull(row, sender, base)
         except (P2PMTAError, OSError) as e:
             self.log.warn("cannot pull {digest} from {sender}: {e}", digest=row["digest"], sender=str(sender), e=e)
-            for suffix in (".gpg", ".plain", ".eml"):
-                await peer.inThreads(_removeIfThere, base + suffix)
+            await peer.inThreads(lambda: [_removeIfThere(base + suffix) for suffix in (".gpg", ".eml")])
             if isinstance(e, BodyUnavailable):
                 raise
             raise BodyUnavailable(str(e)) from None
@@ -293,33 +295,28 @@ class Receiver:
         except (FetchError, UnknownPeer, BodyUnavailable) as e:
             url = await self._downloadFromGroup(sender, row, base, e)
         extra = authenticationResults(self.address, sender, row["reason"])
+        # Decrypted straight into the message file, after the added field.
         await peer.keyring.decryptFile(
-            base + ".gpg", base + ".plain", row["size"], sessionKey=row["session_key"] or None
+            base + ".gpg", base + ".eml", row["size"], sessionKey=row["session_key"] or None, prefix=extra
         )
 
-        def assemble() -> str:
-            # Streamed: a 50 MB message is never held in memory.  The mail
-            # store fsyncs the file as it takes it.
+        def check() -> str:
             notified = row["headers"]
-            with open(base + ".plain", "rb") as plain:
-                size = os.fstat(plain.fileno()).st_size
+            with open(base + ".eml", "rb") as message:
+                size = os.fstat(message.fileno()).st_size - len(extra)
+                message.seek(len(extra))
                 if size > len(notified):
                     # The notified section ends at the message's first blank line.
-                    matches = plain.read(len(notified)) == notified
+                    matches = message.read(len(notified)) == notified
                 else:
                     # A message without a body: compare as the sender split it.
-                    matches = splitHeaders(plain.read())[0] == notified
-                if size != row["size"] or not matches:
-                    raise BodyUnavailable("the message does not match its notification")
-                plain.seek(0)
-                with open(base + ".eml", "wb") as out:
-                    out.write(extra)
-                    shutil.copyfileobj(plain, out, 1024 * 1024)
-            os.remove(base + ".plain")
+                    matches = splitHeaders(message.read())[0] == notified
             os.remove(base + ".gpg")
+            if size != row["size"] or not matches:
+                raise BodyUnavailable("the message does not match its notification")
             return base + ".eml"
 
-        path = await peer.inThreads(assemble)
+        path = await peer.inThreads(check)
         self.log.info(
             "pulled {digest} from {url}: {size} bytes in {seconds:.3f}s",
             digest=row["digest"],
