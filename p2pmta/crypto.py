@@ -702,8 +702,6 @@ class Keyring:
                     return out.getvalue()
                 with _output(outPath) as tmp, open(tmp, "wb") as out:
                     sessionKey = openpgp.encrypt(stream, out, keys, compress=level)
-                    out.flush()
-                    os.fsync(out.fileno())
                 return sessionKey
         fingerprints = [self.fingerprint]
         for recipient in recipients:
