@@ -21,6 +21,7 @@ import io
 import hashlib
 import hmac
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from email.parser import BytesHeaderParser
@@ -35,6 +36,27 @@ _RECEIVE_KIND = "p2pmta-received"
 
 class BadNotification(P2PMTAError):
     """The notification is malformed, forged or not for this peer."""
+
+
+#: What malformed JSON of the right shape can raise while it is read.
+_MALFORMED = (ValueError, KeyError, TypeError, AttributeError, OverflowError, RecursionError, P2PMTAError)
+
+
+def _object(data) -> dict:
+    """The JSON object in C{data}, or L{BadNotification}."""
+    try:
+        doc = json.loads(data)
+    except (ValueError, TypeError, RecursionError) as e:
+        raise BadNotification(f"not JSON: {e}"[:200]) from None
+    if not isinstance(doc, dict):
+        raise BadNotification("not a JSON object")
+    return doc
+
+
+def _address(value) -> Address:
+    if not isinstance(value, str):
+        raise BadNotification("an address is not a string")
+    return Address.parse(value)
 
 
 def splitHeaders(message: bytes) -> tuple[bytes, bytes]:
@@ -249,11 +271,11 @@ def decodeBatch(data: bytes) -> tuple[bytes, tuple[SendNotification, ...]]:
 
     @raise BadNotification: if C{data} is not a well-formed notification.
     """
+    doc = _object(data)
     try:
-        doc = json.loads(data)
-        if doc["kind"] != _SEND_KIND:
+        if doc.get("kind") != _SEND_KIND:
             raise BadNotification("not a send notification")
-        sender, recipient = Address.parse(doc["from"]), Address.parse(doc["to"])
+        sender, recipient = _address(doc["from"]), _address(doc["to"])
         password = base64.b64decode(doc["password"], validate=True)
         items = doc["messages"]
         if not isinstance(items, list) or not 0 < len(items) <= MAX_BATCH:
@@ -275,9 +297,11 @@ def decodeBatch(data: bytes) -> tuple[bytes, tuple[SendNotification, ...]]:
         )
     except BadNotification:
         raise
-    except (ValueError, KeyError, TypeError, AttributeError, P2PMTAError) as e:
-        raise BadNotification(str(e)) from None
+    except _MALFORMED as e:
+        raise BadNotification(str(e)[:200]) from None
     for notification in batch:
+        if not math.isfinite(notification.sent):
+            raise BadNotification("bad time")
         if len(notification.digest) != 64 or notification.digest.strip("0123456789abcdef"):
             raise BadNotification("bad digest")
         if notification.size < 0 or notification.ciphertextSize < 0 or len(notification.password) < 16:
@@ -309,11 +333,11 @@ def unwrapSigned(data: bytes) -> tuple[bytes, bytes]:
 
     @raise BadNotification: if malformed.
     """
+    doc = _object(data)
     try:
-        doc = json.loads(data)
         return base64.b64decode(doc["body"], validate=True), doc["signature"].encode("ascii")
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise BadNotification(str(e)) from None
+    except _MALFORMED as e:
+        raise BadNotification(str(e)[:200]) from None
 
 
 def receiptProof(password: bytes, digest: str, recipient: Address) -> str:
@@ -354,18 +378,18 @@ class ReceiveNotification:
 
     @classmethod
     def decode(cls, data: bytes) -> ReceiveNotification:
+        doc = _object(data)
         try:
-            doc = json.loads(data)
-            if doc["kind"] != _RECEIVE_KIND:
+            if doc.get("kind") != _RECEIVE_KIND:
                 raise BadNotification("not a receive notification")
             done = tuple((str(digest), str(proof)) for digest, proof in doc["done"])
             if not 0 < len(done) <= MAX_BATCH:
                 raise BadNotification("no messages, or too many")
-            return cls(Address.parse(doc["from"]), done)
+            return cls(_address(doc["from"]), done)
         except BadNotification:
             raise
-        except (ValueError, KeyError, TypeError, P2PMTAError) as e:
-            raise BadNotification(str(e)) from None
+        except _MALFORMED as e:
+            raise BadNotification(str(e)[:200]) from None
 
     def provenBy(self, digest: str, password: bytes) -> bool:
         """@return: whether this receipt proves knowledge of C{password} for C{digest}."""

@@ -33,7 +33,6 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.protocols.policies import WrappingFactory
 from twisted.python.threadpool import ThreadPool
-from twisted.web.client import Agent, HTTPConnectionPool
 
 from p2pmta.config import Config
 from p2pmta.crypto import Keyring
@@ -42,6 +41,7 @@ from p2pmta.dht import DESCRIPTOR_TTL
 from p2pmta.dht.node import OpenDHTNode
 from p2pmta.errors import P2PMTAError, StartError, StoreError
 from p2pmta.fileutil import createSecretFile, ensureDir
+from p2pmta.httpclient import makeAgent
 from p2pmta.store import Outbox
 from p2pmta.web import makeSite
 from p2pmta.auth import makePortal
@@ -262,14 +262,16 @@ class Peer(MultiService):
         # Opening a store cleans what a crash left: disk work, in a thread.
         self.outbox = await self.inThreads(Outbox, self.reactor, self.dataDir.outbox, self.threads.pool)
         self.replicas = await self.inThreads(Outbox, self.reactor, self.dataDir.replicas, self.threads.pool)
-        self.httpPool = HTTPConnectionPool(self.reactor)
-        self.agent = Agent(self.reactor, pool=self.httpPool)
+        self.agent, self.httpPool = makeAgent(self.reactor)
         self.directory = PeerDirectory(self.reactor, self.dht, self.keyring, self.agent)
         self.groups = GroupDirectory(self.reactor, self.dht, self.keyring, self.directory)
 
         site = makeSite(
             ServedOutbox(self.outbox, self.replicas, lambda: self.sender.notifications() if self.sender else []),
             self.keyring.publicKey,
+            reactor=self.reactor,
+            maxConnectionsPerClient=config.httpMaxConnectionsPerClient or None,
+            maxDownloadsPerClient=config.httpMaxDownloadsPerClient or None,
         )
         http = ListeningService(self.reactor, config.http, site, "public outbox")
         http.setName("http")
