@@ -190,10 +190,16 @@ class Receiver:
                 (key, now, sender, password, raw, fingerprint),
             )
         ]
-        for index, n in enumerate(batch):
-            known = await peer.ledger.query(
-                "SELECT hash FROM incoming WHERE sender = ? AND digest = ? AND state != 'bad'", sender, n.digest
+        marks = ",".join("?" * len(batch))
+        known = {
+            row["digest"]
+            for row in await peer.ledger.query(
+                f"SELECT digest FROM incoming WHERE sender = ? AND digest IN ({marks})",
+                sender,
+                *[n.digest for n in batch],
             )
+        }
+        for index, n in enumerate(batch):
             statements.append(
                 (
                     "INSERT OR IGNORE INTO incoming (hash, state, received, sender, digest, password,"
@@ -201,7 +207,7 @@ class Receiver:
                     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         f"{key}:{index}",
-                        "duplicate" if known else "new",
+                        "duplicate" if n.digest in known else "new",
                         now,
                         sender,
                         n.digest,

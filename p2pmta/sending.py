@@ -467,25 +467,20 @@ class Sender:
         except BadNotification as e:
             self.log.warn("ignoring a malformed receive notification: {e}", e=e)
             return
-        finished, proven, forged = [], [], 0
-        for digest, _ in receipt.done:
-            rows = await peer.ledger.query(
-                "SELECT d.*, o.digest FROM deliveries d JOIN outgoing o ON o.id = d.outgoing"
-                " WHERE o.digest = ? AND d.recipient = ?",
-                digest,
-                str(receipt.recipient),
+        digests = receipt.digests
+        marks = ",".join("?" * len(digests))
+        rows = await peer.ledger.query(
+            "SELECT d.*, o.digest FROM deliveries d JOIN outgoing o ON o.id = d.outgoing"
+            f" WHERE d.recipient = ? AND o.digest IN ({marks})",
+            str(receipt.recipient),
+            *digests,
+        )
+        proven = [d for d in rows if receipt.provenBy(d["digest"], d["password"])]
+        if len(proven) < len(rows):
+            self.log.warn(
+                "ignoring {n} forged receipts from {who}", n=len(rows) - len(proven), who=str(receipt.recipient)
             )
-            if not rows:
-                continue
-            delivery = rows[0]
-            if not receipt.provenBy(digest, delivery["password"]):
-                forged += 1
-                continue
-            proven.append(delivery)
-            if delivery["state"] in ("notified", "pending"):
-                finished.append(delivery)
-        if forged:
-            self.log.warn("ignoring {n} forged receipts from {who}", n=forged, who=str(receipt.recipient))
+        finished = [d for d in proven if d["state"] in ("notified", "pending")]
         if finished:
             await peer.ledger.transaction(
                 [
@@ -499,37 +494,42 @@ class Sender:
             self.log.info(
                 "{recipient} is done with {n} messages", recipient=str(receipt.recipient), n=len(finished)
             )
-        first = next((d for d in proven if d["digest"] == receipt.done[0][0]), None)
+        first = next((d for d in proven if d["digest"] == digests[0]), None)
         if first is not None:
             # The recipient put it with the password of its first message.
             try:
                 await peer.dht.delete(self.address.receiveKey, value, first["password"])
             except P2PMTAError:
                 pass
-        for delivery in finished:
-            await self.finishIfDone(delivery["outgoing"])
         if finished:
+            await self.finishIfDone(*{d["outgoing"] for d in finished})
             await self.refreshNotifications()
 
-    async def finishIfDone(self, messageId: str) -> None:
+    async def finishIfDone(self, *messageIds: str) -> None:
         """
-        Remove the ciphertext and the C{Outbox} copy once no recipient may
-        still fetch the message.
+        Remove the ciphertexts and the C{Outbox} copies of the messages no
+        recipient may still fetch.
         """
         peer = self._peer
-        waiting = await peer.ledger.query(
-            "SELECT COUNT(*) AS n FROM deliveries WHERE outgoing = ? AND state IN ('pending', 'notified')",
-            messageId,
-        )
-        rows = await peer.ledger.query("SELECT * FROM outgoing WHERE id = ?", messageId)
-        if waiting[0]["n"] or not rows or rows[0]["state"] != "sent":
+        if not messageIds:
             return
-        await peer.ledger.query("UPDATE outgoing SET state = 'finished' WHERE id = ?", messageId)
-        await peer.outbox.remove(rows[0]["digest"])
-        copies = [r.uid for r in peer.mailStore.findByMeta("Outbox", "outgoing", messageId)]
+        marks = ",".join("?" * len(messageIds))
+        rows = await peer.ledger.query(
+            f"SELECT id, digest FROM outgoing WHERE id IN ({marks}) AND state = 'sent' AND NOT EXISTS"
+            " (SELECT 1 FROM deliveries d WHERE d.outgoing = outgoing.id AND d.state IN ('pending', 'notified'))",
+            *messageIds,
+        )
+        if not rows:
+            return
+        await peer.ledger.transaction(
+            [("UPDATE outgoing SET state = 'finished' WHERE id = ?", (row["id"],)) for row in rows]
+        )
+        for row in rows:
+            await peer.outbox.remove(row["digest"])
+        copies = [r.uid for row in rows for r in peer.mailStore.findByMeta("Outbox", "outgoing", row["id"])]
         if copies:
             await peer.mailStore.expunge("Outbox", copies)
-        self.log.info("{digest} fetched by all recipients: removed from the outbox", digest=rows[0]["digest"])
+        self.log.info("{n} messages fetched by all their recipients: removed from the outbox", n=len(rows))
 
     async def cancel(self, messageId: str) -> None:
         """
