@@ -457,7 +457,8 @@ class Receiver:
             if not rows:
                 continue
             try:
-                await peer.dht.delete(self.address.sendKey, rows[0]["raw"], rows[0]["password"])
+                # No look-up first: reading our key costs all its values.
+                await peer.dht.retract(self.address.sendKey, rows[0]["raw"], rows[0]["password"], NOTIFICATION_TTL)
             except P2PMTAError as e:
                 self.log.debug("send notification not deleted: {e}", e=e)
             await peer.ledger.query(

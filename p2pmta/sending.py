@@ -498,7 +498,7 @@ class Sender:
         if first is not None:
             # The recipient put it with the password of its first message.
             try:
-                await peer.dht.delete(self.address.receiveKey, value, first["password"])
+                await peer.dht.retract(self.address.receiveKey, value, first["password"], NOTIFICATION_TTL)
             except P2PMTAError:
                 pass
         if finished:
