@@ -78,8 +78,9 @@ class Receiver:
 
     log = Logger()
 
-    #: How long receipts wait to be sent together.
-    receiptDelay = 0.2
+    #: How long receipts wait to be sent together: one DHT value for all
+    #: the messages a user reads or deletes in that time.
+    receiptDelay = 1.0
 
     def __init__(self, peer) -> None:
         self._peer = peer
@@ -399,7 +400,7 @@ class Receiver:
 
         async def run() -> None:
             try:
-                await deferLater(self._peer.clock, self.receiptDelay, lambda: None)
+                await deferLater(self._peer.reactor, self.receiptDelay, lambda: None)
                 while True:
                     self._receiptsAgain = False
                     await self._postReceipts()

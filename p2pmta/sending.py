@@ -26,6 +26,7 @@ import time
 import uuid
 
 from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -103,6 +104,10 @@ class Sender:
     """
 
     log = Logger()
+
+    #: How long a message waits for others to share its notice (each notice
+    #: costs its recipient DHT traffic from every node that stores it).
+    notifyDelay = 0.1
 
     def __init__(self, peer, maxMessageSize: int) -> None:
         """
@@ -329,6 +334,8 @@ class Sender:
 
         async def run() -> None:
             try:
+                # Messages submitted in the next moment share the notice.
+                await deferLater(self._peer.reactor, self.notifyDelay, lambda: None)
                 while True:
                     self._notifyAgain = False
                     await self._notifyPending()
