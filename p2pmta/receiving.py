@@ -20,8 +20,7 @@ import uuid
 
 from collections import OrderedDict
 
-from twisted.internet.defer import Deferred, DeferredSemaphore, succeed
-from twisted.internet.task import deferLater
+from twisted.internet.defer import Deferred, DeferredSemaphore
 from twisted.logger import Logger
 
 from p2pmta.address import Address
@@ -37,6 +36,7 @@ from p2pmta.errors import (
 from p2pmta.groups import UnknownGroup
 from p2pmta.httpclient import fetchInto
 from p2pmta.logs import logFailure
+from p2pmta.rounds import Coalescing
 from p2pmta.notification import (
     MAX_BATCH,
     BadNotification,
@@ -86,8 +86,10 @@ class Receiver:
         self._peer = peer
         self._inFlight: set = set()
         self._known: OrderedDict = OrderedDict()  # notices already handled
-        self._sendingReceipts = False
-        self._receiptsAgain = False
+        self._receipts = Coalescing(
+            peer.reactor, self.receiptDelay, self._postReceipts, "posting receive notifications failed; will retry",
+            peer.track,
+        )
         self.pullDirectory = os.path.join(peer.dataDir.path, "pulls")
         self._pulls = DeferredSemaphore(PULL_CONCURRENCY)
         self._pullDirectoryMade = False
@@ -391,27 +393,9 @@ class Receiver:
         """
         Soon tell the senders of every message pulled or rejected that we
         are done with it: one receive notification per sender for all of
-        them.  Calls during a run make it run once more.
+        them (see L{Coalescing}).
         """
-        if self._sendingReceipts:
-            self._receiptsAgain = True
-            return succeed(None)
-        self._sendingReceipts = True
-
-        async def run() -> None:
-            try:
-                await deferLater(self._peer.reactor, self.receiptDelay, lambda: None)
-                while True:
-                    self._receiptsAgain = False
-                    await self._postReceipts()
-                    if not self._receiptsAgain:
-                        return
-            finally:
-                self._sendingReceipts = False
-
-        d = Deferred.fromCoroutine(run())
-        d.addErrback(logFailure(self.log, "posting receive notifications failed; will retry"))
-        return self._peer.track(d)
+        return self._receipts()
 
     async def _postReceipts(self) -> None:
         peer = self._peer

@@ -26,8 +26,7 @@ import time
 import uuid
 import zlib
 
-from twisted.internet.defer import Deferred, DeferredList, succeed
-from twisted.internet.task import deferLater
+from twisted.internet.defer import Deferred, DeferredList
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -37,6 +36,7 @@ from p2pmta.errors import NotFound, P2PMTAError, ValueTooLarge
 from p2pmta.fileutil import fsyncDir
 from p2pmta.interfaces import ISubmission
 from p2pmta.logs import logFailure
+from p2pmta.rounds import Coalescing
 from p2pmta.notification import (
     MAX_BATCH,
     BadNotification,
@@ -135,8 +135,9 @@ class Sender:
         self._pending: list[dict] = []
         self._encoded: dict[str, dict] = {}  # notice id -> its msglist entry
         self._lastKeyPrune = float("-inf")
-        self._notifying = False
-        self._notifyAgain = False
+        self._notifier = Coalescing(
+            peer.reactor, self.notifyDelay, self._notifyPending, "notifying recipients failed; will retry", peer.track
+        )
 
     @property
     def address(self) -> Address:
@@ -338,30 +339,11 @@ class Sender:
 
     def notifyPending(self) -> Deferred:
         """
-        Notify the recipients of every message sent and not yet announced.
-        Calls while a run is under way make it run once more: messages
-        that arrive meanwhile share the next notification.
+        Soon notify the recipients of every message sent and not yet
+        announced (see L{Coalescing}: messages sent meanwhile share the
+        notice).
         """
-        if self._notifying:
-            self._notifyAgain = True
-            return succeed(None)
-        self._notifying = True
-
-        async def run() -> None:
-            try:
-                # Messages submitted in the next moment share the notice.
-                await deferLater(self._peer.reactor, self.notifyDelay, lambda: None)
-                while True:
-                    self._notifyAgain = False
-                    await self._notifyPending()
-                    if not self._notifyAgain:
-                        return
-            finally:
-                self._notifying = False
-
-        d = Deferred.fromCoroutine(run())
-        d.addErrback(logFailure(self.log, "notifying recipients failed; will retry"))
-        return self._peer.track(d)
+        return self._notifier()
 
     async def _notifyPending(self) -> None:
         peer = self._peer
