@@ -60,8 +60,16 @@ class Config:
     groupMembers: tuple[Address, ...] = field(default=())
     replicationInterval: float = DEFAULT_REPLICATION_INTERVAL
     maxMessageSize: int = DEFAULT_MAX_MESSAGE_SIZE
+    smtpMaxConnections: int = 100
+    smtpIdleTimeout: float = 300.0
+    httpMaxConnectionsPerClient: int = 32
+    httpMaxDownloadsPerClient: int = 8
 
     def __post_init__(self) -> None:
+        if self.smtpMaxConnections < 1 or self.smtpIdleTimeout <= 0:
+            raise ConfigError("the SMTP connection limit and idle timeout must be positive")
+        if self.httpMaxConnectionsPerClient < 0 or self.httpMaxDownloadsPerClient < 0:
+            raise ConfigError("the outbox's limits per client must be 0 (none) or more")
         if not self.dataDir:
             raise ConfigError("a data directory is required")
         if not self.password:

@@ -9,10 +9,18 @@ sign and verify run in parallel while each write runs alone.
 
 Trust comes only from our pins (the paper's key cache area): a key that is in
 the GnuPG keyring but not pinned for an address is never used for it.
+
+gpg keeps the keys (generation, import, export, pins), but the operations on
+the mail path (sign, verify, encrypt, decrypt) run in-process through
+L{p2pmta.openpgp} for the key types p2pmta generates: a gpg process costs
+8-18 ms of start-up and agent round trips, the operation itself microseconds.
+The messages stay standard OpenPGP, readable by gpg; a key of another type
+(an old home, a peer's RSA key) takes the gpg path.
 """
 
 from __future__ import annotations
 
+import base64
 import io
 import logging
 import os
@@ -31,6 +39,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from p2pmta import openpgp
 from p2pmta.address import Address
 from p2pmta.errors import (
     BadKey,
@@ -68,6 +77,9 @@ Expire-Date: 0
 _OPTIONS = ["--trust-model", "always", "--no-auto-key-retrieve", "--no-greeting"]
 _SIGNATURE_PROBLEMS = {"BADSIG", "ERRSIG", "EXPSIG", "EXPKEYSIG", "REVKEYSIG"}
 _MAX_KEY_SIZE = 1 << 20
+
+#: How often at most the last use of a peer's key is written down.
+_SEEN_INTERVAL = 3600.0
 _UPSERT = (
     "INSERT INTO pins VALUES (?, ?, ?, ?) ON CONFLICT(address) DO UPDATE "
     "SET fingerprint = excluded.fingerprint, last_seen = excluded.last_seen"
@@ -254,6 +266,11 @@ class Keyring:
         self._closed = False
         self._pinsPath = os.path.join(self._home, "pins.sqlite")
         self.fingerprint = None
+        self._secret = None  # our openpgp.SecretKey, for the in-process path
+        self._pins: dict[str, str] = {}  # address -> fingerprint, a cache
+        self._keys: dict[str, object] = {}  # fingerprint -> openpgp.PublicKey or None
+        self._lastSeen: dict[str, float] = {}  # last use written down
+        self._seenAt: dict[str, float] = {}  # last use
 
     @classmethod
     def open(cls, reactor, home: str, address, threadpool, gpgBinary="gpg"):
@@ -304,10 +321,53 @@ class Keyring:
         return closing(sqlite3.connect(self._pinsPath, timeout=60))
 
     def _lookupPin(self, address) -> str | None:
+        address = str(_address(address))
+        cached = self._pins.get(address)
+        if cached is not None:
+            return cached
         with self._db() as db:
             query = "SELECT fingerprint FROM pins WHERE address = ?"
-            row = db.execute(query, (str(_address(address)),)).fetchone()
+            row = db.execute(query, (address,)).fetchone()
+        if row:
+            self._pins[address] = row[0]
         return row[0] if row else None
+
+    def _publicKeyOf(self, fpr: str):
+        """
+        The parsed key C{fpr} for the in-process path, or L{None} if it is
+        of a type only gpg handles (blocking; cached).
+        """
+        if fpr in self._keys:
+            return self._keys[fpr]
+        key = None
+        exported = self._gpg.export_keys(fpr, armor=False, minimal=True)
+        if exported:
+            try:
+                key = openpgp.PublicKey.fromExport(_asBytes(exported))
+            except BadKey as e:
+                self.log.info("key {fpr} goes through gpg: {e}", fpr=fpr, e=e)
+            else:
+                if key.fingerprint.upper() != fpr:
+                    key = None
+        self._keys[fpr] = key
+        return key
+
+    def _recipientKeys(self, recipients):
+        """
+        Our parsed key and those pinned for C{recipients}, or L{None} if one
+        of them is for gpg only.
+
+        @raise UnknownKey: if a recipient has no pinned key.
+        """
+        keys, seen = [self._publicKeyOf(self.fingerprint)], {self.fingerprint}
+        for recipient in recipients:
+            fpr = self._lookupPin(recipient)
+            if fpr is None:
+                raise UnknownKey(str(recipient))
+            if fpr not in seen:
+                seen.add(fpr)
+                keys.append(self._publicKeyOf(fpr))
+        return None if self._secret is None or None in keys else keys
 
     def _openBlocking(self, now: float):
         os.makedirs(self._home, mode=0o700, exist_ok=True)
@@ -361,7 +421,21 @@ class Keyring:
         self._publicKey = exported.encode("ascii")
         with self._db() as db, db:
             db.execute(_UPSERT, (self.address, fpr, now, now))
+        self._secret = self._loadSecret(fpr)
         return fpr, generated, seconds
+
+    def _loadSecret(self, fpr: str):
+        """Our secret key for the in-process path, or L{None} (blocking)."""
+        try:
+            exported = self._gpg.export_keys(fpr, secret=True, armor=False, expect_passphrase=False)
+            secret = openpgp.SecretKey.fromExport(_asBytes(exported))
+        except (BadKey, ValueError, TypeError) as e:
+            self.log.info("our key {fpr} goes through gpg: {e}", fpr=fpr, e=e)
+            return None
+        if secret.publicKey.fingerprint.upper() != fpr:
+            return None
+        self._keys[fpr] = secret.publicKey
+        return secret
 
     def close(self) -> Deferred:
         """
@@ -428,6 +502,7 @@ class Keyring:
         return Deferred.fromCoroutine(self._call(True, self._pruneBlocking, unseenSince))
 
     def _pruneBlocking(self, unseenSince: float) -> list[str]:
+        self._writeSeen(list(self._seenAt))
         with self._db() as db:
             rows = db.execute(
                 "SELECT address, fingerprint FROM pins WHERE last_seen < ? AND address != ? ORDER BY address",
@@ -438,16 +513,33 @@ class Keyring:
             self._gpg.delete_keys(fpr)
             with self._db() as db, db:
                 db.execute("DELETE FROM pins WHERE address = ? AND fingerprint = ?", (address, fpr))
+            self._pins.pop(address, None)
+            self._keys.pop(fpr, None)
             forgotten.append(address)
         return forgotten
 
     def _seen(self, addresses) -> None:
-        """Note that C{addresses} were just used (blocking)."""
+        """
+        Note that C{addresses} were just used (blocking).  Written down at
+        most hourly, and before a prune.
+        """
         now = time.time()
+        due = []
+        for address in addresses:
+            address = str(_address(address))
+            self._seenAt[address] = now
+            if now - self._lastSeen.get(address, float("-inf")) >= _SEEN_INTERVAL:
+                due.append(address)
+        self._writeSeen(due)
+
+    def _writeSeen(self, addresses) -> None:
+        rows = [(self._seenAt[a], a) for a in addresses if a in self._seenAt]
+        if not rows:
+            return
         with self._db() as db, db:
-            db.executemany(
-                "UPDATE pins SET last_seen = ? WHERE address = ?", [(now, str(_address(a))) for a in addresses]
-            )
+            db.executemany("UPDATE pins SET last_seen = ? WHERE address = ?", rows)
+        for when, address in rows:
+            self._lastSeen[address] = when
 
     def pinned(self, address) -> Deferred:
         """
@@ -515,6 +607,8 @@ class Keyring:
             raise BadKey(f"gpg did not import {fpr}")
         with self._db() as db, db:
             db.execute(_UPSERT, (str(address), fpr, now, now))
+        self._pins[str(address)] = fpr
+        self._keys.pop(fpr, None)
         return existing is None
 
     def sign(self, data: bytes) -> Deferred:
@@ -525,6 +619,8 @@ class Keyring:
         return self._shared(self._signBlocking, data)
 
     def _signBlocking(self, data: bytes) -> bytes:
+        if self._secret is not None:
+            return _armor(openpgp.sign(data, self._secret), "PGP SIGNATURE")
         result = self._gpg.sign(
             data, keyid=self.fingerprint, detach=True, clearsign=False
         )
@@ -546,6 +642,12 @@ class Keyring:
         expected = self._lookupPin(address)
         if expected is None:
             raise BadSignature(f"no key is pinned for {address}")
+        key = self._publicKeyOf(expected)
+        if key is not None:
+            if openpgp.verify(data, signature, key).upper() != expected:
+                raise BadSignature(f"not a good signature by {address}")
+            self._seen([address])
+            return expected
         fd, sigPath = tempfile.mkstemp(prefix=".sig-", dir=self._home)
         try:
             with os.fdopen(fd, "wb") as f:
@@ -566,8 +668,8 @@ class Keyring:
 
         @param recipients: L{Address}es or strings.
         @param sign: sign with our key too.
-        @param compress: compress first; pass L{False} for data that does
-            not compress (saves ~45 ms per MB).
+        @param compress: compress first (L{True}, or a zlib level 1-9); pass
+            L{False} or 0 for data that does not compress.
         @return: a Deferred firing with the binary OpenPGP message, or
             failing with L{UnknownKey} when a recipient is not pinned.
         """
@@ -580,7 +682,8 @@ class Keyring:
         Like L{encrypt}, streaming from C{inPath} to C{outPath}, which
         appears whole or not at all.
 
-        @return: a Deferred firing with L{None}.
+        @return: a Deferred firing with the message's session key (which
+            decrypts it without a secret key), or L{None} when gpg made it.
         """
         args = (inPath, outPath, recipients, sign, compress)
         return self._shared(self._encryptBlocking, *args)
@@ -588,6 +691,18 @@ class Keyring:
     def _encryptBlocking(self, source, outPath, recipients, sign, compress):
         if isinstance(recipients, (str, Address)):
             recipients = [recipients]
+        level = 6 if compress is True else int(compress or 0)
+        keys = None if sign else self._recipientKeys(recipients)
+        if keys is not None:
+            self._seen(recipients)
+            with _source(source) as stream:
+                if outPath is None:
+                    out = io.BytesIO()
+                    openpgp.encrypt(stream, out, keys, compress=level)
+                    return out.getvalue()
+                with _output(outPath) as tmp, open(tmp, "wb") as out:
+                    sessionKey = openpgp.encrypt(stream, out, keys, compress=level)
+                return sessionKey
         fingerprints = [self.fingerprint]
         for recipient in recipients:
             fpr = self._lookupPin(recipient)
@@ -596,7 +711,7 @@ class Keyring:
             if fpr not in fingerprints:
                 fingerprints.append(fpr)
         self._seen(recipients)
-        extra = [] if compress else ["--compress-algo", "none"]
+        extra = [] if level else ["--compress-algo", "none"]
         signer = self.fingerprint if sign else None
         with _source(source) as stream, _output(outPath) as tmp:
             options = {
@@ -619,7 +734,10 @@ class Keyring:
         Decrypt C{data} with our key.  Only a whole, integrity-protected
         message of at most C{maxOutput} bytes of plaintext is accepted; with
         C{sender}, it must also carry a good signature by the key pinned for
-        C{sender}.  Without C{sender}, signatures are not checked at all.
+        C{sender}.  Without C{sender}, the message is read in-process and
+        must not be signed inside (as p2pmta's are not: their notifications
+        carry detached signatures); a message made with C{sign=True} is read
+        with C{sender} only.
         A failure that may come from gpg itself ("No secret key") is retried
         once.
 
@@ -628,17 +746,29 @@ class Keyring:
         """
         return Deferred.fromCoroutine(self._decrypt(data, None, maxOutput, sender))
 
-    def decryptFile(self, inPath: str, outPath: str, maxOutput: int, sender=None):
+    def decryptFile(self, inPath: str, outPath: str, maxOutput: int, sender=None, sessionKey=None, prefix=b""):
         """
         Like L{decrypt}, streaming from C{inPath} to a temporary file beside
         C{outPath}, renamed to C{outPath} once accepted; after a failure
         there is no C{outPath}.
 
+        @param sessionKey: the message's session key, if known: then no
+            secret key is needed.
+        @param prefix: bytes written before the plaintext (not counted in
+            C{maxOutput}); only without C{sender}.
         @return: a Deferred firing with L{None}.
         """
-        return Deferred.fromCoroutine(self._decrypt(inPath, outPath, maxOutput, sender))
+        return Deferred.fromCoroutine(self._decrypt(inPath, outPath, maxOutput, sender, sessionKey, prefix))
 
-    async def _decrypt(self, source, outPath, maxOutput, sender):
+    async def _decrypt(self, source, outPath, maxOutput, sender, sessionKey=None, prefix=b""):
+        if prefix and sender is not None:
+            raise ValueError("a prefix is only written in-process, without sender")
+        if sender is None and (sessionKey or self._secret is not None):
+            try:
+                return await self._shared(self._decryptInProcess, source, outPath, maxOutput, sessionKey, prefix)
+            except DecryptionFailed as e:
+                self.log.info("refused a message: {reason}", reason=str(e))
+                raise
         args = (source, outPath, maxOutput, sender)
         try:
             data, retried = await self._call(False, self._decryptBlocking, *args)
@@ -650,6 +780,20 @@ class Keyring:
                 "decrypted on the second try, after: {reason}", reason=retried
             )
         return data
+
+    def _decryptInProcess(self, source, outPath, maxOutput, sessionKey, prefix=b""):
+        maxOutput = max(0, int(maxOutput))
+        keys = {"sessionKey": sessionKey} if sessionKey else {"secretKey": self._secret}
+        with _source(source) as stream:
+            if outPath is None:
+                out = io.BytesIO()
+                out.write(prefix)
+                openpgp.decrypt(stream, out, maxOutput=maxOutput, **keys)
+                return out.getvalue()
+            with _output(outPath) as tmp, open(tmp, "wb") as out:
+                out.write(prefix)
+                openpgp.decrypt(stream, out, maxOutput=maxOutput, **keys)
+        return None
 
     def _decryptBlocking(self, source, outPath, maxOutput, sender):
         expected = None
@@ -711,6 +855,33 @@ def _judge(result, expected: str | None, size: int, maxOutput: int):
     if result.returncode != 0 or not result.ok:
         return DecryptionFailed(f"gpg exited with {result.returncode}"), False
     return None
+
+
+def _crc24(data: bytes) -> int:
+    crc = 0xB704CE
+    for byte in data:
+        crc ^= byte << 16
+        for _ in range(8):
+            crc <<= 1
+            if crc & 0x1000000:
+                crc ^= 0x1864CFB
+    return crc & 0xFFFFFF
+
+
+def _armor(data: bytes, kind: str) -> bytes:
+    """ASCII armour (RFC 4880, section 6), as gpg writes it."""
+    body = base64.b64encode(data).decode("ascii")
+    lines = [body[i : i + 64] for i in range(0, len(body), 64)]
+    checksum = base64.b64encode(_crc24(data).to_bytes(3, "big")).decode("ascii")
+    text = "\n".join([f"-----BEGIN {kind}-----", "", *lines, "=" + checksum, f"-----END {kind}-----", ""])
+    return text.encode("ascii")
+
+
+def _asBytes(data) -> bytes:
+    """python-gnupg gives exports as L{str} or L{bytes}, depending on armour."""
+    if isinstance(data, str):
+        return data.encode("latin-1")
+    return bytes(data or b"")
 
 
 @contextmanager

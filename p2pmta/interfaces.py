@@ -46,6 +46,18 @@ class IDHT(Interface):
             holds C{value}.
         """
 
+    def retract(key: str, value: bytes, password: bytes, ttl: float):
+        """
+        Delete C{value} from C{key} without reading the key first: for a
+        caller that put C{value} with C{password}, or was told both, and
+        knows the value lives at most C{ttl} more seconds.  Reading a key
+        costs the network as much as all its values; this costs one
+        tombstone.
+
+        @return: a Deferred that fires with L{None} once the tombstone is
+            put.
+        """
+
     def liveEntries(key: str):
         """
         The encoded entries behind L{get}: what a group member keeps to

@@ -25,7 +25,8 @@ CREATE TABLE IF NOT EXISTS outgoing (
     ciphertext_size INTEGER,
     size INTEGER,
     headers BLOB,
-    attachments TEXT
+    attachments TEXT,
+    session_key BLOB              -- of the ciphertext, told to recipients
 );
 CREATE INDEX IF NOT EXISTS outgoing_digest ON outgoing(digest);
 CREATE TABLE IF NOT EXISTS deliveries (
@@ -33,12 +34,22 @@ CREATE TABLE IF NOT EXISTS deliveries (
     recipient TEXT NOT NULL,
     password BLOB NOT NULL,
     state TEXT NOT NULL,          -- pending, notified, done, cancelled, expired
-    notification BLOB,            -- the ns value put, to delete it on cancel
+    notification BLOB,            -- unused since notices (kept for old ledgers)
+    notice TEXT,                  -- the notice (ns value) that told of it
     PRIMARY KEY (outgoing, recipient)
 );
+CREATE INDEX IF NOT EXISTS deliveries_notice ON deliveries(notice);
+CREATE TABLE IF NOT EXISTS notices (
+    id TEXT PRIMARY KEY,
+    recipient TEXT NOT NULL,
+    value BLOB NOT NULL,          -- the ns value put: one for several messages
+    password BLOB NOT NULL,       -- its DHT password, told to the recipient
+    created REAL NOT NULL,
+    state TEXT NOT NULL           -- live, retired
+);
 CREATE TABLE IF NOT EXISTS incoming (
-    hash TEXT PRIMARY KEY,        -- SHA-256 of the raw ns value
-    state TEXT NOT NULL,          -- bad, duplicate, shown, pulled, rejected, receipted
+    hash TEXT PRIMARY KEY,        -- "<notice hash>:<index>": one message
+    state TEXT NOT NULL,          -- duplicate, new, shown, pulled, rejected, receipted
     received REAL NOT NULL,
     sender TEXT,
     digest TEXT,
@@ -46,10 +57,23 @@ CREATE TABLE IF NOT EXISTS incoming (
     ciphertext_size INTEGER,
     size INTEGER,
     headers BLOB,
+    raw BLOB,                     -- unused since notices (kept for old ledgers)
+    reason TEXT,
+    notice TEXT,                  -- the hash of the ns value that told of it
+    session_key BLOB,
+    sent REAL                     -- when the sender sent it
+);
+CREATE INDEX IF NOT EXISTS incoming_message ON incoming(sender, digest);
+CREATE INDEX IF NOT EXISTS incoming_notice ON incoming(notice);
+CREATE TABLE IF NOT EXISTS received_notices (
+    hash TEXT PRIMARY KEY,        -- SHA-256 of the raw ns value
+    state TEXT NOT NULL,          -- bad, open, done
+    received REAL NOT NULL,
+    sender TEXT,
+    password BLOB,
     raw BLOB,
     reason TEXT
 );
-CREATE INDEX IF NOT EXISTS incoming_message ON incoming(sender, digest);
 CREATE TABLE IF NOT EXISTS republish (
     owner TEXT NOT NULL,
     key TEXT NOT NULL,            -- "hash:<sha1>" of the DHT key
@@ -90,8 +114,22 @@ class Ledger:
         self._lock = threading.Lock()
         self._connection = sqlite3.connect(path, check_same_thread=False, timeout=30, isolation_level=None)
         self._connection.execute("PRAGMA journal_mode=WAL")
-        self._connection.execute("PRAGMA synchronous=FULL")
+        # Every commit is in the OS before the call returns, so a killed
+        # peer loses nothing; durable transactions (an accepted message)
+        # also reach the disk before they return.
+        self._connection.execute("PRAGMA synchronous=NORMAL")
+        self._addMissingColumns()
         self._connection.executescript(_SCHEMA)
+
+    def _addMissingColumns(self) -> None:
+        """Bring a ledger written by an older p2pmta up to this schema."""
+        for table, column, kind in (("deliveries", "notice", "TEXT"), ("incoming", "notice", "TEXT"),
+                                    ("incoming", "session_key", "BLOB"),
+                                    ("outgoing", "session_key", "BLOB"),
+                                    ("incoming", "sent", "REAL")):
+            columns = [row[1] for row in self._connection.execute(f"PRAGMA table_info({table})")]
+            if columns and column not in columns:
+                self._connection.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
 
     def close(self) -> None:
         with self._lock:
@@ -111,7 +149,9 @@ class Ledger:
                 cursor.execute("COMMIT")
                 return rows
             except BaseException:
-                cursor.execute("ROLLBACK")
+                # SQLite rolls back by itself on some errors (a full disk).
+                if self._connection.in_transaction:
+                    cursor.execute("ROLLBACK")
                 raise
 
     def query(self, sql: str, *args):
@@ -120,23 +160,31 @@ class Ledger:
         """
         return deferToThreadPool(self._reactor, self._threadpool, self._run, sql, args)
 
-    def transaction(self, statements):
+    def transaction(self, statements, durable: bool = False):
         """
         Run C{[(sql, args), ...]} in one transaction.
 
+        @param durable: have the commit on disk (not just in the OS) before
+            the Deferred fires: for what a client was told is safe.
         @return: a Deferred firing with L{None}.
         """
 
         def run():
             with self._lock:
                 cursor = self._connection.cursor()
+                if durable:
+                    cursor.execute("PRAGMA synchronous=FULL")
                 try:
                     cursor.execute("BEGIN IMMEDIATE")
                     for sql, args in statements:
                         cursor.execute(sql, args)
                     cursor.execute("COMMIT")
                 except BaseException:
-                    cursor.execute("ROLLBACK")
+                    if self._connection.in_transaction:
+                        cursor.execute("ROLLBACK")
                     raise
+                finally:
+                    if durable:
+                        cursor.execute("PRAGMA synchronous=NORMAL")
 
         return deferToThreadPool(self._reactor, self._threadpool, run)

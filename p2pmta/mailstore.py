@@ -421,11 +421,13 @@ class MailStore:
         self._intoMaildir(name, os.path.join(self._tmp, name))
         return name
 
-    def _takeFile(self, path: str, headers: bytes) -> tuple[str, int]:
+    def _takeFile(self, path: str, headers: bytes, syncDir: bool = True) -> tuple[str, int]:
         """
         Move the file at C{path} into the Maildir if it starts with exactly
         C{headers}.
 
+        @param syncDir: fsync C{cur/} (pass L{False} when the caller does,
+            once for several files).
         @return: its name in C{cur/} and its size.
         """
         with open(path, "rb") as f:
@@ -449,7 +451,10 @@ class MailStore:
             finally:
                 os.close(fd)
         size = os.stat(temp).st_size
-        self._intoMaildir(name, temp)
+        if syncDir:
+            self._intoMaildir(name, temp)
+        else:
+            os.replace(temp, os.path.join(self._cur, name))
         return name, size
 
     def _removeFiles(self, names: Iterable[str]) -> None:
@@ -540,6 +545,56 @@ class MailStore:
             return self._takeFile(os.fspath(bodyPath), bytes(headers))
 
         return self._addOne(mailbox, headers, flags, date, meta, makeFile)
+
+    def deliverMany(self, mailbox: str, messages) -> Deferred:
+        """
+        Add several messages at once, as L{deliver} would one by one, in
+        one transaction (and one directory sync): all are added, or none.
+
+        @param messages: dicts with the keyword arguments of L{deliver}:
+            C{headers}, C{size}, C{meta} and optionally C{bodyPath},
+            C{flags}, C{date}.
+        @return: a Deferred firing with their UIDs, in order.
+        """
+        try:
+            box = self._box(mailbox)
+            now = time.time()
+            prepared = [
+                (
+                    bytes(m["headers"]),
+                    int(m["size"]),
+                    json.loads(json.dumps(m["meta"])),
+                    None if m.get("bodyPath") is None else os.fspath(m["bodyPath"]),
+                    frozenset(str(f) for f in m.get("flags", ())),
+                    now if m.get("date") is None else float(m["date"]),
+                )
+                for m in messages
+            ]
+        except Exception:
+            return fail()
+        if not prepared:
+            return succeed([])
+
+        def work(first: int) -> tuple[list, list]:
+            records, names = [], []
+            try:
+                for offset, (headers, size, meta, bodyPath, flags, when) in enumerate(prepared):
+                    name = None
+                    if bodyPath is not None:
+                        name, size = self._takeFile(bodyPath, headers, syncDir=False)
+                    names.append(name)
+                    records.append(MessageRecord(first + offset, flags, when, size, headers, name is not None, meta))
+                if any(name is not None for name in names):
+                    fsyncDir(self._cur)
+                self._insert(box, records, names)
+            except BaseException:
+                self._removeFiles(name for name in names if name is not None)
+                raise
+            return records, names
+
+        return self._writeLock.run(
+            lambda: self.runInThread(work, box.uidNext).addCallback(lambda r: self._added(box, *r))
+        )
 
     def append(self, mailbox: str, message: bytes, flags=(), date=None) -> Deferred:
         """

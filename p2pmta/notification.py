@@ -17,9 +17,12 @@ HMAC, so nobody but the recipient can make it.
 from __future__ import annotations
 
 import base64
+import io
 import hashlib
 import hmac
 import json
+import math
+import re
 from dataclasses import dataclass, field
 from email.parser import BytesHeaderParser
 from email.policy import compat32
@@ -35,6 +38,27 @@ class BadNotification(P2PMTAError):
     """The notification is malformed, forged or not for this peer."""
 
 
+#: What malformed JSON of the right shape can raise while it is read.
+_MALFORMED = (ValueError, KeyError, TypeError, AttributeError, OverflowError, RecursionError, P2PMTAError)
+
+
+def _object(data) -> dict:
+    """The JSON object in C{data}, or L{BadNotification}."""
+    try:
+        doc = json.loads(data)
+    except (ValueError, TypeError, RecursionError) as e:
+        raise BadNotification(f"not JSON: {e}"[:200]) from None
+    if not isinstance(doc, dict):
+        raise BadNotification("not a JSON object")
+    return doc
+
+
+def _address(value) -> Address:
+    if not isinstance(value, str):
+        raise BadNotification("an address is not a string")
+    return Address.parse(value)
+
+
 def splitHeaders(message: bytes) -> tuple[bytes, bytes]:
     """
     Split a message into its header section (with the blank line that ends
@@ -48,29 +72,138 @@ def splitHeaders(message: bytes) -> tuple[bytes, bytes]:
     return message[: end + 4], message[end + 4 :]
 
 
-def attachmentsOf(message: bytes, limit: int = 50) -> list[dict]:
+#: How deep nested multiparts are followed when looking for attachments.
+MAX_MIME_DEPTH = 50
+
+_BLOCK = 1024 * 1024
+_LOOKAHEAD = 64 * 1024
+
+
+def _headerFields(lines: list[bytes]) -> dict[bytes, bytes]:
+    """Unfolded header fields of a part, by lower-case name (first wins)."""
+    fields: dict[bytes, bytes] = {}
+    name = None
+    for line in lines:
+        if line[:1] in (b" ", b"\t") and name is not None:
+            fields[name] += b" " + line.strip()
+            continue
+        name, sep, value = line.partition(b":")
+        if not sep:
+            name = None
+            continue
+        name = name.strip().lower()
+        if name in fields:
+            name = None
+            continue
+        fields[name] = value.strip()
+    return fields
+
+
+_PARAMETER = re.compile(rb'(?i);\s*([a-z0-9*_-]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^;\s]*)')
+
+
+def _parameter(value: bytes, wanted: bytes) -> str | None:
+    for name, found in _PARAMETER.findall(value[:4096]):
+        if name.lower().rstrip(b"*") == wanted:
+            if found.startswith(b'"'):
+                found = found[1:-1]
+            return found.decode("utf-8", "replace")
+    return None
+
+
+def attachmentsOf(stream, limit: int = 50) -> list[dict]:
     """
     Name, type and size of the attachments of a MIME message (the parts with
     a file name), at most C{limit} of them.
-    """
-    from email import message_from_bytes
 
-    found = []
-    try:
-        parsed = message_from_bytes(message, policy=compat32)
-        for part in parsed.walk():
-            if len(found) >= limit:
-                break
-            filename = part.get_filename()
-            if filename is None or part.is_multipart():
+    One pass over the lines of C{stream} (a binary file or L{bytes}): memory
+    stays bounded whatever the message holds (100,000 parts, multiparts
+    nested 2,000 deep), and nesting deeper than L{MAX_MIME_DEPTH} is not
+    followed.  Sizes are the decoded sizes (estimated for quoted-printable).
+    """
+    if isinstance(stream, (bytes, bytearray)):
+        stream = io.BytesIO(stream)
+    found: list[dict] = []
+    boundaries: list[bytes] = []
+    headerLines: list[bytes] | None = []  # collecting a part's header section
+    current: dict | None = None
+    base64Body = False
+
+    def startPart(lines: list[bytes]) -> None:
+        nonlocal current, base64Body
+        fields = _headerFields(lines[:1000])
+        kind = fields.get(b"content-type", b"text/plain")
+        mainType = kind.split(b";", 1)[0].strip().lower()
+        if mainType.startswith(b"multipart/"):
+            boundary = _parameter(kind, b"boundary")
+            if boundary and len(boundaries) < MAX_MIME_DEPTH:
+                boundaries.append(boundary.encode("utf-8", "replace"))
+            return
+        filename = _parameter(fields.get(b"content-disposition", b""), b"filename") or _parameter(kind, b"name")
+        if filename is None or len(found) >= limit:
+            return
+        current = {"name": filename[:200], "type": mainType.decode("ascii", "replace")[:100], "size": 0}
+        found.append(current)
+        base64Body = fields.get(b"content-transfer-encoding", b"").strip().lower() == b"base64"
+
+    # Header sections go line by line; bodies are skipped in bulk up to the
+    # next line that starts with "--" (a 1 MB attachment is a few scans in
+    # C, not 20,000 turns of a Python loop).
+    data, pos, eof = b"", 0, False
+    while True:
+        if len(data) - pos < _LOOKAHEAD and not eof:
+            chunk = stream.read(_BLOCK)
+            eof = not chunk
+            data, pos = data[pos:] + chunk, 0
+        if pos >= len(data):
+            break
+        lineEnd = data.find(b"\n", pos, pos + _LOOKAHEAD)
+        if headerLines is not None or data.startswith(b"--", pos):
+            if lineEnd < 0:
+                lineEnd = min(len(data), pos + _LOOKAHEAD) - 1
+            line, pos = data[pos : lineEnd + 1], lineEnd + 1
+            if headerLines is not None:
+                if line in (b"\r\n", b"\n"):
+                    startPart(headerLines)
+                    headerLines = None
+                elif len(headerLines) < 1000:
+                    headerLines.append(line.rstrip(b"\r\n"))
                 continue
-            payload = part.get_payload(decode=True) or b""
-            found.append(
-                {"name": str(filename)[:200], "type": part.get_content_type()[:100], "size": len(payload)}
-            )
-    except Exception:
-        return found
+            marker = line.rstrip(b" \t\r\n")
+            if boundaries and marker == b"--" + boundaries[-1]:
+                current, headerLines = None, []
+                continue
+            if boundaries and marker == b"--" + boundaries[-1] + b"--":
+                current = None
+                boundaries.pop()
+                continue
+            body = line
+        else:
+            next_ = data.find(b"\n--", pos)
+            if next_ < 0:
+                # Up to the last whole line held; the rest waits for more.
+                last = data.rfind(b"\n", pos)
+                next_ = len(data) - 1 if eof or last < 0 else last
+                body, pos = data[pos : next_ + 1], next_ + 1
+            else:
+                body, pos = data[pos : next_ + 1], next_ + 1
+        if current is not None:
+            if base64Body:
+                # Line ends aside, base64 lines hold no white space; "=" pads
+                # only the end.
+                spaces = body.count(b"\r") + body.count(b"\n")
+                current["_chars"] = current.get("_chars", 0) + len(body) - spaces
+                current["_pad"] = current.get("_pad", 0) + body[-8:].count(b"=")
+            else:
+                current["size"] += len(body)
+    for attachment in found:
+        if "_chars" in attachment:
+            attachment["size"] = attachment.pop("_chars") * 3 // 4 - attachment.pop("_pad")
     return found
+
+
+#: The most messages one send notification (or receipt) carries.
+MAX_BATCH = 500
 
 
 @dataclass(frozen=True)
@@ -84,10 +217,14 @@ class SendNotification:
     @ivar ciphertextSize: the ciphertext's size in bytes.
     @ivar size: the plaintext message's size in bytes.
     @ivar headers: the message's exact header section.
-    @ivar password: the password of this notification and of its receive
-        notification.
+    @ivar password: this message's secret with its recipient: receive
+        notifications prove knowledge of it.
     @ivar sent: POSIX time the message was sent.
     @ivar attachments: C{{"name", "type", "size"}} of each attachment.
+    @ivar sessionKey: the ciphertext's OpenPGP session key (C{b""} if not
+        told), so that the recipient decrypts the body without a public-key
+        operation.  The ciphertext stays a standard OpenPGP message, also
+        readable with the recipient's secret key.
     """
 
     sender: Address
@@ -99,56 +236,118 @@ class SendNotification:
     password: bytes
     sent: float
     attachments: tuple = field(default=())
+    sessionKey: bytes = b""
+
+    def _item(self) -> dict:
+        return {
+            "digest": self.digest,
+            "ciphertextSize": self.ciphertextSize,
+            "size": self.size,
+            # latin-1 maps every byte to one character: exact and compact.
+            "headers": self.headers.decode("latin-1"),
+            "password": base64.b64encode(self.password).decode("ascii"),
+            "sent": self.sent,
+            "attachments": list(self.attachments),
+            "sessionKey": base64.b64encode(self.sessionKey).decode("ascii"),
+        }
 
     def encode(self) -> bytes:
-        return json.dumps(
-            {
-                "kind": _SEND_KIND,
-                "from": str(self.sender),
-                "to": str(self.recipient),
-                "digest": self.digest,
-                "ciphertextSize": self.ciphertextSize,
-                "size": self.size,
-                "headers": base64.b64encode(self.headers).decode("ascii"),
-                "password": base64.b64encode(self.password).decode("ascii"),
-                "sent": self.sent,
-                "attachments": list(self.attachments),
-            },
-            sort_keys=True,
-            separators=(",", ":"),
-        ).encode("ascii")
+        """@return: a notification of this one message, under its password."""
+        return encodeBatch([self], self.password)
 
     @classmethod
     def decode(cls, data: bytes) -> SendNotification:
         """
-        @raise BadNotification: if C{data} is not a well-formed notification.
+        @return: the only message of a notification.
+
+        @raise BadNotification: if C{data} is not a well-formed notification
+            of exactly one message.
         """
-        try:
-            doc = json.loads(data)
-            if doc["kind"] != _SEND_KIND:
-                raise BadNotification("not a send notification")
-            notification = cls(
-                sender=Address.parse(doc["from"]),
-                recipient=Address.parse(doc["to"]),
-                digest=str(doc["digest"]),
-                ciphertextSize=int(doc["ciphertextSize"]),
-                size=int(doc["size"]),
-                headers=base64.b64decode(doc["headers"], validate=True),
-                password=base64.b64decode(doc["password"], validate=True),
-                sent=float(doc["sent"]),
-                attachments=tuple(doc.get("attachments", ())),
+        _, batch = decodeBatch(data)
+        if len(batch) != 1:
+            raise BadNotification(f"{len(batch)} messages, not one")
+        return batch[0]
+
+
+def encodeBatch(notifications, password: bytes) -> bytes:
+    """
+    @param password: the DHT password of the notification itself, told to
+        the recipient so that it can delete the notification.
+    @return: one send notification telling of several messages, all from
+        one sender to one recipient (paper, section 4.3 step 5, batched:
+        one DHT value, signature and encryption for up to L{MAX_BATCH}
+        messages).
+    """
+    notifications = list(notifications)
+    if not 0 < len(notifications) <= MAX_BATCH:
+        raise ValueError(f"{len(notifications)} messages in one notification")
+    first = notifications[0]
+    if any((n.sender, n.recipient) != (first.sender, first.recipient) for n in notifications):
+        raise ValueError("one notification is from one sender to one recipient")
+    return json.dumps(
+        {
+            "kind": _SEND_KIND,
+            "from": str(first.sender),
+            "to": str(first.recipient),
+            "messages": [n._item() for n in notifications],
+            "password": base64.b64encode(password).decode("ascii"),
+        },
+        sort_keys=True,
+        separators=(",", ":"),
+    ).encode("utf-8")
+
+
+def decodeBatch(data: bytes) -> tuple[bytes, tuple[SendNotification, ...]]:
+    """
+    @return: the notification's own DHT password, and the messages it
+        tells of.
+
+    @raise BadNotification: if C{data} is not a well-formed notification.
+    """
+    doc = _object(data)
+    try:
+        if doc.get("kind") != _SEND_KIND:
+            raise BadNotification("not a send notification")
+        sender, recipient = _address(doc["from"]), _address(doc["to"])
+        password = base64.b64decode(doc["password"], validate=True)
+        items = doc["messages"]
+        if not isinstance(items, list) or not 0 < len(items) <= MAX_BATCH:
+            raise BadNotification("no messages, or too many")
+        batch = tuple(
+            SendNotification(
+                sender=sender,
+                recipient=recipient,
+                digest=str(item["digest"]),
+                ciphertextSize=int(item["ciphertextSize"]),
+                size=int(item["size"]),
+                headers=item["headers"].encode("latin-1"),
+                password=base64.b64decode(item["password"], validate=True),
+                sent=float(item["sent"]),
+                attachments=tuple(item.get("attachments", ())),
+                sessionKey=base64.b64decode(item.get("sessionKey", ""), validate=True),
             )
-        except BadNotification:
-            raise
-        except (ValueError, KeyError, TypeError, P2PMTAError) as e:
-            raise BadNotification(str(e)) from None
+            for item in items
+        )
+    except BadNotification:
+        raise
+    except _MALFORMED as e:
+        raise BadNotification(str(e)[:200]) from None
+    for notification in batch:
+        if not math.isfinite(notification.sent):
+            raise BadNotification("bad time")
         if len(notification.digest) != 64 or notification.digest.strip("0123456789abcdef"):
             raise BadNotification("bad digest")
         if notification.size < 0 or notification.ciphertextSize < 0 or len(notification.password) < 16:
             raise BadNotification("bad size or password")
+        if notification.sessionKey and len(notification.sessionKey) not in (16, 24, 32):
+            raise BadNotification("bad session key")
         if not notification.headers.endswith(b"\r\n\r\n"):
             raise BadNotification("bad header section")
-        return notification
+    if len({n.digest for n in batch}) != len(batch):
+        raise BadNotification("a message told of twice")
+    if len(password) < 16:
+        raise BadNotification("bad password")
+    return password, batch
 
 
 def wrapSigned(body: bytes, signature: bytes) -> bytes:
@@ -167,11 +366,11 @@ def unwrapSigned(data: bytes) -> tuple[bytes, bytes]:
 
     @raise BadNotification: if malformed.
     """
+    doc = _object(data)
     try:
-        doc = json.loads(data)
         return base64.b64decode(doc["body"], validate=True), doc["signature"].encode("ascii")
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise BadNotification(str(e)) from None
+    except _MALFORMED as e:
+        raise BadNotification(str(e)[:200]) from None
 
 
 def receiptProof(password: bytes, digest: str, recipient: Address) -> str:
@@ -185,40 +384,50 @@ def receiptProof(password: bytes, digest: str, recipient: Address) -> str:
 @dataclass(frozen=True)
 class ReceiveNotification:
     """
-    A recipient's word that it is done with a message (fetched or
-    discarded).
+    A recipient's word that it is done with messages (fetched or
+    discarded): C{done} holds C{(digest, proof)} pairs, one per message.
     """
 
     recipient: Address
-    digest: str
-    proof: str
+    done: tuple
+
+    @property
+    def digests(self) -> list[str]:
+        return [digest for digest, _ in self.done]
 
     def encode(self) -> bytes:
         return json.dumps(
-            {"kind": _RECEIVE_KIND, "from": str(self.recipient), "digest": self.digest, "proof": self.proof},
+            {"kind": _RECEIVE_KIND, "from": str(self.recipient), "done": [list(pair) for pair in self.done]},
             sort_keys=True,
             separators=(",", ":"),
         ).encode("ascii")
 
     @classmethod
-    def make(cls, password: bytes, digest: str, recipient: Address) -> ReceiveNotification:
-        return cls(recipient, digest, receiptProof(password, digest, recipient))
+    def make(cls, recipient: Address, messages) -> ReceiveNotification:
+        """
+        @param messages: C{(password, digest)} pairs.
+        """
+        return cls(recipient, tuple((digest, receiptProof(password, digest, recipient)) for password, digest in messages))
 
     @classmethod
     def decode(cls, data: bytes) -> ReceiveNotification:
+        doc = _object(data)
         try:
-            doc = json.loads(data)
-            if doc["kind"] != _RECEIVE_KIND:
+            if doc.get("kind") != _RECEIVE_KIND:
                 raise BadNotification("not a receive notification")
-            return cls(Address.parse(doc["from"]), str(doc["digest"]), str(doc["proof"]))
+            done = tuple((str(digest), str(proof)) for digest, proof in doc["done"])
+            if not 0 < len(done) <= MAX_BATCH:
+                raise BadNotification("no messages, or too many")
+            return cls(_address(doc["from"]), done)
         except BadNotification:
             raise
-        except (ValueError, KeyError, TypeError, P2PMTAError) as e:
-            raise BadNotification(str(e)) from None
+        except _MALFORMED as e:
+            raise BadNotification(str(e)[:200]) from None
 
-    def provenBy(self, password: bytes) -> bool:
-        """@return: whether this receipt proves knowledge of C{password}."""
-        return hmac.compare_digest(self.proof, receiptProof(password, self.digest, self.recipient))
+    def provenBy(self, digest: str, password: bytes) -> bool:
+        """@return: whether this receipt proves knowledge of C{password} for C{digest}."""
+        expected = receiptProof(password, digest, self.recipient)
+        return any(d == digest and hmac.compare_digest(proof, expected) for d, proof in self.done)
 
 
 def headerFields(headers: bytes) -> dict:

@@ -18,7 +18,9 @@ import shutil
 import time
 import uuid
 
-from twisted.internet.defer import Deferred
+from collections import OrderedDict
+
+from twisted.internet.defer import Deferred, DeferredSemaphore
 from twisted.logger import Logger
 
 from p2pmta.address import Address
@@ -34,16 +36,28 @@ from p2pmta.errors import (
 from p2pmta.groups import UnknownGroup
 from p2pmta.httpclient import fetchInto
 from p2pmta.logs import logFailure
+from p2pmta.rounds import Coalescing
 from p2pmta.notification import (
+    MAX_BATCH,
     BadNotification,
     ReceiveNotification,
-    SendNotification,
+    decodeBatch,
     splitHeaders,
     unwrapSigned,
 )
 
 #: The largest send notification p2pmta decrypts.
 MAX_NOTIFICATION_SIZE = 64 * 1024
+
+#: The most plaintext a send notification may hold (it is compressed).
+MAX_NOTIFICATION_PLAINTEXT = 2 * 1024 * 1024
+
+#: How many bodies are pulled at once (a client fetching many messages).
+PULL_CONCURRENCY = 8
+
+#: How many notices are remembered in memory as handled, so that values
+#: seen again (every poll, and floods) cost no ledger look-up.
+_KNOWN_NOTICES = 100_000
 
 
 def authenticationResults(receiver: Address, sender: Address, fingerprint: str) -> bytes:
@@ -64,64 +78,86 @@ class Receiver:
 
     log = Logger()
 
+    #: How long receipts wait to be sent together: one DHT value for all
+    #: the messages a user reads or deletes in that time.
+    receiptDelay = 1.0
+
     def __init__(self, peer) -> None:
         self._peer = peer
         self._inFlight: set = set()
+        self._known: OrderedDict = OrderedDict()  # notices already handled
+        self._receipts = Coalescing(
+            peer.reactor, self.receiptDelay, self._postReceipts, "posting receive notifications failed; will retry",
+            peer.track,
+        )
         self.pullDirectory = os.path.join(peer.dataDir.path, "pulls")
+        self._pulls = DeferredSemaphore(PULL_CONCURRENCY)
+        self._pullDirectoryMade = False
 
     @property
     def address(self) -> Address:
         return self._peer.config.address
 
+    def _remember(self, key: str) -> None:
+        self._known[key] = None
+        while len(self._known) > _KNOWN_NOTICES:
+            self._known.popitem(last=False)
+
     # Step 6-7: notifications
 
     async def handleNotification(self, raw: bytes) -> None:
         """
-        Act on one value found under C{ns:<self>}: show it in INBOX if it is
-        a genuine notification not seen before; drop and log it otherwise.
+        Act on one value found under C{ns:<self>}: show the messages it
+        tells of in INBOX if it is a genuine notification not seen before;
+        drop and log it otherwise.
         """
         peer = self._peer
         key = hashlib.sha256(raw).hexdigest()
-        if key in self._inFlight:
+        if key in self._inFlight or key in self._known:
             return
         self._inFlight.add(key)
         try:
-            if await peer.ledger.query("SELECT hash FROM incoming WHERE hash = ?", key):
+            if await peer.ledger.query("SELECT hash FROM received_notices WHERE hash = ?", key):
+                self._remember(key)
                 return
             try:
-                notification, fingerprint = await self._open(raw)
+                password, batch, fingerprint = await self._open(raw)
             except (BadNotification, DecryptionFailed) as e:
                 self.log.warn("dropped a notification that is not genuine: {e}", e=e)
                 await peer.ledger.query(
-                    "INSERT OR IGNORE INTO incoming (hash, state, received, reason) VALUES (?, 'bad', ?, ?)",
+                    "INSERT OR IGNORE INTO received_notices (hash, state, received, reason) VALUES (?, 'bad', ?, ?)",
                     key,
                     self._peer.clock.seconds(),
                     str(e)[:200],
                 )
+                self._remember(key)
                 return
             except (UnknownPeer, FetchError, CryptoError) as e:
                 # Perhaps the sender is away: the next poll tries again.
                 self.log.info("cannot check a notification yet: {e}", e=e)
                 return
-            await self._show(key, raw, notification, fingerprint)
+            await self._record(key, raw, password, batch, fingerprint)
+            self._remember(key)
+            await self._fileNew(key)
         finally:
             self._inFlight.discard(key)
 
-    async def _open(self, raw: bytes) -> tuple[SendNotification, str]:
+    async def _open(self, raw: bytes) -> tuple[bytes, tuple, str]:
         peer = self._peer
         if len(raw) > MAX_NOTIFICATION_SIZE:
             raise BadNotification("too large")
-        wrapped = await peer.keyring.decrypt(raw, MAX_NOTIFICATION_SIZE)
+        wrapped = await peer.keyring.decrypt(raw, MAX_NOTIFICATION_PLAINTEXT)
         body, signature = unwrapSigned(wrapped)
-        notification = SendNotification.decode(body)
-        if notification.recipient != self.address:
-            raise BadNotification(f"addressed to {notification.recipient}")
-        await self._knowKeyOf(notification.sender)
+        password, batch = decodeBatch(body)
+        sender = batch[0].sender
+        if batch[0].recipient != self.address:
+            raise BadNotification(f"addressed to {batch[0].recipient}")
+        await self._knowKeyOf(sender)
         try:
-            fingerprint = await peer.keyring.verify(body, signature, str(notification.sender))
+            fingerprint = await peer.keyring.verify(body, signature, str(sender))
         except CryptoError as e:
-            raise BadNotification(f"signature of {notification.sender}: {e}") from None
-        return notification, fingerprint
+            raise BadNotification(f"signature of {sender}: {e}") from None
+        return password, batch, fingerprint
 
     async def _knowKeyOf(self, sender: Address) -> None:
         """
@@ -141,46 +177,89 @@ class Receiver:
             if await peer.keyring.pinned(str(sender)) is None:
                 raise
 
-    async def _show(self, key: str, raw: bytes, n: SendNotification, fingerprint: str) -> None:
+    async def _record(self, key: str, raw: bytes, password: bytes, batch, fingerprint: str) -> None:
+        """
+        Record a genuine notice and its messages: C{new} ones (to be shown),
+        and C{duplicate}s of messages already told of (a sender that resumed
+        after a crash, or re-announced after a cancellation).
+        """
         peer = self._peer
-        known = await peer.ledger.query(
-            "SELECT hash FROM incoming WHERE sender = ? AND digest = ? AND state != 'bad'", str(n.sender), n.digest
-        )
-        state = "duplicate" if known else "shown"
-        await peer.ledger.query(
-            "INSERT OR IGNORE INTO incoming (hash, state, received, sender, digest, password, ciphertext_size,"
-            " size, headers, raw, reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            key,
-            state,
-            self._peer.clock.seconds(),
-            str(n.sender),
-            n.digest,
-            n.password,
-            n.ciphertextSize,
-            n.size,
-            n.headers,
-            raw,
-            fingerprint,
-        )
-        if known:
-            # The same message announced again (a sender that resumed after
-            # a crash): one copy is shown; this value is deleted as well.
-            await self._deleteNotification(raw, n.password)
-            return
-        extra = authenticationResults(self.address, n.sender, fingerprint)
-        await peer.mailStore.deliver(
-            "INBOX",
-            extra + n.headers,
-            len(extra) + n.size,
-            {"incoming": key, "sender": str(n.sender), "digest": n.digest},
-            date=n.sent,
-        )
-        self.log.info(
-            "new message from {sender}: {digest}, {size} bytes (not pulled)",
-            sender=str(n.sender),
-            digest=n.digest,
-            size=n.size,
-        )
+        sender = str(batch[0].sender)
+        now = self._peer.clock.seconds()
+        statements = [
+            (
+                "INSERT OR IGNORE INTO received_notices (hash, state, received, sender, password, raw, reason)"
+                " VALUES (?, 'open', ?, ?, ?, ?, ?)",
+                (key, now, sender, password, raw, fingerprint),
+            )
+        ]
+        marks = ",".join("?" * len(batch))
+        known = {
+            row["digest"]
+            for row in await peer.ledger.query(
+                f"SELECT digest FROM incoming WHERE sender = ? AND digest IN ({marks})",
+                sender,
+                *[n.digest for n in batch],
+            )
+        }
+        for index, n in enumerate(batch):
+            statements.append(
+                (
+                    "INSERT OR IGNORE INTO incoming (hash, state, received, sender, digest, password,"
+                    " ciphertext_size, size, headers, reason, notice, session_key, sent)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        f"{key}:{index}",
+                        "duplicate" if n.digest in known else "new",
+                        now,
+                        sender,
+                        n.digest,
+                        n.password,
+                        n.ciphertextSize,
+                        n.size,
+                        n.headers,
+                        fingerprint,
+                        key,
+                        n.sessionKey,
+                        n.sent,
+                    ),
+                )
+            )
+        await peer.ledger.transaction(statements)
+
+    async def _fileNew(self, notice: str | None = None) -> None:
+        """
+        Show the messages recorded as C{new} in INBOX (of one notice, or
+        all: after a crash between recording and filing).
+        """
+        peer = self._peer
+        if notice is None:
+            rows = await peer.ledger.query("SELECT * FROM incoming WHERE state = 'new'")
+        else:
+            rows = await peer.ledger.query("SELECT * FROM incoming WHERE notice = ? AND state = 'new'", notice)
+        shown = list(rows)
+        missing = [row for row in rows if not peer.mailStore.findByMeta("INBOX", "incoming", row["hash"])]
+        messages = []
+        for row in missing:
+            extra = authenticationResults(self.address, Address.parse(row["sender"]), row["reason"])
+            messages.append(
+                {
+                    "headers": extra + row["headers"],
+                    "size": len(extra) + row["size"],
+                    "meta": {"incoming": row["hash"], "sender": row["sender"], "digest": row["digest"]},
+                    "date": row["sent"],
+                }
+            )
+        await peer.mailStore.deliverMany("INBOX", messages)
+        if shown:
+            await peer.ledger.transaction(
+                [("UPDATE incoming SET state = 'shown' WHERE hash = ? AND state = 'new'", (r["hash"],)) for r in shown]
+            )
+            self.log.info(
+                "{n} new messages from {sender} (not pulled)", n=len(shown), sender=shown[0]["sender"]
+            )
+        if notice is not None:
+            await self._closeNotices([notice])
 
     # Step 9: pull on open
 
@@ -189,7 +268,7 @@ class Receiver:
         The mail store's C{bodyFetcher}: pull, check, decrypt and return the
         path of the complete message.
         """
-        return Deferred.fromCoroutine(self._fetchBody(record))
+        return self._pulls.run(lambda: Deferred.fromCoroutine(self._fetchBody(record)))
 
     async def _fetchBody(self, record) -> str:
         peer = self._peer
@@ -199,21 +278,22 @@ class Receiver:
             raise BodyUnavailable("no notification is known for this message")
         row = rows[0]
         sender = Address.parse(row["sender"])
-        await peer.inThreads(os.makedirs, self.pullDirectory, 0o700, True)
+        if not self._pullDirectoryMade:
+            await peer.inThreads(os.makedirs, self.pullDirectory, 0o700, True)
+            self._pullDirectoryMade = True
         base = os.path.join(self.pullDirectory, uuid.uuid4().hex)
         try:
             path = await self._pull(row, sender, base)
         except (P2PMTAError, OSError) as e:
             self.log.warn("cannot pull {digest} from {sender}: {e}", digest=row["digest"], sender=str(sender), e=e)
-            for suffix in (".gpg", ".plain", ".eml"):
-                await peer.inThreads(_removeIfThere, base + suffix)
+            await peer.inThreads(lambda: [_removeIfThere(base + suffix) for suffix in (".gpg", ".eml")])
             if isinstance(e, BodyUnavailable):
                 raise
             raise BodyUnavailable(str(e)) from None
-        await peer.ledger.query("UPDATE incoming SET state = 'pulled' WHERE hash = ? AND state = 'shown'", key)
-        self._peer.track(Deferred.fromCoroutine(self._sendReceipt(key))).addErrback(
-            logFailure(self.log, "posting a receive notification failed; will retry")
+        await peer.ledger.query(
+            "UPDATE incoming SET state = 'pulled' WHERE hash = ? AND state IN ('new', 'shown')", key
         )
+        self.sendReceipts()
         return path
 
     async def _pull(self, row, sender: Address, base: str) -> str:
@@ -223,33 +303,29 @@ class Receiver:
             url = await peer.directory.withPeer(sender, lambda d: self._download(d, row, base))
         except (FetchError, UnknownPeer, BodyUnavailable) as e:
             url = await self._downloadFromGroup(sender, row, base, e)
-        await peer.keyring.decryptFile(base + ".gpg", base + ".plain", row["size"])
         extra = authenticationResults(self.address, sender, row["reason"])
+        # Decrypted straight into the message file, after the added field.
+        await peer.keyring.decryptFile(
+            base + ".gpg", base + ".eml", row["size"], sessionKey=row["session_key"] or None, prefix=extra
+        )
 
-        def assemble() -> str:
-            # Streamed: a 50 MB message is never held in memory.
+        def check() -> str:
             notified = row["headers"]
-            with open(base + ".plain", "rb") as plain:
-                size = os.fstat(plain.fileno()).st_size
+            with open(base + ".eml", "rb") as message:
+                size = os.fstat(message.fileno()).st_size - len(extra)
+                message.seek(len(extra))
                 if size > len(notified):
                     # The notified section ends at the message's first blank line.
-                    matches = plain.read(len(notified)) == notified
+                    matches = message.read(len(notified)) == notified
                 else:
                     # A message without a body: compare as the sender split it.
-                    matches = splitHeaders(plain.read())[0] == notified
-                if size != row["size"] or not matches:
-                    raise BodyUnavailable("the message does not match its notification")
-                plain.seek(0)
-                with open(base + ".eml", "wb") as out:
-                    out.write(extra)
-                    shutil.copyfileobj(plain, out, 1024 * 1024)
-                    out.flush()
-                    os.fsync(out.fileno())
-            os.remove(base + ".plain")
+                    matches = splitHeaders(message.read())[0] == notified
             os.remove(base + ".gpg")
+            if size != row["size"] or not matches:
+                raise BodyUnavailable("the message does not match its notification")
             return base + ".eml"
 
-        path = await peer.inThreads(assemble)
+        path = await peer.inThreads(check)
         self.log.info(
             "pulled {digest} from {url}: {size} bytes in {seconds:.3f}s",
             digest=row["digest"],
@@ -303,57 +379,94 @@ class Receiver:
 
     async def inboxExpunged(self, records) -> None:
         """The INBOX hook: a message expunged unread is rejected."""
-        peer = self._peer
-        for record in records:
-            key = record.meta.get("incoming")
-            if not key:
-                continue
-            await peer.ledger.query("UPDATE incoming SET state = 'rejected' WHERE hash = ? AND state = 'shown'", key)
-            await self._sendReceipt(key)
+        keys = [record.meta.get("incoming") for record in records if record.meta.get("incoming")]
+        if keys:
+            await self._peer.ledger.transaction(
+                [
+                    ("UPDATE incoming SET state = 'rejected' WHERE hash = ? AND state IN ('new', 'shown')", (key,))
+                    for key in keys
+                ]
+            )
+            self.sendReceipts()
 
-    async def _sendReceipt(self, key: str) -> None:
-        if ("receipt", key) in self._inFlight:
-            return
-        self._inFlight.add(("receipt", key))
-        try:
-            await self._postReceipt(key)
-        finally:
-            self._inFlight.discard(("receipt", key))
+    def sendReceipts(self) -> Deferred:
+        """
+        Soon tell the senders of every message pulled or rejected that we
+        are done with it: one receive notification per sender for all of
+        them (see L{Coalescing}).
+        """
+        return self._receipts()
 
-    async def _postReceipt(self, key: str) -> None:
+    async def _postReceipts(self) -> None:
         peer = self._peer
         rows = await peer.ledger.query(
-            "SELECT * FROM incoming WHERE hash = ? AND state IN ('pulled', 'rejected')", key
+            "SELECT hash, sender, digest, password, notice FROM incoming WHERE state IN ('pulled', 'rejected')"
+            " ORDER BY received LIMIT 10000"
         )
-        if not rows:
-            return
-        row = rows[0]
-        sender = Address.parse(row["sender"])
-        receipt = ReceiveNotification.make(row["password"], row["digest"], self.address)
-        await peer.dht.put(sender.receiveKey, receipt.encode(), row["password"], NOTIFICATION_TTL)
-        await self._deleteNotification(row["raw"], row["password"])
-        await peer.ledger.query("UPDATE incoming SET state = 'receipted', raw = NULL WHERE hash = ?", key)
-        self.log.info("told {sender} we are done with {digest}", sender=str(sender), digest=row["digest"])
+        bySender: dict[str, list] = {}
+        for row in rows:
+            bySender.setdefault(row["sender"], []).append(row)
+        for name, items in bySender.items():
+            sender = Address.parse(name)
+            for start in range(0, len(items), MAX_BATCH):
+                chunk = items[start : start + MAX_BATCH]
+                receipt = ReceiveNotification.make(self.address, [(r["password"], r["digest"]) for r in chunk])
+                try:
+                    await peer.dht.put(sender.receiveKey, receipt.encode(), chunk[0]["password"], NOTIFICATION_TTL)
+                except P2PMTAError as e:
+                    self.log.warn("cannot tell {sender} yet: {e}", sender=name, e=e)
+                    break
+                await peer.ledger.transaction(
+                    [("UPDATE incoming SET state = 'receipted' WHERE hash = ?", (r["hash"],)) for r in chunk]
+                )
+                self.log.info("told {sender} we are done with {n} messages", sender=name, n=len(chunk))
+                await self._closeNotices({r["notice"] for r in chunk if r["notice"]})
 
-    async def _deleteNotification(self, raw: bytes, password: bytes) -> None:
-        try:
-            await self._peer.dht.delete(self.address.sendKey, raw, password)
-        except P2PMTAError as e:
-            self.log.debug("send notification not deleted: {e}", e=e)
+    async def _closeNotices(self, notices) -> None:
+        """
+        Delete the notices (send notifications) all of whose messages are
+        done with, proving their password: group members stop re-publishing
+        them.
+        """
+        peer = self._peer
+        for notice in notices:
+            open_ = await peer.ledger.query(
+                "SELECT COUNT(*) AS n FROM incoming WHERE notice = ? AND state NOT IN ('receipted', 'duplicate')",
+                notice,
+            )
+            if open_[0]["n"]:
+                continue
+            rows = await peer.ledger.query(
+                "SELECT raw, password FROM received_notices WHERE hash = ? AND state = 'open'", notice
+            )
+            if not rows:
+                continue
+            try:
+                # No look-up first: reading our key costs all its values.
+                await peer.dht.retract(self.address.sendKey, rows[0]["raw"], rows[0]["password"], NOTIFICATION_TTL)
+            except P2PMTAError as e:
+                self.log.debug("send notification not deleted: {e}", e=e)
+            await peer.ledger.query(
+                "UPDATE received_notices SET state = 'done', raw = NULL WHERE hash = ?", notice
+            )
 
     async def round(self) -> None:
         """
-        One periodic poll: new notifications, and receipts not yet posted.
+        One periodic poll: new notifications, messages not yet shown,
+        receipts not yet posted.
         """
         peer = self._peer
         for raw in await peer.dht.get(self.address.sendKey):
             await self.handleNotification(raw)
-        for row in await peer.ledger.query("SELECT hash FROM incoming WHERE state IN ('pulled', 'rejected')"):
-            await self._sendReceipt(row["hash"])
+        await self._fileNew()
+        await self._postReceipts()
+        open_ = await peer.ledger.query("SELECT hash FROM received_notices WHERE state = 'open'")
+        await self._closeNotices([row["hash"] for row in open_])
+        cutoff = self._peer.clock.seconds() - NOTIFICATION_TTL - 86400
         await peer.ledger.query(
-            "DELETE FROM incoming WHERE state IN ('bad', 'receipted', 'duplicate') AND received < ?",
-            self._peer.clock.seconds() - NOTIFICATION_TTL - 86400,
+            "DELETE FROM incoming WHERE state IN ('bad', 'receipted', 'duplicate') AND received < ?", cutoff
         )
+        await peer.ledger.query("DELETE FROM received_notices WHERE state IN ('bad', 'done') AND received < ?", cutoff)
 
 
 def _removeIfThere(path: str) -> None:

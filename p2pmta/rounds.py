@@ -1,15 +1,18 @@
 # -*- test-case-name: tests.test_rounds -*-
 """
 Services that do a round of work every so often: the descriptor's renewal,
-the notification poll, and later replication.
+the notification poll, replication; and work done soon, together
+(L{Coalescing}).
 """
 
 from __future__ import annotations
 
 from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred, succeed
-from twisted.internet.task import LoopingCall
+from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
+
+from p2pmta.logs import logFailure
 
 
 class RoundService(Service):
@@ -110,3 +113,57 @@ class RoundService(Service):
 
     async def round(self) -> None:
         raise NotImplementedError()
+
+
+class Coalescing:
+    """
+    Runs C{work()} (an async function) a moment after it is asked for; asks
+    while it runs make it run once more afterwards, not once each: what
+    came in meanwhile is handled together (one notice for the messages
+    sent in that time, one receipt for those read).
+
+    @ivar delay: the moment, in seconds, that a run waits for company.
+    """
+
+    log = Logger()
+
+    def __init__(self, reactor, delay: float, work, failed: str, track=lambda d: d) -> None:
+        """
+        @param failed: the log line of a failed run (the next ask retries).
+        @param track: called with each run's Deferred, so that the peer
+            can wait for it when stopping.
+        """
+        self._reactor = reactor
+        self.delay = delay
+        self._work = work
+        self._failed = failed
+        self._track = track
+        self._running = False
+        self._again = False
+
+    def __call__(self) -> Deferred:
+        """
+        Ask for a run.
+
+        @return: a Deferred firing when the run this ask caused is over (at
+            once if one was already under way).
+        """
+        if self._running:
+            self._again = True
+            return succeed(None)
+        self._running = True
+
+        async def run() -> None:
+            try:
+                await deferLater(self._reactor, self.delay, lambda: None)
+                while True:
+                    self._again = False
+                    await self._work()
+                    if not self._again:
+                        return
+            finally:
+                self._running = False
+
+        d = Deferred.fromCoroutine(run())
+        d.addErrback(logFailure(self.log, self._failed))
+        return self._track(d)

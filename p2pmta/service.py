@@ -33,7 +33,6 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.protocols.policies import WrappingFactory
 from twisted.python.threadpool import ThreadPool
-from twisted.web.client import Agent, HTTPConnectionPool
 
 from p2pmta.config import Config
 from p2pmta.crypto import Keyring
@@ -42,6 +41,7 @@ from p2pmta.dht import DESCRIPTOR_TTL
 from p2pmta.dht.node import OpenDHTNode
 from p2pmta.errors import P2PMTAError, StartError, StoreError
 from p2pmta.fileutil import createSecretFile, ensureDir
+from p2pmta.httpclient import makeAgent
 from p2pmta.store import Outbox
 from p2pmta.web import makeSite
 from p2pmta.auth import makePortal
@@ -198,8 +198,12 @@ class Peer(MultiService):
         self.clock = clock if clock is not None else reactor
         self.dataDir = DataDir(config.dataDir)
         self._stopReactorOnFailure = stopReactorOnFailure
-        # Not a child: it must outlive the other services when stopping.
+        # Not children: they must outlive the other services when stopping.
         self.threads = ThreadPoolService()
+        # The ledger's SQLite work runs one statement at a time anyway: it
+        # gets a thread of its own instead of holding pool threads while
+        # they wait for its lock (and keeping file and crypto work waiting).
+        self.ledgerThread = ThreadPoolService(1, "p2pmta-ledger")
         if dht is None:
             dht = OpenDHTNode(
                 reactor,
@@ -219,7 +223,8 @@ class Peer(MultiService):
         self.sender: Sender | None = None
 
     def startService(self) -> None:
-        self.threads.startService()
+        for pool in (self.threads, self.ledgerThread):
+            pool.startService()
         try:
             MultiService.startService(self)
         except Exception as e:
@@ -257,14 +262,16 @@ class Peer(MultiService):
         # Opening a store cleans what a crash left: disk work, in a thread.
         self.outbox = await self.inThreads(Outbox, self.reactor, self.dataDir.outbox, self.threads.pool)
         self.replicas = await self.inThreads(Outbox, self.reactor, self.dataDir.replicas, self.threads.pool)
-        self.httpPool = HTTPConnectionPool(self.reactor)
-        self.agent = Agent(self.reactor, pool=self.httpPool)
+        self.agent, self.httpPool = makeAgent(self.reactor)
         self.directory = PeerDirectory(self.reactor, self.dht, self.keyring, self.agent)
         self.groups = GroupDirectory(self.reactor, self.dht, self.keyring, self.directory)
 
         site = makeSite(
             ServedOutbox(self.outbox, self.replicas, lambda: self.sender.notifications() if self.sender else []),
             self.keyring.publicKey,
+            reactor=self.reactor,
+            maxConnectionsPerClient=config.httpMaxConnectionsPerClient or None,
+            maxDownloadsPerClient=config.httpMaxDownloadsPerClient or None,
         )
         http = ListeningService(self.reactor, config.http, site, "public outbox")
         http.setName("http")
@@ -298,7 +305,7 @@ class Peer(MultiService):
 
     async def _startMail(self) -> None:
         config = self.config
-        self.ledger = await self.inThreads(Ledger, self.reactor, self.dataDir.database, self.threads.pool)
+        self.ledger = await self.inThreads(Ledger, self.reactor, self.dataDir.database, self.ledgerThread.pool)
         self.mailStore = await MailStore(
             self.reactor, self.dataDir.database, self.dataDir.inbox, self.threads.pool
         ).open()
@@ -327,7 +334,13 @@ class Peer(MultiService):
             self.reactor,
             config.smtp,
             SubmissionFactory(
-                portal, self.sender, tlsOptions=tlsOptions, clock=self.reactor, runBlocking=self.inThreads
+                portal,
+                self.sender,
+                tlsOptions=tlsOptions,
+                clock=self.reactor,
+                runBlocking=self.inThreads,
+                maxConnections=config.smtpMaxConnections,
+                timeout=config.smtpIdleTimeout,
             ),
             "SMTP submission",
         )
@@ -391,7 +404,8 @@ class Peer(MultiService):
             if getattr(self, "ledger", None) is not None:
                 await self.inThreads(self.ledger.close)
         finally:
-            self.threads.stopService()
+            for pool in (self.ledgerThread, self.threads):
+                pool.stopService()
             self.log.info("peer {address} stopped", address=str(self.config.address))
 
     async def _drain(self, timeout: float = 5.0) -> None:

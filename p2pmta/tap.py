@@ -40,6 +40,10 @@ class Options(usage.Options):
         ["group-members", None, None, "ADDR,ADDR,...: this peer is the master of that group."],
         ["replication-interval", None, str(_config.DEFAULT_REPLICATION_INTERVAL), "Seconds between outbox replication rounds."],
         ["max-message-size", None, str(_config.DEFAULT_MAX_MESSAGE_SIZE), "Largest message accepted, in bytes."],
+        ["smtp-max-connections", None, "100", "Most SMTP sessions open at a time."],
+        ["smtp-idle-timeout", None, "300", "Seconds of client silence before an SMTP session is closed."],
+        ["http-max-connections-per-client", None, "32", "Most outbox connections from one IP (0: no limit)."],
+        ["http-max-downloads-per-client", None, "8", "Most outbox downloads at once from one IP (0: no limit)."],
     ]
 
     def __init__(self) -> None:
@@ -98,6 +102,10 @@ def toConfig(options) -> _config.Config:
         groupMembers=members,
         replicationInterval=_number(options, "replication-interval", float),
         maxMessageSize=_number(options, "max-message-size"),
+        smtpMaxConnections=_number(options, "smtp-max-connections"),
+        smtpIdleTimeout=_number(options, "smtp-idle-timeout", float),
+        httpMaxConnectionsPerClient=_number(options, "http-max-connections-per-client"),
+        httpMaxDownloadsPerClient=_number(options, "http-max-downloads-per-client"),
     )
 
 

@@ -172,17 +172,11 @@ _SEND = json.loads(
         1.0,
     ).encode()
 )
+_MESSAGE = _SEND["messages"][0]
 _RECEIVE = json.loads(
-    ReceiveNotification.make(b"p" * 16, "c" * 64, Address.parse("bob@demo")).encode()
+    ReceiveNotification.make(Address.parse("bob@demo"), [(b"p" * 16, "c" * 64)]).encode()
 )
 _SIGNED = json.loads(wrapSigned(b"body", b"-----BEGIN PGP SIGNATURE-----"))
-
-_NOTIFICATION_TODO = (
-    "notification.py lets RecursionError, OverflowError and AttributeError "
-    "escape its decoders; the fix is proposed in the hardening report "
-    "(issue 6).  Remove this todo once it is applied."
-)
-
 
 class NotificationDecoderFuzz(SynchronousTestCase):
     """
@@ -206,16 +200,16 @@ class NotificationDecoderFuzz(SynchronousTestCase):
         )
 
     @scaled(2000)
-    @given(_mutations(_SEND))
+    @given(_mutations(_SEND) | _mutations(_MESSAGE).map(lambda m: _dumps(dict(_SEND, messages=[json.loads(m)]))))
     @example(_deep(100_000))
-    @example(_dumps(dict(_SEND, sent=10**400)))
+    @example(_dumps(dict(_SEND, messages=[dict(_MESSAGE, sent=10**400)])))
+    @example(_dumps(dict(_SEND, messages=[dict(_MESSAGE, sent=float("nan"))])))
     @example(_dumps(dict(_SEND, **{"from": 5})))
-    @example(_dumps(dict(_SEND, ciphertextSize=float("inf"))))
+    @example(_dumps(dict(_SEND, messages=[dict(_MESSAGE, ciphertextSize=float("inf"))])))
+    @example(_dumps(dict(_SEND, messages=[_MESSAGE, _MESSAGE])))
     def test_nearlySendNotifications(self, raw):
-        """Send notifications with one field wrong."""
+        """Send notifications with one field wrong, at the top or in a message."""
         self.check(SendNotification.decode, raw)
-
-    test_nearlySendNotifications.todo = _NOTIFICATION_TODO
 
     @scaled(1500)
     @given(_mutations(_RECEIVE))
@@ -225,16 +219,12 @@ class NotificationDecoderFuzz(SynchronousTestCase):
         """Receive notifications with one field wrong."""
         self.check(ReceiveNotification.decode, raw)
 
-    test_nearlyReceiveNotifications.todo = _NOTIFICATION_TODO
-
     @scaled(1500)
     @given(_mutations(_SIGNED))
     @example(_deep(100_000))
     def test_nearlySigned(self, raw):
         """Signed wrappers with one field wrong."""
         self.check(unwrapSigned, raw)
-
-    test_nearlySigned.todo = _NOTIFICATION_TODO
 
 
 # -- HTTP requests to the outbox ---------------------------------------------

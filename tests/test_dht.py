@@ -101,6 +101,23 @@ class DHTContractMixin:
         """Delete with the put's password hides that value from every node."""
         return ensureDeferred(self._deleteWithPassword())
 
+    async def _retract(self):
+        a, b, c = self.nodes[:3]
+        await a.put("k:retract", b"gone", b"secret", 3600)
+        await a.put("k:retract", b"kept", b"other", 3600)
+        await self.getFrom(b, "k:retract", lambda v: len(v) == 2)
+        await b.retract("k:retract", b"gone", b"secret", 3600)
+        values = await self.getFrom(c, "k:retract", lambda v: b"gone" not in v)
+        self.assertEqual(values, [b"kept"])
+        # A retraction without the password hides nothing.
+        await b.retract("k:retract", b"kept", b"guess", 3600)
+        await self.settle()
+        self.assertEqual(await c.get("k:retract"), [b"kept"])
+
+    def test_retract(self):
+        """Retracting with the put's password, unread, hides the value from every node."""
+        return ensureDeferred(self._retract())
+
     async def _deleteWrongPassword(self):
         a, b, c = self.nodes[:3]
         await a.put("k:wrong", b"value", b"right", 3600)

@@ -97,8 +97,10 @@ class MailFlowTests(TestCase):
             return not h.outboxDigests("alice")
 
         await eventually(emptied)
-        copies = await h.running["alice"].ledger.query("SELECT state, notification FROM deliveries")
-        self.assertEqual([(r["state"], r["notification"]) for r in copies], [("done", None)])
+        copies = await h.running["alice"].ledger.query("SELECT state FROM deliveries")
+        self.assertEqual([r["state"] for r in copies], ["done"])
+        notices = await h.running["alice"].ledger.query("SELECT state FROM notices")
+        self.assertEqual([r["state"] for r in notices], ["retired"], "no longer re-published by the group")
         # Sent holds alice's copy; Outbox is empty again.
         sent = await h.imap("alice", lambda c: uids(c, "Sent"))
         self.assertEqual(len(sent), 1)
@@ -286,7 +288,7 @@ class HostileInputTests(TestCase):
         self.assertEqual(await h.imap("bob", uids), [uid])
         typ, data = await h.imap("bob", lambda c: fetchOne(c, uid, "(BODY.PEEK[HEADER.FIELDS (SUBJECT)])"))
         self.assertIn(b"the real one", data[0][1])
-        bad = await bob.ledger.query("SELECT COUNT(*) AS n FROM incoming WHERE state = 'bad'")
+        bad = await bob.ledger.query("SELECT COUNT(*) AS n FROM received_notices WHERE state = 'bad'")
         self.assertEqual(bad[0]["n"], 4, "the two forgeries and the two garbage values are recorded once each")
 
     def test_forgedAndGarbageNotifications(self):

@@ -9,7 +9,10 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from p2pmta.address import Address
 from p2pmta.notification import (
+    MAX_BATCH,
     BadNotification,
+    decodeBatch,
+    encodeBatch,
     ReceiveNotification,
     SendNotification,
     attachmentsOf,
@@ -53,8 +56,9 @@ class SendNotificationTests(SynchronousTestCase):
             notification(size=-1),
         ):
             self.assertRaises(BadNotification, SendNotification.decode, bad.encode())
-        receipt = ReceiveNotification.make(b"p" * 32, "ab" * 32, BOB).encode()
+        receipt = ReceiveNotification.make(BOB, [(b"p" * 32, "ab" * 32)]).encode()
         self.assertRaises(BadNotification, SendNotification.decode, receipt)
+        self.assertRaises(BadNotification, SendNotification.decode, notification(sessionKey=b"k" * 7).encode())
 
     @given(st.binary(max_size=500))
     def test_decodeNeverCrashes(self, data):
@@ -72,6 +76,19 @@ class SendNotificationTests(SynchronousTestCase):
         n = notification(password=password, headers=headers)
         self.assertEqual(SendNotification.decode(n.encode()), n)
 
+    def test_batch(self):
+        """
+        One notification tells of several messages with its own password;
+        one told of twice, mixed senders, or too many are refused.
+        """
+        first = notification(sessionKey=b"s" * 32)
+        second = notification(digest="cd" * 32, headers=b"Subject: \xe9t\xe9\r\n\r\n")
+        self.assertEqual(decodeBatch(encodeBatch([first, second], b"q" * 32)), (b"q" * 32, (first, second)))
+        self.assertRaises(BadNotification, decodeBatch, encodeBatch([first, first], b"q" * 32))
+        self.assertRaises(ValueError, encodeBatch, [first, notification(sender=BOB)], b"q" * 32)
+        self.assertRaises(ValueError, encodeBatch, [first] * (MAX_BATCH + 1), b"q" * 32)
+        self.assertRaises(BadNotification, decodeBatch, encodeBatch([first], b"short"))
+
     def test_wrapSigned(self):
         """A body and its signature travel together."""
         self.assertEqual(unwrapSigned(wrapSigned(b"\x00body", b"sig")), (b"\x00body", b"sig"))
@@ -80,11 +97,15 @@ class SendNotificationTests(SynchronousTestCase):
 class ReceiveNotificationTests(SynchronousTestCase):
     def test_proof(self):
         """Only the password's holder can make a receipt for a digest and recipient."""
-        receipt = ReceiveNotification.decode(ReceiveNotification.make(b"k" * 32, "cd" * 32, BOB).encode())
-        self.assertTrue(receipt.provenBy(b"k" * 32))
-        self.assertFalse(receipt.provenBy(b"x" * 32))
-        forged = ReceiveNotification(ALICE, receipt.digest, receipt.proof)
-        self.assertFalse(forged.provenBy(b"k" * 32), "the proof names its recipient")
+        made = ReceiveNotification.make(BOB, [(b"k" * 32, "cd" * 32), (b"j" * 32, "ef" * 32)])
+        receipt = ReceiveNotification.decode(made.encode())
+        self.assertEqual(receipt.digests, ["cd" * 32, "ef" * 32])
+        self.assertTrue(receipt.provenBy("cd" * 32, b"k" * 32))
+        self.assertTrue(receipt.provenBy("ef" * 32, b"j" * 32))
+        self.assertFalse(receipt.provenBy("cd" * 32, b"j" * 32), "each proof is for its own message")
+        self.assertFalse(receipt.provenBy("cd" * 32, b"x" * 32))
+        forged = ReceiveNotification(ALICE, receipt.done)
+        self.assertFalse(forged.provenBy("cd" * 32, b"k" * 32), "the proof names its recipient")
 
 
 class MessageFactsTests(SynchronousTestCase):
@@ -103,3 +124,21 @@ class MessageFactsTests(SynchronousTestCase):
         m.add_attachment(b"\x00" * 1000, maintype="image", subtype="png", filename="p.png")
         self.assertEqual(attachmentsOf(m.as_bytes()), [{"name": "p.png", "type": "image/png", "size": 1000}])
         self.assertEqual(attachmentsOf(b"not mime at all"), [])
+
+    def test_attachmentsBounded(self):
+        """
+        Multiparts nested 2,000 deep and 100,000 tiny parts are scanned in
+        one pass: attachments are found, at most C{limit} of them.
+        """
+        deep = b"Content-Type: multipart/mixed; boundary=b0\r\n\r\n"
+        for i in range(1, 2000):
+            deep += b"--b%d\r\nContent-Type: multipart/mixed; boundary=b%d\r\n\r\n" % (i - 1, i)
+        deep += b"--b1999\r\nContent-Disposition: attachment; filename=deep.txt\r\n\r\nabc\r\n--b1999--\r\n"
+        self.assertEqual(attachmentsOf(deep), [], "nesting past MAX_MIME_DEPTH is not followed")
+        parts = b"".join(
+            b"--x\r\nContent-Disposition: attachment; filename=f%d\r\n\r\n%d\r\n" % (i, i) for i in range(100_000)
+        )
+        wide = b"Content-Type: multipart/mixed; boundary=x\r\n\r\n" + parts + b"--x--\r\n"
+        found = attachmentsOf(wide)
+        self.assertEqual(len(found), 50)
+        self.assertEqual(found[0], {"name": "f0", "type": "text/plain", "size": 3})

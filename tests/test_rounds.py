@@ -6,7 +6,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from p2pmta.rounds import RoundService
+from p2pmta.rounds import Coalescing, RoundService
 
 
 class Counting(RoundService):
@@ -84,3 +84,40 @@ class RoundServiceTests(SynchronousTestCase):
         self.clock.advance(self.service.stopGrace)
         self.successResultOf(stopped)
         self.assertEqual(self.flushLoggedErrors(), [])
+
+
+class CoalescingTests(SynchronousTestCase):
+    def test_asksDuringARunMakeOneMore(self):
+        """
+        A run starts a moment after the first ask; asks while it waits or
+        works cause one more run after it, not one each; a failure is
+        logged and the next ask runs again.
+        """
+        clock = Clock()
+        runs, gates = [], []
+
+        async def work():
+            runs.append(clock.seconds())
+            gate = Deferred()
+            gates.append(gate)
+            await gate
+
+        coalescing = Coalescing(clock, 0.5, work, "work failed")
+        coalescing()
+        coalescing()
+        self.assertEqual(runs, [])
+        clock.advance(0.5)
+        self.assertEqual(runs, [0.5])
+        for _ in range(3):
+            coalescing()
+        gates[0].callback(None)
+        self.assertEqual(runs, [0.5, 0.5], "one more run for the three asks")
+        gates[1].callback(None)
+        self.assertEqual(len(runs), 2)
+        coalescing()
+        clock.advance(0.5)
+        gates[2].errback(ValueError("boom"))
+        self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
+        coalescing()
+        clock.advance(0.5)
+        self.assertEqual(len(runs), 4)

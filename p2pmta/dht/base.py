@@ -207,6 +207,10 @@ class EntryDHT:
 
         return Deferred.fromCoroutine(deleting())
 
+    def retract(self, key: str, value: bytes, password: bytes, ttl: float) -> Deferred:
+        stone = entry.Tombstone(entry.valueHash(value), password, self._clock.seconds() + ttl)
+        return self._putRaw(key, stone.encode(), ttl).addCallback(lambda _: None)
+
     def liveEntries(self, key: str) -> Deferred:
         return self._readRaw(key).addCallback(
             lambda raws: [e.encode() for e in self._live(raws, key)]

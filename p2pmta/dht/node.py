@@ -252,8 +252,13 @@ class OpenDHTNode(EntryDHT, Service):
             return fail(e)
         found: list[bytes] = []
         done = Deferred()
+        # One more than EntryDHT reads, so that it can tell a flood; OpenDHT
+        # stops the search when the callback returns False.
+        limit = self.maxValuesPerKey + 1
 
         def gotValue(value: opendht.Value) -> bool:
+            if len(found) >= limit:
+                return False
             found.append(value.data)
             return True
 
