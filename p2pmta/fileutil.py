@@ -111,12 +111,20 @@ class AtomicFile:
 
     def abort(self) -> None:
         """
-        Remove the temporary file, unless it was committed.
+        Remove the temporary file, unless it was committed.  This never
+        fails for want of space: on a full disk, closing the file cannot
+        flush what is still buffered, and that goes with the file, whose
+        space is given back.
         """
         if self._done:
             return
         self._done = True
-        self._file.close()
+        try:
+            self._file.close()
+        except OSError:
+            # The flush failed (ENOSPC, EDQUOT, EIO); the file is closed
+            # all the same.
+            pass
         try:
             os.unlink(self.tempPath)
         except FileNotFoundError:
@@ -180,7 +188,10 @@ def createSecretFile(path: str, data: bytes) -> None:
             view = view[os.write(fd, view) :]
         os.fsync(fd)
     except BaseException:
-        os.close(fd)
+        try:
+            os.close(fd)
+        except OSError:
+            pass
         os.unlink(path)
         raise
     os.close(fd)

@@ -8,6 +8,8 @@ considered done, so a peer killed at any moment resumes where it stopped.
 
 from __future__ import annotations
 
+import errno
+import os
 import sqlite3
 import threading
 from dataclasses import dataclass
@@ -135,24 +137,51 @@ class Ledger:
         with self._lock:
             self._connection.close()
 
-    def _run(self, sql: str, args=(), many: bool = False):
+    def _atomically(self, work, durable: bool = False):
+        """
+        Run C{work(cursor)} in one transaction, under the lock (blocking).
+
+        A failed transaction is rolled back if it is still open (SQLite
+        ends some on its own, e.g. when the disk is full), and the error
+        that failed it is the one raised: a full disk (C{SQLITE_FULL}) as
+        an L{OSError} with C{ENOSPC}, as every other write of the peer
+        reports it.
+
+        @param durable: commit with C{synchronous=FULL}, set and reset
+            under the same hold of the lock as the transaction.
+        """
         with self._lock:
             cursor = self._connection.cursor()
+            if durable:
+                cursor.execute("PRAGMA synchronous=FULL")
             try:
                 cursor.execute("BEGIN IMMEDIATE")
-                if many:
-                    cursor.executemany(sql, args)
-                else:
-                    cursor.execute(sql, args)
-                columns = [c[0] for c in cursor.description or ()]
-                rows = [Row(dict(zip(columns, r))) for r in cursor.fetchall()]
+                result = work(cursor)
                 cursor.execute("COMMIT")
-                return rows
-            except BaseException:
-                # SQLite rolls back by itself on some errors (a full disk).
+                return result
+            except BaseException as e:
                 if self._connection.in_transaction:
-                    cursor.execute("ROLLBACK")
+                    try:
+                        cursor.execute("ROLLBACK")
+                    except sqlite3.Error:
+                        pass
+                if _isDiskFull(e):
+                    raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} ({e})") from e
                 raise
+            finally:
+                if durable:
+                    cursor.execute("PRAGMA synchronous=NORMAL")
+
+    def _run(self, sql: str, args=(), many: bool = False):
+        def work(cursor):
+            if many:
+                cursor.executemany(sql, args)
+            else:
+                cursor.execute(sql, args)
+            columns = [c[0] for c in cursor.description or ()]
+            return [Row(dict(zip(columns, r))) for r in cursor.fetchall()]
+
+        return self._atomically(work)
 
     def query(self, sql: str, *args):
         """
@@ -169,22 +198,20 @@ class Ledger:
         @return: a Deferred firing with L{None}.
         """
 
-        def run():
-            with self._lock:
-                cursor = self._connection.cursor()
-                if durable:
-                    cursor.execute("PRAGMA synchronous=FULL")
-                try:
-                    cursor.execute("BEGIN IMMEDIATE")
-                    for sql, args in statements:
-                        cursor.execute(sql, args)
-                    cursor.execute("COMMIT")
-                except BaseException:
-                    if self._connection.in_transaction:
-                        cursor.execute("ROLLBACK")
-                    raise
-                finally:
-                    if durable:
-                        cursor.execute("PRAGMA synchronous=NORMAL")
+        def work(cursor):
+            for sql, args in statements:
+                cursor.execute(sql, args)
 
-        return deferToThreadPool(self._reactor, self._threadpool, run)
+        return deferToThreadPool(self._reactor, self._threadpool, self._atomically, work, durable)
+
+
+def _isDiskFull(error: BaseException) -> bool:
+    """
+    @return: whether C{error} is SQLite's "database or disk is full".
+    """
+    if not isinstance(error, sqlite3.Error):
+        return False
+    code = getattr(error, "sqlite_errorcode", None)
+    if code is not None:
+        return code == sqlite3.SQLITE_FULL
+    return "disk is full" in str(error)

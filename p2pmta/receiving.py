@@ -290,11 +290,28 @@ class Receiver:
             if isinstance(e, BodyUnavailable):
                 raise
             raise BodyUnavailable(str(e)) from None
-        await peer.ledger.query(
-            "UPDATE incoming SET state = 'pulled' WHERE hash = ? AND state IN ('new', 'shown')", key
-        )
-        self.sendReceipts()
+        # The receipt waits until the mail store holds the body (bodyStored):
+        # on a full disk the sender must keep its copy.
         return path
+
+    def bodyStored(self, mailbox: str, record) -> None:
+        """
+        The mail store's C{attachedHook}: a pulled body is safely stored, so
+        its sender may be told we are done with it.
+        """
+        key = record.meta.get("incoming")
+        if mailbox != "INBOX" or not key:
+            return
+
+        async def stored() -> None:
+            await self._peer.ledger.query(
+                "UPDATE incoming SET state = 'pulled' WHERE hash = ? AND state IN ('new', 'shown')", key
+            )
+            self.sendReceipts()
+
+        self._peer.track(Deferred.fromCoroutine(stored())).addErrback(
+            logFailure(self.log, "recording a pulled body failed; the next poll retries")
+        )
 
     async def _pull(self, row, sender: Address, base: str) -> str:
         peer = self._peer

@@ -16,12 +16,10 @@ ciphertext leaves the outbox.  Deleting a message from C{Outbox} cancels it.
 from __future__ import annotations
 
 import base64
-import errno
 import json
 import os
 import secrets
 import shutil
-import sqlite3
 import time
 import uuid
 import zlib
@@ -176,13 +174,8 @@ class Sender:
         try:
             # On disk before the 250: from then on the message is ours.
             await self._peer.ledger.transaction(statements, durable=True)
-        except sqlite3.OperationalError as e:
-            await self._peer.inThreads(os.rename, spooled, path)
-            if e.sqlite_errorcode == sqlite3.SQLITE_FULL:
-                # The SMTP server answers 452 4.3.1 to a full disk.
-                raise OSError(errno.ENOSPC, "the ledger's disk is full") from e
-            raise
         except Exception:
+            # A full disk is an OSError (ENOSPC): the SMTP server answers 452.
             await self._peer.inThreads(os.rename, spooled, path)
             raise
         self.log.info("spooled {id} for {n} recipients", id=messageId, n=len(statements) - 1)

@@ -108,6 +108,29 @@ class DataDir:
             raise StoreError(f"{self.path}: {e.strerror or e}") from None
 
 
+def cleanAfterCrash(spool: str, pulls: str) -> None:
+    """
+    Remove what a killed peer left half done (blocking; before the
+    pipelines start): SMTP sessions' temporary files, never accepted;
+    ciphertexts not yet in the outbox, made again from the spooled message;
+    and bodies being pulled, pulled again when opened.
+    """
+    for folder, leftover in (
+        (spool, lambda name: name.startswith((".smtp-", ".p2pmta-")) or name.endswith(".gpg")),
+        (pulls, lambda name: True),
+    ):
+        try:
+            names = os.listdir(folder)
+        except FileNotFoundError:
+            continue
+        for name in names:
+            if leftover(name):
+                try:
+                    os.remove(os.path.join(folder, name))
+                except (FileNotFoundError, IsADirectoryError):
+                    pass
+
+
 class ThreadPoolService(Service):
     """
     Runs a bounded L{ThreadPool} while the service runs.
@@ -309,10 +332,12 @@ class Peer(MultiService):
         self.mailStore = await MailStore(
             self.reactor, self.dataDir.database, self.dataDir.inbox, self.threads.pool
         ).open()
+        await self.inThreads(cleanAfterCrash, self.dataDir.spool, os.path.join(self.dataDir.path, "pulls"))
         self.sender = Sender(self, config.maxMessageSize)
         self.receiver = Receiver(self)
         self.mailStore.bodyFetcher = self.receiver.fetchBody
         self.mailStore.expungeHook = self._expunged
+        self.mailStore.attachedHook = self.receiver.bodyStored
 
         flow = MailFlowService(
             self.reactor, self.dht, config.address, self.sender, self.receiver, config.pollInterval, self.track
@@ -350,7 +375,9 @@ class Peer(MultiService):
         imap = ListeningService(
             self.reactor,
             config.imap,
-            IMAPFactory(portal, self.mailStore, tlsOptions=tlsOptions, clock=self.reactor),
+            IMAPFactory(
+                portal, self.mailStore, tlsOptions=tlsOptions, clock=self.reactor, maxMessageSize=config.maxMessageSize
+            ),
             "IMAP",
         )
         imap.setName("imap")
