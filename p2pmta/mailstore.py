@@ -393,6 +393,20 @@ class MailStore:
             r for r in self.messages(mailbox) if key in r.meta and r.meta[key] == value
         ]
 
+    def findAllByMeta(self, mailbox: str, key: str, values) -> dict:
+        """
+        L{findByMeta} for several values in one pass over the mailbox.
+
+        @return: C{{value: [records]}} for the values found.
+        """
+        wanted = set(values)
+        found: dict = {}
+        for record in self.messages(mailbox):
+            value = record.meta.get(key)
+            if value in wanted:
+                found.setdefault(value, []).append(record)
+        return found
+
     def addListener(self, mailbox: str, listener) -> None:
         self._listeners.setdefault(self._box(mailbox).name, []).append(listener)
 

@@ -238,7 +238,8 @@ class Receiver:
         else:
             rows = await peer.ledger.query("SELECT * FROM incoming WHERE notice = ? AND state = 'new'", notice)
         shown = list(rows)
-        missing = [row for row in rows if not peer.mailStore.findByMeta("INBOX", "incoming", row["hash"])]
+        filed = peer.mailStore.findAllByMeta("INBOX", "incoming", [row["hash"] for row in rows])
+        missing = [row for row in rows if row["hash"] not in filed]
         messages = []
         for row in missing:
             extra = authenticationResults(self.address, Address.parse(row["sender"]), row["reason"])

@@ -288,11 +288,14 @@ class Sender:
         """File sent messages in Sent and Outbox, then drop their spool files."""
         peer = self._peer
         store = peer.mailStore
+        # One pass over each mailbox per batch, not one per message.
+        ids = [row["id"] for row in rows]
+        filed = {mailbox: store.findAllByMeta(mailbox, "outgoing", ids) for mailbox in ("Sent", "Outbox")}
         copies = [
             (row, mailbox, row["spool"] + "." + mailbox)
             for row in rows
             for mailbox in ("Sent", "Outbox")
-            if not store.findByMeta(mailbox, "outgoing", row["id"])
+            if row["id"] not in filed[mailbox]
         ]
 
         def link() -> None:
@@ -523,7 +526,8 @@ class Sender:
         )
         for row in rows:
             await peer.outbox.remove(row["digest"])
-        copies = [r.uid for row in rows for r in peer.mailStore.findByMeta("Outbox", "outgoing", row["id"])]
+        found = peer.mailStore.findAllByMeta("Outbox", "outgoing", [row["id"] for row in rows])
+        copies = [record.uid for records in found.values() for record in records]
         if copies:
             await peer.mailStore.expunge("Outbox", copies)
         self.log.info("{n} messages fetched by all their recipients: removed from the outbox", n=len(rows))

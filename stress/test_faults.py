@@ -32,6 +32,7 @@ MAX_DELAY = {
     "pulling": 0.15,
     "serving": 0.1,
     "replicating": 1.2,
+    "receipt": 0.05,
 }
 
 

@@ -543,7 +543,7 @@ class FaultCase(TestCase):
 _DIGEST = re.compile("[0-9a-f]{64}")
 
 #: The kinds of kill of the kill loop: what is going on when SIGKILL comes.
-KINDS = ("smtp250", "data", "append", "sending", "receiving", "pulling", "serving", "replicating")
+KINDS = ("smtp250", "data", "append", "sending", "receiving", "pulling", "serving", "replicating", "receipt")
 
 
 class KillLoop(FaultCase):
@@ -619,6 +619,17 @@ class KillLoop(FaultCase):
                 await sleep(0.005)
             await self.killAndRestart(alice, delay)
             await sending
+        elif kind == "receipt":
+            # Killed the moment alice hears bob is done with a message:
+            # while she drops its ciphertext and Outbox copy.
+            message = self.newMessage(size)
+            await self.send(message)
+            uid = await self.waitListed(bob, messageId(message))
+            since = len(alice.process.output)
+            typ, _, why = await self.threaded(bob.imap, lambda c: fetchBody(c, "INBOX", uid))
+            self.assertEqual(typ, "OK", why)
+            await self.waitForLog(alice, rb"is done with", since)
+            await self.killAndRestart(alice, delay)
         elif kind == "append":
             message = self.newMessage(size, sender="carol@h")
 
@@ -653,6 +664,21 @@ class KillLoop(FaultCase):
         else:
             raise ValueError(kind)
         await self.settle()
+
+    async def waitForLog(self, peer: TwistdPeer, pattern: bytes, since: int, timeout: float = 10.0) -> bool:
+        """
+        Wait until C{peer} logs C{pattern} after offset C{since} of its
+        output (or C{timeout} seconds: the kill then comes late, but comes).
+
+        @return: whether it was logged.
+        """
+        regex = re.compile(pattern)
+        for _ in range(int(timeout / 0.002)):
+            if regex.search(peer.process.output, since):
+                return True
+            await sleep(0.002)
+        self.note(f"  {pattern!r} not logged by {peer.name}")
+        return False
 
     async def waitListed(self, peer: TwistdPeer, mid: str) -> int:
         async def probe():
@@ -737,9 +763,9 @@ class KillTests(KillLoop):
     def test_senderKilled(self):
         """
         alice SIGKILLed while her client sends DATA, the instant it reads
-        250, while she encrypts, files and notifies, and while bob pulls
-        from her: each message accepted shows once, whole, and nothing is
-        left behind.
+        250, while she encrypts, files and notifies, while bob pulls from
+        her, and as she hears bob is done: each message accepted shows
+        once, whole, and nothing is left behind.
         """
         return self.scenario(
             self._kills(
@@ -747,6 +773,7 @@ class KillTests(KillLoop):
                 ("smtp250", 0, 20_000),
                 ("sending", 0.08, 300_000),
                 ("serving", 0.02, 1_000_000),
+                ("receipt", 0, 20_000),
             )
         )
 
