@@ -21,7 +21,7 @@ CREATE TABLE IF NOT EXISTS outgoing (
     id TEXT PRIMARY KEY,
     sender TEXT NOT NULL,
     created REAL NOT NULL,
-    state TEXT NOT NULL,          -- spooled, encrypted, sent, finished, cancelled
+    state TEXT NOT NULL,          -- spooled, encrypted, sent, finishing, finished, cancelled
     spool TEXT NOT NULL,
     digest TEXT,
     ciphertext_size INTEGER,

@@ -477,6 +477,17 @@ class Receiver:
         for raw in await peer.dht.get(self.address.sendKey):
             await self.handleNotification(raw)
         await self._fileNew()
+        # Stored, but a crash came before it was recorded as pulled.
+        held = {r.meta.get("incoming") for r in peer.mailStore.messages("INBOX") if r.held}
+        stored = [
+            row["hash"]
+            for row in await peer.ledger.query("SELECT hash FROM incoming WHERE state IN ('new', 'shown')")
+            if row["hash"] in held
+        ]
+        if stored:
+            await peer.ledger.transaction(
+                [("UPDATE incoming SET state = 'pulled' WHERE hash = ? AND state IN ('new', 'shown')", (h,)) for h in stored]
+            )
         await self._postReceipts()
         open_ = await peer.ledger.query("SELECT hash FROM received_notices WHERE state = 'open'")
         await self._closeNotices([row["hash"] for row in open_])

@@ -515,14 +515,16 @@ class Sender:
             return
         marks = ",".join("?" * len(messageIds))
         rows = await peer.ledger.query(
-            f"SELECT id, digest FROM outgoing WHERE id IN ({marks}) AND state = 'sent' AND NOT EXISTS"
+            f"SELECT id, digest FROM outgoing WHERE id IN ({marks}) AND state IN ('sent', 'finishing') AND NOT EXISTS"
             " (SELECT 1 FROM deliveries d WHERE d.outgoing = outgoing.id AND d.state IN ('pending', 'notified'))",
             *messageIds,
         )
         if not rows:
             return
+        # 'finishing' while the copies go: the Outbox hook must not take
+        # the expunge for a cancel, and round() finishes what a crash cut.
         await peer.ledger.transaction(
-            [("UPDATE outgoing SET state = 'finished' WHERE id = ?", (row["id"],)) for row in rows]
+            [("UPDATE outgoing SET state = 'finishing' WHERE id = ?", (row["id"],)) for row in rows]
         )
         for row in rows:
             await peer.outbox.remove(row["digest"])
@@ -530,6 +532,9 @@ class Sender:
         copies = [record.uid for records in found.values() for record in records]
         if copies:
             await peer.mailStore.expunge("Outbox", copies)
+        await peer.ledger.transaction(
+            [("UPDATE outgoing SET state = 'finished' WHERE id = ?", (row["id"],)) for row in rows]
+        )
         self.log.info("{n} messages fetched by all their recipients: removed from the outbox", n=len(rows))
 
     async def cancel(self, messageId: str) -> None:
@@ -541,7 +546,7 @@ class Sender:
         """
         peer = self._peer
         rows = await peer.ledger.query("SELECT * FROM outgoing WHERE id = ?", messageId)
-        if not rows or rows[0]["state"] in ("finished", "cancelled"):
+        if not rows or rows[0]["state"] in ("finishing", "finished", "cancelled"):
             return
         notices = await peer.ledger.query(
             "SELECT n.* FROM notices n WHERE n.state = 'live' AND n.id IN"
@@ -594,6 +599,12 @@ class Sender:
         await self.notifyPending()
         for value in await peer.dht.get(self.address.receiveKey):
             await self.handleReceipt(value)
+        # Every recipient done, but a crash cut the clean-up short.
+        unfinished = await peer.ledger.query(
+            "SELECT id FROM outgoing WHERE state = 'finishing' OR (state = 'sent' AND NOT EXISTS"
+            " (SELECT 1 FROM deliveries d WHERE d.outgoing = outgoing.id AND d.state IN ('pending', 'notified')))"
+        )
+        await self.finishIfDone(*[row["id"] for row in unfinished])
         cutoff = self._peer.clock.seconds() - NOTIFICATION_TTL
         expired = await peer.ledger.query(
             "SELECT DISTINCT d.outgoing FROM deliveries d JOIN outgoing o ON o.id = d.outgoing"
