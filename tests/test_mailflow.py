@@ -291,6 +291,41 @@ class HostileInputTests(TestCase):
         bad = await bob.ledger.query("SELECT COUNT(*) AS n FROM received_notices WHERE state = 'bad'")
         self.assertEqual(bad[0]["n"], 4, "the two forgeries and the two garbage values are recorded once each")
 
+    async def _flood(self):
+        import time
+
+        from p2pmta.dht.memory import MemoryDHT, MemoryNetwork
+        from tests.test_dht import ShiftedClock
+
+        network = MemoryNetwork(ShiftedClock(), storagePeriod=3600.0)
+        h = PeerHarness(self)
+        alice = await h.start("alice", dht=MemoryDHT(network, "alice"))
+        bob = await h.start("bob", dht=MemoryDHT(network, "bob"))
+        await alice.directory.lookup(Address("bob", "demo"))  # alice pins bob's key
+        # 9,000 garbage values and 1,000 that decrypt for bob but say nothing.
+        for i in range(9000):
+            await alice.dht.put("ns:bob@demo", os.urandom(200) + b"%d" % i, b"pw", 3600)
+        for i in range(1000):
+            sealed = await alice.keyring.encrypt(b'{"n": %d}' % i, ["bob@demo"])
+            await alice.dht.put("ns:bob@demo", sealed, b"pw", 3600)
+        started = time.monotonic()
+        await h.send("alice", ["bob@demo"], makeMessage("alice@demo", ["bob@demo"], "through the flood"))
+        [uid] = await h.listed("bob", timeout=20)
+        elapsed = time.monotonic() - started
+        typ, data = await h.imap("bob", lambda c: fetchOne(c, uid, "(BODY.PEEK[HEADER.FIELDS (SUBJECT)])"))
+        self.assertIn(b"through the flood", data[0][1])
+        bad = await bob.ledger.query("SELECT COUNT(*) AS n FROM received_notices WHERE state = 'bad'")
+        self.assertGreater(bad[0]["n"], 0)
+        self.assertLess(elapsed, 20, "the real message is listed within seconds of the flood")
+
+    def test_floodDoesNotDelayRealMail(self):
+        """
+        10,000 bogus notifications under ns:bob (garbage, and values that
+        decrypt but are no notification) do not keep a real one from bob's
+        INBOX for more than seconds: each costs one in-process decryption.
+        """
+        return ensureDeferred(self._flood())
+
     def test_forgedAndGarbageNotifications(self):
         """
         Notifications signed by the wrong key, addressed to someone else, or
