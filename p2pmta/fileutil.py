@@ -205,6 +205,14 @@ def isTempName(name: str) -> bool:
     return name.startswith(TEMP_PREFIX)
 
 
+def removeIfThere(path: str) -> None:
+    """Remove the file at C{path}; one already gone is not an error."""
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
 def removeTempFiles(directory: str) -> list[str]:
     """
     Remove the temporary files a crash may have left in C{directory}.

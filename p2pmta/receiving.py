@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import time
 import uuid
 
@@ -25,6 +24,7 @@ from twisted.logger import Logger
 
 from p2pmta.address import Address
 from p2pmta.dht import NOTIFICATION_TTL
+from p2pmta.fileutil import removeIfThere
 from p2pmta.errors import (
     BodyUnavailable,
     CryptoError,
@@ -237,7 +237,6 @@ class Receiver:
             rows = await peer.ledger.query("SELECT * FROM incoming WHERE state = 'new'")
         else:
             rows = await peer.ledger.query("SELECT * FROM incoming WHERE notice = ? AND state = 'new'", notice)
-        shown = list(rows)
         filed = peer.mailStore.findAllByMeta("INBOX", "incoming", [row["hash"] for row in rows])
         missing = [row for row in rows if row["hash"] not in filed]
         messages = []
@@ -252,12 +251,12 @@ class Receiver:
                 }
             )
         await peer.mailStore.deliverMany("INBOX", messages)
-        if shown:
+        if rows:
             await peer.ledger.transaction(
-                [("UPDATE incoming SET state = 'shown' WHERE hash = ? AND state = 'new'", (r["hash"],)) for r in shown]
+                [("UPDATE incoming SET state = 'shown' WHERE hash = ? AND state = 'new'", (r["hash"],)) for r in rows]
             )
             self.log.info(
-                "{n} new messages from {sender} (not pulled)", n=len(shown), sender=shown[0]["sender"]
+                "{n} new messages from {sender} (not pulled)", n=len(rows), sender=rows[0]["sender"]
             )
         if notice is not None:
             await self._closeNotices([notice])
@@ -287,7 +286,7 @@ class Receiver:
             path = await self._pull(row, sender, base)
         except (P2PMTAError, OSError) as e:
             self.log.warn("cannot pull {digest} from {sender}: {e}", digest=row["digest"], sender=str(sender), e=e)
-            await peer.inThreads(lambda: [_removeIfThere(base + suffix) for suffix in (".gpg", ".eml")])
+            await peer.inThreads(lambda: [removeIfThere(base + suffix) for suffix in (".gpg", ".eml")])
             if isinstance(e, BodyUnavailable):
                 raise
             raise BodyUnavailable(str(e)) from None
@@ -304,13 +303,7 @@ class Receiver:
         if mailbox != "INBOX" or not key:
             return
 
-        async def stored() -> None:
-            await self._peer.ledger.query(
-                "UPDATE incoming SET state = 'pulled' WHERE hash = ? AND state IN ('new', 'shown')", key
-            )
-            self.sendReceipts()
-
-        self._peer.track(Deferred.fromCoroutine(stored())).addErrback(
+        self._peer.track(Deferred.fromCoroutine(self._doneWith([key], "pulled"))).addErrback(
             logFailure(self.log, "recording a pulled body failed; the next poll retries")
         )
 
@@ -397,15 +390,19 @@ class Receiver:
 
     async def inboxExpunged(self, records) -> None:
         """The INBOX hook: a message expunged unread is rejected."""
-        keys = [record.meta.get("incoming") for record in records if record.meta.get("incoming")]
-        if keys:
-            await self._peer.ledger.transaction(
-                [
-                    ("UPDATE incoming SET state = 'rejected' WHERE hash = ? AND state IN ('new', 'shown')", (key,))
-                    for key in keys
-                ]
-            )
-            self.sendReceipts()
+        await self._doneWith([record.meta["incoming"] for record in records if record.meta.get("incoming")], "rejected")
+
+    async def _doneWith(self, keys: list, state: str) -> None:
+        """
+        Record that we are done with the messages C{keys}, not yet done
+        with: C{state} is C{pulled} or C{rejected}; then receipt them soon.
+        """
+        if not keys:
+            return
+        await self._peer.ledger.transaction(
+            [("UPDATE incoming SET state = ? WHERE hash = ? AND state IN ('new', 'shown')", (state, key)) for key in keys]
+        )
+        self.sendReceipts()
 
     def sendReceipts(self) -> Deferred:
         """
@@ -484,10 +481,7 @@ class Receiver:
             for row in await peer.ledger.query("SELECT hash FROM incoming WHERE state IN ('new', 'shown')")
             if row["hash"] in held
         ]
-        if stored:
-            await peer.ledger.transaction(
-                [("UPDATE incoming SET state = 'pulled' WHERE hash = ? AND state IN ('new', 'shown')", (h,)) for h in stored]
-            )
+        await self._doneWith(stored, "pulled")
         await self._postReceipts()
         open_ = await peer.ledger.query("SELECT hash FROM received_notices WHERE state = 'open'")
         await self._closeNotices([row["hash"] for row in open_])
@@ -497,9 +491,3 @@ class Receiver:
         )
         await peer.ledger.query("DELETE FROM received_notices WHERE state IN ('bad', 'done') AND received < ?", cutoff)
 
-
-def _removeIfThere(path: str) -> None:
-    try:
-        os.remove(path)
-    except FileNotFoundError:
-        pass

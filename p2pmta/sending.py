@@ -31,7 +31,7 @@ from zope.interface import implementer
 from p2pmta.address import Address
 from p2pmta.dht import NOTIFICATION_TTL, entry
 from p2pmta.errors import NotFound, P2PMTAError, ValueTooLarge
-from p2pmta.fileutil import fsyncDir
+from p2pmta.fileutil import fsyncDir, removeIfThere
 from p2pmta.interfaces import ISubmission
 from p2pmta.logs import logFailure
 from p2pmta.rounds import Coalescing
@@ -130,8 +130,7 @@ class Sender:
         self.spoolDirectory = peer.dataDir.spool
         self._queue: dict[str, list[Deferred]] = {}  # message id -> waiters
         self._draining = False
-        self._pending: list[dict] = []
-        self._encoded: dict[str, dict] = {}  # notice id -> its msglist entry
+        self._encoded: dict[str, dict] = {}  # live notice id -> its msglist entry
         self._lastKeyPrune = float("-inf")
         self._notifier = Coalescing(
             peer.reactor, self.notifyDelay, self._notifyPending, "notifying recipients failed; will retry", peer.track
@@ -327,7 +326,7 @@ class Sender:
 
         def removeSpools() -> None:
             for row in rows:
-                _removeIfThere(row["spool"])
+                removeIfThere(row["spool"])
 
         await peer.inThreads(removeSpools)
 
@@ -428,7 +427,7 @@ class Sender:
         DHT entries that group members re-publish while this peer is away
         (recipients' names stay out of the list).
         """
-        return list(self._pending)
+        return list(self._encoded.values())
 
     async def refreshNotifications(self) -> None:
         """Retire notices no recipient waits on; recompute L{notifications}."""
@@ -453,7 +452,6 @@ class Sender:
                 }
             encoded[row["id"]] = known
         self._encoded = encoded
-        self._pending = list(encoded.values())
 
     # Receive notifications (step 11) and garbage collection
 
@@ -599,24 +597,17 @@ class Sender:
         await self.notifyPending()
         for value in await peer.dht.get(self.address.receiveKey):
             await self.handleReceipt(value)
-        # Every recipient done, but a crash cut the clean-up short.
+        await peer.ledger.query(
+            "UPDATE deliveries SET state = 'expired' WHERE state IN ('pending', 'notified')"
+            " AND outgoing IN (SELECT id FROM outgoing WHERE created < ?)",
+            self._peer.clock.seconds() - NOTIFICATION_TTL,
+        )
+        # Every recipient done or expired, or a crash cut the clean-up short.
         unfinished = await peer.ledger.query(
-            "SELECT id FROM outgoing WHERE state = 'finishing' OR (state = 'sent' AND NOT EXISTS"
-            " (SELECT 1 FROM deliveries d WHERE d.outgoing = outgoing.id AND d.state IN ('pending', 'notified')))"
+            "SELECT id FROM outgoing WHERE state IN ('sent', 'finishing') AND NOT EXISTS"
+            " (SELECT 1 FROM deliveries d WHERE d.outgoing = outgoing.id AND d.state IN ('pending', 'notified'))"
         )
         await self.finishIfDone(*[row["id"] for row in unfinished])
-        cutoff = self._peer.clock.seconds() - NOTIFICATION_TTL
-        expired = await peer.ledger.query(
-            "SELECT DISTINCT d.outgoing FROM deliveries d JOIN outgoing o ON o.id = d.outgoing"
-            " WHERE d.state IN ('pending', 'notified') AND o.created < ?",
-            cutoff,
-        )
-        for row in expired:
-            await peer.ledger.query(
-                "UPDATE deliveries SET state = 'expired' WHERE outgoing = ? AND state IN ('pending', 'notified')",
-                row["outgoing"],
-            )
-            await self.finishIfDone(row["outgoing"])
         await self.refreshNotifications()
         now = peer.clock.seconds()
         if now - self._lastKeyPrune >= 86400:
@@ -627,15 +618,9 @@ class Sender:
 
 
 def _linkOrCopy(source: str, destination: str) -> None:
-    _removeIfThere(destination)  # left by a crash: perhaps half copied
+    removeIfThere(destination)  # left by a crash: perhaps half copied
     try:
         os.link(source, destination)
     except OSError:
         shutil.copyfile(source, destination)
 
-
-def _removeIfThere(path: str) -> None:
-    try:
-        os.remove(path)
-    except FileNotFoundError:
-        pass

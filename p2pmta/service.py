@@ -40,7 +40,7 @@ from p2pmta.descriptor import DescriptorPublisher, PeerDirectory
 from p2pmta.dht import DESCRIPTOR_TTL
 from p2pmta.dht.node import OpenDHTNode
 from p2pmta.errors import P2PMTAError, StartError, StoreError
-from p2pmta.fileutil import createSecretFile, ensureDir
+from p2pmta.fileutil import createSecretFile, ensureDir, removeIfThere
 from p2pmta.httpclient import makeAgent
 from p2pmta.store import Outbox
 from p2pmta.web import makeSite
@@ -124,11 +124,8 @@ def cleanAfterCrash(spool: str, pulls: str) -> None:
         except FileNotFoundError:
             continue
         for name in names:
-            if leftover(name):
-                try:
-                    os.remove(os.path.join(folder, name))
-                except (FileNotFoundError, IsADirectoryError):
-                    pass
+            if leftover(name) and not os.path.isdir(os.path.join(folder, name)):
+                removeIfThere(os.path.join(folder, name))
 
 
 class ThreadPoolService(Service):

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from twisted.trial.unittest import TestCase
 
 from p2pmta import openpgp
+from p2pmta.crypto import _KEY_PARAMETERS
 from p2pmta.errors import BadKey, BadSignature, DecryptionFailed
 from p2pmta.openpgp import (
     PublicKey,
@@ -33,19 +34,6 @@ from p2pmta.openpgp import (
 )
 
 GPG = shutil.which("gpg")
-
-_PARAMETERS = """\
-%no-protection
-Key-Type: eddsa
-Key-Curve: ed25519
-Key-Usage: sign
-Subkey-Type: ecdh
-Subkey-Curve: cv25519
-Subkey-Usage: encrypt
-Name-Email: {address}
-Expire-Date: 0
-%commit
-"""
 
 _FUZZ = settings(
     max_examples=200, deadline=None, suppress_health_check=list(HealthCheck)
@@ -148,7 +136,7 @@ def _keys() -> dict:
         for name in ("alice", "bob", "carol"):
             home = os.path.join(root, name)
             os.mkdir(home, 0o700)
-            parameters = _PARAMETERS.format(address=f"{name}@demo").encode()
+            parameters = _KEY_PARAMETERS.format(address=f"{name}@demo").encode()
             result = _gpg(home, "--gen-key", input=parameters)
             exports = [
                 _gpg(home, *args).stdout
