@@ -70,8 +70,9 @@ def parseArgs(argv=None) -> argparse.Namespace:
                      help="p2pmta's --poll-interval, seconds between DHT polls (default 60, the peer's default)")
     how.add_argument("--poll", type=float, default=0.02, help="seconds between the IMAP client's NOOPs (default 0.02)")
     how.add_argument("--probe-poll", type=float, default=0.005, help="the same during the probe (default 0.005)")
-    how.add_argument("--settle", type=float, default=1.0,
-                     help="the receiver is quiet when its traffic has not moved for this long (default 1 s)")
+    how.add_argument("--settle", type=float, default=3.0,
+                     help="the receiver is quiet when its traffic has not moved for this long (default 3 s: "
+                          "longer than p2pmta's 1 s receipt delay, so that receipts are counted)")
     how.add_argument("--settle-limit", type=float, default=60.0, help="wait at most this long for quiet (default 60 s)")
     how.add_argument("--sample-interval", type=float, default=0.1, help="seconds between RSS samples (default 0.1)")
     how.add_argument("--list-timeout", type=float, default=60.0,

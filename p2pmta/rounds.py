@@ -118,9 +118,11 @@ class RoundService(Service):
 class Coalescing:
     """
     Runs C{work()} (an async function) a moment after it is asked for; asks
-    while it runs make it run once more afterwards, not once each: what
-    came in meanwhile is handled together (one notice for the messages
-    sent in that time, one receipt for those read).
+    while it runs make it run once more afterwards, not once each, and that
+    run too waits a moment first: what came in meanwhile is handled
+    together (one notice for the messages sent in that time, one receipt
+    for those read), instead of a trickle of small runs while asks keep
+    coming.
 
     @ivar delay: the moment, in seconds, that a run waits for company.
     """
@@ -155,8 +157,8 @@ class Coalescing:
 
         async def run() -> None:
             try:
-                await deferLater(self._reactor, self.delay, lambda: None)
                 while True:
+                    await deferLater(self._reactor, self.delay, lambda: None)
                     self._again = False
                     await self._work()
                     if not self._again:

@@ -111,8 +111,12 @@ class CoalescingTests(SynchronousTestCase):
         for _ in range(3):
             coalescing()
         gates[0].callback(None)
-        self.assertEqual(runs, [0.5, 0.5], "one more run for the three asks")
+        self.assertEqual(runs, [0.5], "the run after waits a moment for company")
+        coalescing()
+        clock.advance(0.5)
+        self.assertEqual(runs, [0.5, 1.0], "one more run for the four asks")
         gates[1].callback(None)
+        clock.advance(0.5)
         self.assertEqual(len(runs), 2)
         coalescing()
         clock.advance(0.5)
