@@ -47,7 +47,8 @@ CREATE TABLE IF NOT EXISTS notices (
     value BLOB NOT NULL,          -- the ns value put: one for several messages
     password BLOB NOT NULL,       -- its DHT password, told to the recipient
     created REAL NOT NULL,
-    state TEXT NOT NULL           -- live, retired
+    state TEXT NOT NULL,          -- live, retired
+    body TEXT                     -- digest of the notice in the outbox (value: its doorbell)
 );
 CREATE TABLE IF NOT EXISTS incoming (
     hash TEXT PRIMARY KEY,        -- "<notice hash>:<index>": one message
@@ -128,7 +129,7 @@ class Ledger:
         for table, column, kind in (("deliveries", "notice", "TEXT"), ("incoming", "notice", "TEXT"),
                                     ("incoming", "session_key", "BLOB"),
                                     ("outgoing", "session_key", "BLOB"),
-                                    ("incoming", "sent", "REAL")):
+                                    ("incoming", "sent", "REAL"), ("notices", "body", "TEXT")):
             columns = [row[1] for row in self._connection.execute(f"PRAGMA table_info({table})")]
             if columns and column not in columns:
                 self._connection.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")

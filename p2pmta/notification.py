@@ -2,16 +2,25 @@
 """
 Send and receive notifications (paper, section 4.3 steps 5 and 10).
 
-A I{send notification}, put under C{ns:<recipient>}, tells a recipient that
-a message waits in the sender's outbox: it carries the message's whole header
-section, its size, its attachments, the SHA-256 of its ciphertext and a fresh
-random password.  It is signed by the sender (a detached signature inside)
-and the whole is encrypted to the recipient, so the DHT learns nothing.
+A I{send notification} tells a recipient that a message waits in the
+sender's outbox: it carries the message's whole header section, its size,
+its attachments, the SHA-256 of its ciphertext and a fresh random password.
+One I{notice} tells of every message waiting for one recipient (up to
+L{MAX_BATCH}); it is signed by the sender (a detached signature inside) and
+the whole is encrypted to the recipient, so nobody else learns anything.
+
+The notice itself waits in the sender's outbox, next to the ciphertexts and
+replicated by its group like them; what goes under C{ns:<recipient>} in the
+DHT is a L{Doorbell}: a small value, signed and encrypted in the same way,
+naming the notice's SHA-256.  Every DHT node that stores a value sends it
+to a listening recipient, so the DHT carries a few hundred bytes per notice
+instead of the notice's every message.
 
 A I{receive notification}, put under C{nr:<sender>} with the same password,
-tells the sender that a recipient fetched (or discarded) the message.  It
-names the ciphertext's digest and proves knowledge of the password with an
-HMAC, so nobody but the recipient can make it.
+tells the sender that a recipient fetched (or discarded) messages.  For
+each it names the ciphertext's digest (its first 8 bytes: the sender knows
+the rest) and proves knowledge of the message's password with an HMAC, so
+nobody but the recipient can make it.
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ from email.policy import compat32
 
 from p2pmta.address import Address
 from p2pmta.errors import P2PMTAError
+from p2pmta.openpgp import unarmor
 
 _SEND_KIND = "p2pmta-send"
 _RECEIVE_KIND = "p2pmta-received"
@@ -350,54 +360,116 @@ def decodeBatch(data: bytes) -> tuple[bytes, tuple[SendNotification, ...]]:
     return password, batch
 
 
+#: What a signed value starts with (L{wrapSigned}).
+_SIGNED_MAGIC = b"P2S1"
+
+
 def wrapSigned(body: bytes, signature: bytes) -> bytes:
     """
-    @return: a signed notification: C{body} with its detached signature.
+    @param signature: a detached OpenPGP signature of C{body}, armoured or
+        not (it travels without its armour).
+    @return: a signed value: C{body} with its detached signature, in
+        binary (the encryption around a notice compresses its body; base64
+        would hide its repetitions from the compressor).
     """
-    return json.dumps(
-        {"body": base64.b64encode(body).decode("ascii"), "signature": signature.decode("ascii")},
-        separators=(",", ":"),
-    ).encode("ascii")
+    signature = unarmor(signature)
+    if not 0 < len(signature) <= 0xFFFF:
+        raise ValueError(f"a signature of {len(signature)} bytes")
+    return _SIGNED_MAGIC + len(signature).to_bytes(2, "big") + signature + body
 
 
 def unwrapSigned(data: bytes) -> tuple[bytes, bytes]:
     """
-    @return: C{(body, signature)} of a signed notification.
+    @return: C{(body, signature)} of a signed value.
 
     @raise BadNotification: if malformed.
     """
-    doc = _object(data)
-    try:
-        return base64.b64decode(doc["body"], validate=True), doc["signature"].encode("ascii")
-    except _MALFORMED as e:
-        raise BadNotification(str(e)[:200]) from None
+    if not isinstance(data, bytes) or not data.startswith(_SIGNED_MAGIC) or len(data) < 6:
+        raise BadNotification("not a signed value")
+    length = int.from_bytes(data[4:6], "big")
+    if length == 0 or len(data) < 6 + length:
+        raise BadNotification("a signed value cut short")
+    return data[6 + length :], data[6 : 6 + length]
 
 
-def receiptProof(password: bytes, digest: str, recipient: Address) -> str:
+_BELL_KIND = "p2pmta-bell"
+
+#: The largest notice a doorbell may announce.
+MAX_NOTICE_SIZE = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Doorbell:
+    """
+    The DHT value under C{ns:<recipient>}: a notice (an encrypted, signed
+    L{encodeBatch}) waits in C{sender}'s outbox under the SHA-256 C{notice},
+    C{size} bytes long.
+    """
+
+    sender: Address
+    notice: str
+    size: int
+
+    def encode(self) -> bytes:
+        return json.dumps(
+            {"kind": _BELL_KIND, "from": str(self.sender), "notice": self.notice, "size": self.size},
+            sort_keys=True,
+            separators=(",", ":"),
+        ).encode("ascii")
+
+    @classmethod
+    def decode(cls, data: bytes) -> Doorbell:
+        """@raise BadNotification: if C{data} is not a well-formed doorbell."""
+        doc = _object(data)
+        try:
+            if doc.get("kind") != _BELL_KIND:
+                raise BadNotification("not a doorbell")
+            bell = cls(_address(doc["from"]), str(doc["notice"]), int(doc["size"]))
+        except BadNotification:
+            raise
+        except _MALFORMED as e:
+            raise BadNotification(str(e)[:200]) from None
+        if len(bell.notice) != 64 or bell.notice.strip("0123456789abcdef"):
+            raise BadNotification("bad notice digest")
+        if not 0 < bell.size <= MAX_NOTICE_SIZE:
+            raise BadNotification("bad notice size")
+        return bell
+
+
+#: Bytes of a digest a receipt names, and of each proof.
+_PREFIX, _PROOF = 8, 16
+
+
+def receiptProof(password: bytes, digest: str, recipient: Address) -> bytes:
     """
     @return: the proof, known only to holders of C{password}, that
-        C{recipient} is done with the message C{digest}.
+        C{recipient} is done with the message C{digest} (HMAC-SHA-256,
+        truncated to 128 bits).
     """
-    return hmac.new(password, f"{_RECEIVE_KIND}\0{digest}\0{recipient}".encode(), hashlib.sha256).hexdigest()
+    mac = hmac.new(password, f"{_RECEIVE_KIND}\0{digest}\0{recipient}".encode(), hashlib.sha256)
+    return mac.digest()[:_PROOF]
 
 
 @dataclass(frozen=True)
 class ReceiveNotification:
     """
     A recipient's word that it is done with messages (fetched or
-    discarded): C{done} holds C{(digest, proof)} pairs, one per message.
+    discarded): C{done} holds C{(prefix, proof)} pairs, one per message:
+    the first 8 bytes of its digest, and its L{receiptProof}.
     """
 
     recipient: Address
     done: tuple
 
     @property
-    def digests(self) -> list[str]:
-        return [digest for digest, _ in self.done]
+    def prefixes(self) -> list[str]:
+        """The hex digest prefixes of the messages, in order."""
+        return [prefix.hex() for prefix, _ in self.done]
 
     def encode(self) -> bytes:
+        records = b"".join(prefix + proof for prefix, proof in self.done)
         return json.dumps(
-            {"kind": _RECEIVE_KIND, "from": str(self.recipient), "done": [list(pair) for pair in self.done]},
+            {"kind": _RECEIVE_KIND, "from": str(self.recipient), "done": base64.b64encode(records).decode("ascii")},
             sort_keys=True,
             separators=(",", ":"),
         ).encode("ascii")
@@ -407,17 +479,28 @@ class ReceiveNotification:
         """
         @param messages: C{(password, digest)} pairs.
         """
-        return cls(recipient, tuple((digest, receiptProof(password, digest, recipient)) for password, digest in messages))
+        return cls(
+            recipient,
+            tuple(
+                (bytes.fromhex(digest)[:_PREFIX], receiptProof(password, digest, recipient))
+                for password, digest in messages
+            ),
+        )
 
     @classmethod
     def decode(cls, data: bytes) -> ReceiveNotification:
+        """@raise BadNotification: if C{data} is not a well-formed receipt."""
         doc = _object(data)
         try:
             if doc.get("kind") != _RECEIVE_KIND:
                 raise BadNotification("not a receive notification")
-            done = tuple((str(digest), str(proof)) for digest, proof in doc["done"])
-            if not 0 < len(done) <= MAX_BATCH:
-                raise BadNotification("no messages, or too many")
+            records = base64.b64decode(doc["done"], validate=True)
+            size = _PREFIX + _PROOF
+            if not records or len(records) % size or len(records) // size > MAX_BATCH:
+                raise BadNotification("no messages, too many, or a record cut short")
+            done = tuple(
+                (records[i : i + _PREFIX], records[i + _PREFIX : i + size]) for i in range(0, len(records), size)
+            )
             return cls(_address(doc["from"]), done)
         except BadNotification:
             raise
@@ -427,7 +510,8 @@ class ReceiveNotification:
     def provenBy(self, digest: str, password: bytes) -> bool:
         """@return: whether this receipt proves knowledge of C{password} for C{digest}."""
         expected = receiptProof(password, digest, self.recipient)
-        return any(d == digest and hmac.compare_digest(proof, expected) for d, proof in self.done)
+        prefix = bytes.fromhex(digest)[:_PREFIX]
+        return any(p == prefix and hmac.compare_digest(proof, expected) for p, proof in self.done)
 
 
 def headerFields(headers: bytes) -> dict:

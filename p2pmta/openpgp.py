@@ -220,6 +220,18 @@ def _fixed(value: bytes, size: int = 32) -> bytes:
     return value.rjust(size, b"\0")
 
 
+def unarmor(data: bytes) -> bytes:
+    """
+    @return: C{data}, with its ASCII armour taken off if it has one.
+
+    @raise ValueError: if the armour is broken.
+    """
+    try:
+        return _dearmor(data)
+    except (_Malformed, ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"bad ASCII armour: {e}") from None
+
+
 def _dearmor(data: bytes) -> bytes:
     """@return: C{data}, with its ASCII armour taken off if it has one."""
     if data.lstrip()[:5] != b"-----":

@@ -34,22 +34,23 @@ from p2pmta.errors import (
     UnknownPeer,
 )
 from p2pmta.groups import UnknownGroup
-from p2pmta.httpclient import fetchInto
+from p2pmta.httpclient import fetchBytes, fetchInto
 from p2pmta.logs import logFailure
 from p2pmta.rounds import Coalescing
 from p2pmta.notification import (
     MAX_BATCH,
     BadNotification,
+    Doorbell,
     ReceiveNotification,
     decodeBatch,
     splitHeaders,
     unwrapSigned,
 )
 
-#: The largest send notification p2pmta decrypts.
-MAX_NOTIFICATION_SIZE = 64 * 1024
+#: The largest doorbell (a value under C{ns:<self>}) p2pmta decrypts.
+MAX_DOORBELL_SIZE = 4096
 
-#: The most plaintext a send notification may hold (it is compressed).
+#: The most plaintext a notice may hold (it is compressed).
 MAX_NOTIFICATION_PLAINTEXT = 2 * 1024 * 1024
 
 #: How many bodies are pulled at once (a client fetching many messages).
@@ -132,7 +133,7 @@ class Receiver:
                 )
                 self._remember(key)
                 return
-            except (UnknownPeer, FetchError, CryptoError) as e:
+            except (UnknownPeer, FetchError, BodyUnavailable, CryptoError) as e:
                 # Perhaps the sender is away: the next poll tries again.
                 self.log.info("cannot check a notification yet: {e}", e=e)
                 return
@@ -143,21 +144,50 @@ class Receiver:
             self._inFlight.discard(key)
 
     async def _open(self, raw: bytes) -> tuple[bytes, tuple, str]:
+        """
+        Open a doorbell: check it, fetch the notice it announces from the
+        sender's outbox (or its group's), check and decode that.
+
+        @return: the notice's password, its messages and the sender's key
+            fingerprint.
+        @raise BadNotification: if the doorbell or its notice is not
+            genuine.
+        @raise FetchError: if the notice cannot be had now.
+        """
         peer = self._peer
-        if len(raw) > MAX_NOTIFICATION_SIZE:
+        if len(raw) > MAX_DOORBELL_SIZE:
             raise BadNotification("too large")
-        wrapped = await peer.keyring.decrypt(raw, MAX_NOTIFICATION_PLAINTEXT)
+        body, signature = unwrapSigned(await peer.keyring.decrypt(raw, MAX_DOORBELL_SIZE))
+        bell = Doorbell.decode(body)
+        await self._verify(body, signature, bell.sender)
+        sealed = await self._fromSenderOrGroup(bell.sender, bell.notice, lambda d: self._fetchNotice(d, bell))
+        try:
+            wrapped = await peer.keyring.decrypt(sealed, MAX_NOTIFICATION_PLAINTEXT)
+        except DecryptionFailed as e:
+            raise BadNotification(f"the notice of {bell.sender}: {e}") from None
         body, signature = unwrapSigned(wrapped)
         password, batch = decodeBatch(body)
-        sender = batch[0].sender
+        if batch[0].sender != bell.sender:
+            raise BadNotification(f"a notice of {batch[0].sender} announced by {bell.sender}")
         if batch[0].recipient != self.address:
             raise BadNotification(f"addressed to {batch[0].recipient}")
+        return password, batch, await self._verify(body, signature, bell.sender)
+
+    async def _verify(self, body: bytes, signature: bytes, sender: Address) -> str:
+        """@return: the fingerprint of C{sender}'s key, which signed C{body}."""
         await self._knowKeyOf(sender)
         try:
-            fingerprint = await peer.keyring.verify(body, signature, str(sender))
+            return await self._peer.keyring.verify(body, signature, str(sender))
         except CryptoError as e:
             raise BadNotification(f"signature of {sender}: {e}") from None
-        return password, batch, fingerprint
+
+    async def _fetchNotice(self, descriptor, bell) -> bytes:
+        peer = self._peer
+        url = descriptor.link("outbox/" + bell.notice)
+        sealed = await fetchBytes(peer.agent, url, bell.size, peer.reactor)
+        if len(sealed) != bell.size or hashlib.sha256(sealed).hexdigest() != bell.notice:
+            raise BodyUnavailable(f"{url} served bytes that do not match the doorbell")
+        return sealed
 
     async def _knowKeyOf(self, sender: Address) -> None:
         """
@@ -310,10 +340,7 @@ class Receiver:
     async def _pull(self, row, sender: Address, base: str) -> str:
         peer = self._peer
         started = time.monotonic()
-        try:
-            url = await peer.directory.withPeer(sender, lambda d: self._download(d, row, base))
-        except (FetchError, UnknownPeer, BodyUnavailable) as e:
-            url = await self._downloadFromGroup(sender, row, base, e)
+        url = await self._fromSenderOrGroup(sender, row["digest"], lambda d: self._download(d, row, base))
         extra = authenticationResults(self.address, sender, row["reason"])
         # Decrypted straight into the message file, after the added field.
         await peer.keyring.decryptFile(
@@ -346,12 +373,20 @@ class Receiver:
         )
         return path
 
-    async def _downloadFromGroup(self, sender: Address, row, base: str, why: Exception) -> str:
+    async def _fromSenderOrGroup(self, sender: Address, digest: str, attempt):
         """
-        The sender's outbox failed us (C{why}): try the other members of the
-        sender's group, which replicate its outbox (paper, section 4.5).
+        C{await attempt(descriptor)} with the descriptor of C{sender}, and
+        if its outbox fails us, of the other members of its group, which
+        replicate its outbox (paper, section 4.5), until one succeeds.
+
+        @param digest: what is fetched, for the log.
+        @return: what the first success returns.
         """
         peer = self._peer
+        try:
+            return await peer.directory.withPeer(sender, attempt)
+        except (FetchError, UnknownPeer, BodyUnavailable) as e:
+            why = e
         try:
             group = await peer.groups.lookup(sender.group)
         except UnknownGroup:
@@ -362,9 +397,9 @@ class Receiver:
             if member in (sender, self.address):
                 continue
             try:
-                return await peer.directory.withPeer(member, lambda d: self._download(d, row, base))
+                return await peer.directory.withPeer(member, attempt)
             except (FetchError, UnknownPeer, BodyUnavailable) as e:
-                self.log.info("group member {member} cannot serve {digest}: {e}", member=str(member), digest=row["digest"], e=e)
+                self.log.info("group member {member} cannot serve {digest}: {e}", member=str(member), digest=digest, e=e)
         raise why
 
     async def _download(self, descriptor, row, base: str) -> str:

@@ -37,7 +37,9 @@ from p2pmta.logs import logFailure
 from p2pmta.rounds import Coalescing
 from p2pmta.notification import (
     MAX_BATCH,
+    MAX_NOTICE_SIZE,
     BadNotification,
+    Doorbell,
     ReceiveNotification,
     SendNotification,
     attachmentsOf,
@@ -388,20 +390,28 @@ class Sender:
         password = secrets.token_bytes(32)
         body = encodeBatch(notifications, password)
         signature = await peer.keyring.sign(body)
-        value = await peer.keyring.encrypt(wrapSigned(body, signature), [str(recipient)], compress=6)
-        if len(value) > entry.MAX_VALUE_SIZE and len(items) > 1:
+        sealed = await peer.keyring.encrypt(wrapSigned(body, signature), [str(recipient)], compress=6, toSelf=False)
+        if len(sealed) > MAX_NOTICE_SIZE and len(items) > 1:
             half = len(items) // 2
             await self._notifyBatch(recipient, items[:half])
             await self._notifyBatch(recipient, items[half:])
             return
-        if len(value) > entry.MAX_VALUE_SIZE:
-            raise ValueTooLarge(f"the notification of {items[0]['outgoing']} alone takes {len(value)} bytes")
+        if len(sealed) > MAX_NOTICE_SIZE:
+            raise ValueTooLarge(f"the notification of {items[0]['outgoing']} alone takes {len(sealed)} bytes")
+        # The notice waits in the outbox (replicated like a ciphertext);
+        # the DHT carries only its doorbell.
+        digest = await peer.outbox.add(sealed)
+        bell = Doorbell(self.address, digest, len(sealed)).encode()
+        value = await peer.keyring.encrypt(
+            wrapSigned(bell, await peer.keyring.sign(bell)), [str(recipient)], compress=False, toSelf=False
+        )
         await peer.dht.put(recipient.sendKey, value, password, NOTIFICATION_TTL)
         notice = uuid.uuid4().hex
         statements = [
             (
-                "INSERT INTO notices (id, recipient, value, password, created, state) VALUES (?, ?, ?, ?, ?, 'live')",
-                (notice, str(recipient), value, password, peer.clock.seconds()),
+                "INSERT INTO notices (id, recipient, value, password, created, state, body)"
+                " VALUES (?, ?, ?, ?, ?, 'live', ?)",
+                (notice, str(recipient), value, password, peer.clock.seconds(), digest),
             )
         ]
         statements += [
@@ -414,10 +424,11 @@ class Sender:
         ]
         await peer.ledger.transaction(statements)
         self.log.info(
-            "notified {recipient} of {n} messages in one notification ({size} bytes)",
+            "notified {recipient} of {n} messages in one notice ({size} bytes; doorbell {bell} bytes)",
             recipient=str(recipient),
             n=len(items),
-            size=len(value),
+            size=len(sealed),
+            bell=len(value),
         )
 
     def notifications(self) -> list[dict]:
@@ -432,10 +443,11 @@ class Sender:
     async def refreshNotifications(self) -> None:
         """Retire notices no recipient waits on; recompute L{notifications}."""
         peer = self._peer
-        await peer.ledger.query(
-            "UPDATE notices SET state = 'retired' WHERE state = 'live' AND NOT EXISTS"
+        done = await peer.ledger.query(
+            "SELECT id, body FROM notices WHERE state = 'live' AND NOT EXISTS"
             " (SELECT 1 FROM deliveries d WHERE d.notice = notices.id AND d.state = 'notified')"
         )
+        await self._retire(done)
         rows = await peer.ledger.query(
             "SELECT id, recipient, value, password, created FROM notices WHERE state = 'live'"
         )
@@ -453,6 +465,21 @@ class Sender:
             encoded[row["id"]] = known
         self._encoded = encoded
 
+    async def _retire(self, notices) -> None:
+        """
+        Retire C{notices} (rows with C{id} and C{body}): their notices
+        leave the outbox first, so that a crash in between retires them
+        again.
+        """
+        peer = self._peer
+        for notice in notices:
+            if notice["body"]:
+                await peer.outbox.remove(notice["body"])
+        if notices:
+            await peer.ledger.transaction(
+                [("UPDATE notices SET state = 'retired' WHERE id = ?", (notice["id"],)) for notice in notices]
+            )
+
     # Receive notifications (step 11) and garbage collection
 
     async def handleReceipt(self, value: bytes) -> None:
@@ -465,13 +492,13 @@ class Sender:
         except BadNotification as e:
             self.log.warn("ignoring a malformed receive notification: {e}", e=e)
             return
-        digests = receipt.digests
-        marks = ",".join("?" * len(digests))
+        prefixes = receipt.prefixes
+        marks = ",".join("?" * len(prefixes))
         rows = await peer.ledger.query(
             "SELECT d.*, o.digest FROM deliveries d JOIN outgoing o ON o.id = d.outgoing"
-            f" WHERE d.recipient = ? AND o.digest IN ({marks})",
+            f" WHERE d.recipient = ? AND substr(o.digest, 1, {len(prefixes[0])}) IN ({marks})",
             str(receipt.recipient),
-            *digests,
+            *prefixes,
         )
         proven = [d for d in rows if receipt.provenBy(d["digest"], d["password"])]
         if len(proven) < len(rows):
@@ -492,7 +519,7 @@ class Sender:
             self.log.info(
                 "{recipient} is done with {n} messages", recipient=str(receipt.recipient), n=len(finished)
             )
-        first = next((d for d in proven if d["digest"] == digests[0]), None)
+        first = next((d for d in proven if d["digest"].startswith(prefixes[0])), None)
         if first is not None:
             # The recipient put it with the password of its first message.
             try:
@@ -569,9 +596,9 @@ class Sender:
                     "UPDATE deliveries SET state = 'pending', notice = NULL WHERE notice = ? AND state = 'notified'",
                     (notice["id"],),
                 ),
-                ("UPDATE notices SET state = 'retired' WHERE id = ?", (notice["id"],)),
             ]
         await peer.ledger.transaction(statements)
+        await self._retire(notices)
         if rows[0]["digest"]:
             await peer.outbox.remove(rows[0]["digest"])
         self.log.info("cancelled {id}", id=messageId)

@@ -27,6 +27,7 @@ from p2pmta.address import Address
 from p2pmta.dht import entry
 from p2pmta.notification import (
     BadNotification,
+    Doorbell,
     ReceiveNotification,
     SendNotification,
     unwrapSigned,
@@ -176,12 +177,14 @@ _MESSAGE = _SEND["messages"][0]
 _RECEIVE = json.loads(
     ReceiveNotification.make(Address.parse("bob@demo"), [(b"p" * 16, "c" * 64)]).encode()
 )
-_SIGNED = json.loads(wrapSigned(b"body", b"-----BEGIN PGP SIGNATURE-----"))
+_SIGNED = wrapSigned(b'{"kind":"p2pmta-bell"}', b"\x88" * 119)
+_BELL = json.loads(Doorbell(Address.parse("alice@demo"), "ab" * 32, 100).encode())
 
 class NotificationDecoderFuzz(SynchronousTestCase):
     """
-    L{SendNotification.decode}, L{ReceiveNotification.decode} and
-    L{unwrapSigned}: a value or L{BadNotification}, nothing else.
+    L{SendNotification.decode}, L{ReceiveNotification.decode},
+    L{Doorbell.decode} and L{unwrapSigned}: a value or L{BadNotification},
+    nothing else.
     """
 
     def check(self, decoder, raw: bytes) -> None:
@@ -191,11 +194,11 @@ class NotificationDecoderFuzz(SynchronousTestCase):
             pass
 
     @scaled(1500)
-    @given(st.binary(max_size=2000), st.sampled_from([0, 1, 2]))
+    @given(st.binary(max_size=2000), st.sampled_from([0, 1, 2, 3]))
     def test_bytes(self, raw, which):
         """Arbitrary bytes, to each decoder."""
         self.check(
-            [SendNotification.decode, ReceiveNotification.decode, unwrapSigned][which],
+            [SendNotification.decode, ReceiveNotification.decode, Doorbell.decode, unwrapSigned][which],
             raw,
         )
 
@@ -220,11 +223,21 @@ class NotificationDecoderFuzz(SynchronousTestCase):
         self.check(ReceiveNotification.decode, raw)
 
     @scaled(1500)
-    @given(_mutations(_SIGNED))
+    @given(_mutations(_BELL))
     @example(_deep(100_000))
-    def test_nearlySigned(self, raw):
-        """Signed wrappers with one field wrong."""
-        self.check(unwrapSigned, raw)
+    @example(_dumps(dict(_BELL, size=10**400)))
+    @example(_dumps(dict(_BELL, size=float("nan"))))
+    def test_nearlyDoorbells(self, raw):
+        """Doorbells with one field wrong."""
+        self.check(Doorbell.decode, raw)
+
+    @scaled(1500)
+    @given(st.integers(0, len(_SIGNED)), st.integers(0, 8), st.binary(max_size=8))
+    @example(4, 2, b"\xff\xff")
+    @example(4, 2, b"\x00\x00")
+    def test_nearlySigned(self, at, cut, insert):
+        """Signed values with bytes cut, changed or added anywhere."""
+        self.check(unwrapSigned, _SIGNED[:at] + insert + _SIGNED[at + cut :])
 
 
 # -- HTTP requests to the outbox ---------------------------------------------

@@ -10,6 +10,7 @@ import imaplib
 import os
 import shutil
 import smtplib
+import sqlite3
 import tempfile
 from dataclasses import replace
 
@@ -55,15 +56,26 @@ def uids(client, mailbox: str = "INBOX") -> list[int]:
 class AccessLog:
     """Collects the outbox access-log lines of every peer in the test."""
 
-    def __init__(self) -> None:
+    def __init__(self, messages=frozenset) -> None:
+        """
+        @param messages: returns the digests of the message ciphertexts the
+            peers made (outboxes also serve notices).
+        """
         self.lines: list[str] = []
+        self._messages = messages
 
     def __call__(self, event) -> None:
         if event.get("log_namespace") == ACCESS_LOG_NAMESPACE:
             self.lines.append(str(event.get("line", "")))
 
     def bodyRequests(self) -> list[str]:
-        return [line for line in self.lines if '"GET /outbox/' in line and "/outbox/msglist" not in line]
+        """The requests of message bodies (not of msglists or notices)."""
+        messages = self._messages()
+        return [
+            line
+            for line in self.lines
+            if '"GET /outbox/' in line and line.split('"GET /outbox/', 1)[1].split()[0] in messages
+        ]
 
 
 class PeerHarness:
@@ -75,7 +87,7 @@ class PeerHarness:
         self.testCase = testCase
         self.root = tempfile.mkdtemp(prefix="p2e", dir="/tmp")
         testCase.addCleanup(shutil.rmtree, self.root, True)
-        self.access = AccessLog()
+        self.access = AccessLog(self.sentDigests)
         globalLogPublisher.addObserver(self.access)
         testCase.addCleanup(globalLogPublisher.removeObserver, self.access)
         self.running: dict[str, object] = {}
@@ -178,5 +190,34 @@ class PeerHarness:
 
         return await eventually(probe, timeout=timeout)
 
+    def _ledgers(self, query: str) -> set:
+        """The first column of C{query} over every peer's ledger (running or not)."""
+        found = set()
+        for config in self.configs.values():
+            path = os.path.join(config.dataDir, "p2pmta.sqlite")
+            if not os.path.exists(path):
+                continue
+            connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+            try:
+                found.update(row[0] for row in connection.execute(query))
+            except sqlite3.OperationalError:  # no such table yet
+                pass
+            finally:
+                connection.close()
+        return found
+
+    def sentDigests(self) -> set[str]:
+        """The digests of every message ciphertext any peer of the test made."""
+        return self._ledgers("SELECT digest FROM outgoing WHERE digest IS NOT NULL")
+
+    def messageDigests(self, digests) -> list[str]:
+        """
+        The message ciphertexts among C{digests} (outbox or replica
+        digests): not the notices that outboxes also hold.
+        """
+        sent = self.sentDigests()
+        return [digest for digest in digests if digest in sent]
+
     def outboxDigests(self, name: str) -> list[str]:
-        return self.running[name].outbox.digests()
+        """The message ciphertexts in C{name}'s outbox."""
+        return self.messageDigests(self.running[name].outbox.digests())

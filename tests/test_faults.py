@@ -1101,15 +1101,22 @@ class DiskFullTests(FaultCase):
         mid = messageId(message)
 
         async def listed():
+            # The msglist names the notice too: the ciphertext is the big one.
             _, listing = await self.threaded(alice.get, "/outbox/msglist")
-            return json.loads(listing)["messages"]
+            outbox = os.path.join(alice.dataDir, "outbox")
+            sizes = {d: os.stat(os.path.join(outbox, d)).st_size for d in os.listdir(outbox) if _DIGEST.fullmatch(d)}
+            return [d for d in json.loads(listing)["messages"] if sizes.get(d, 0) > 600_000]
 
         [digest] = await eventually(listed)
         # Several rounds of dave's fail for want of space...
         await sleep(3)
-        self.assertEqual(await self.checkServed(dave), 0)
+        await self.checkServed(dave)
+        code, _ = await self.threaded(dave.get, "/outbox/" + digest)
+        self.assertEqual(code, 404)
         self.assertTrue(dave.running)
-        self.assertEqual(os.listdir(os.path.join(dave.dataDir, "replicas")), [], "failed replications left files")
+        replicas = os.listdir(os.path.join(dave.dataDir, "replicas"))
+        self.assertEqual([n for n in replicas if not _DIGEST.fullmatch(n) or n == digest], [],
+                         "failed replications left files")
         # ... and one succeeds once space returns.
         os.remove(filler)
 

@@ -256,7 +256,7 @@ class HostileInputTests(TestCase):
     timeout = 180
 
     async def _forgedAndGarbage(self):
-        from p2pmta.notification import SendNotification, wrapSigned
+        from p2pmta.notification import Doorbell, SendNotification, wrapSigned
 
         h = PeerHarness(self)
         await h.start("alice")
@@ -275,9 +275,17 @@ class HostileInputTests(TestCase):
                 password=os.urandom(32),
                 sent=0.0,
             )
+            # Carol's notices, rung by doorbells that carol signs: one
+            # claims alice's mail in it, the other is addressed to dave.
             body = forged.encode()
-            value = await carol.keyring.encrypt(wrapSigned(body, await carol.keyring.sign(body)), ["bob@demo"])
+            sealed = await carol.keyring.encrypt(wrapSigned(body, await carol.keyring.sign(body)), ["bob@demo"])
+            bell = Doorbell(Address.parse("carol@demo"), await carol.outbox.add(sealed), len(sealed)).encode()
+            value = await carol.keyring.encrypt(wrapSigned(bell, await carol.keyring.sign(bell)), ["bob@demo"])
             await carol.dht.put("ns:bob@demo", value, b"pw", 3600)
+        # A doorbell in alice's name that carol signed.
+        bell = Doorbell(Address.parse("alice@demo"), digest, 100).encode()
+        value = await carol.keyring.encrypt(wrapSigned(bell, await carol.keyring.sign(bell)), ["bob@demo"])
+        await carol.dht.put("ns:bob@demo", value, b"pw", 3600)
         await carol.dht.put("ns:bob@demo", b"\x00garbage", b"pw", 3600)
         await carol.dht.put("ns:bob@demo", os.urandom(3000), b"pw", 3600)
         real = makeMessage("alice@demo", ["bob@demo"], "the real one")
@@ -289,7 +297,7 @@ class HostileInputTests(TestCase):
         typ, data = await h.imap("bob", lambda c: fetchOne(c, uid, "(BODY.PEEK[HEADER.FIELDS (SUBJECT)])"))
         self.assertIn(b"the real one", data[0][1])
         bad = await bob.ledger.query("SELECT COUNT(*) AS n FROM received_notices WHERE state = 'bad'")
-        self.assertEqual(bad[0]["n"], 4, "the two forgeries and the two garbage values are recorded once each")
+        self.assertEqual(bad[0]["n"], 5, "the three forgeries and the two garbage values are recorded once each")
 
     async def _flood(self):
         import time
@@ -341,7 +349,7 @@ class HostileInputTests(TestCase):
         await h.send("alice", ["bob@demo"], message)
 
         [uid] = await h.listed("bob")
-        [digest] = alice.outbox.digests()
+        [digest] = h.outboxDigests("alice")
         path = alice.outbox.path(digest).path
         with open(path, "rb") as f:
             original = f.read()

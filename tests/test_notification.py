@@ -10,7 +10,9 @@ from twisted.trial.unittest import SynchronousTestCase
 from p2pmta.address import Address
 from p2pmta.notification import (
     MAX_BATCH,
+    MAX_NOTICE_SIZE,
     BadNotification,
+    Doorbell,
     decodeBatch,
     encodeBatch,
     ReceiveNotification,
@@ -63,7 +65,7 @@ class SendNotificationTests(SynchronousTestCase):
     @given(st.binary(max_size=500))
     def test_decodeNeverCrashes(self, data):
         """Arbitrary bytes decode or raise BadNotification, nothing else."""
-        for decode in (SendNotification.decode, ReceiveNotification.decode, unwrapSigned):
+        for decode in (SendNotification.decode, ReceiveNotification.decode, Doorbell.decode, unwrapSigned):
             try:
                 decode(data)
             except BadNotification:
@@ -90,8 +92,31 @@ class SendNotificationTests(SynchronousTestCase):
         self.assertRaises(BadNotification, decodeBatch, encodeBatch([first], b"short"))
 
     def test_wrapSigned(self):
-        """A body and its signature travel together."""
+        """
+        A body and its signature travel together, in binary: an armoured
+        signature loses its armour; anything cut short is refused.
+        """
         self.assertEqual(unwrapSigned(wrapSigned(b"\x00body", b"sig")), (b"\x00body", b"sig"))
+        armoured = b"-----BEGIN PGP SIGNATURE-----\n\nAAEC\n=abcd\n-----END PGP SIGNATURE-----\n"
+        self.assertEqual(unwrapSigned(wrapSigned(b"{}", armoured)), (b"{}", b"\x00\x01\x02"))
+        signed = wrapSigned(b"body", b"sig")
+        for bad in (signed[:6], signed[:8], b"{" + signed, b""):
+            self.assertRaises(BadNotification, unwrapSigned, bad)
+        self.assertRaises(ValueError, wrapSigned, b"body", b"")
+
+    def test_doorbell(self):
+        """A doorbell names a notice by digest and size; anything else is refused."""
+        bell = Doorbell(ALICE, "ab" * 32, 5000)
+        self.assertEqual(Doorbell.decode(bell.encode()), bell)
+        for bad in (
+            Doorbell(ALICE, "AB" * 32, 5000),
+            Doorbell(ALICE, "ab" * 31, 5000),
+            Doorbell(ALICE, "ab" * 32, 0),
+            Doorbell(ALICE, "ab" * 32, MAX_NOTICE_SIZE + 1),
+        ):
+            self.assertRaises(BadNotification, Doorbell.decode, bad.encode())
+        self.assertRaises(BadNotification, Doorbell.decode, notification().encode())
+        self.assertRaises(BadNotification, SendNotification.decode, bell.encode())
 
 
 class ReceiveNotificationTests(SynchronousTestCase):
@@ -99,7 +124,8 @@ class ReceiveNotificationTests(SynchronousTestCase):
         """Only the password's holder can make a receipt for a digest and recipient."""
         made = ReceiveNotification.make(BOB, [(b"k" * 32, "cd" * 32), (b"j" * 32, "ef" * 32)])
         receipt = ReceiveNotification.decode(made.encode())
-        self.assertEqual(receipt.digests, ["cd" * 32, "ef" * 32])
+        self.assertEqual(receipt.prefixes, ["cd" * 8, "ef" * 8])
+        self.assertLess(len(made.encode()), 150, "a receipt costs some 32 bytes per message")
         self.assertTrue(receipt.provenBy("cd" * 32, b"k" * 32))
         self.assertTrue(receipt.provenBy("ef" * 32, b"j" * 32))
         self.assertFalse(receipt.provenBy("cd" * 32, b"j" * 32), "each proof is for its own message")
