@@ -50,9 +50,6 @@ from twisted.web.resource import Resource
 
 from p2pmta.store import isDigest
 
-SERVER_NAME = b"p2pmta"
-"""The C{Server} header of every response."""
-
 IDLE_TIMEOUT = 60
 """
 Seconds a connection may stay idle, or take to send a request, before it is
@@ -361,9 +358,10 @@ class _Outbox(_Node):
 
 class _Request(server.Request):
     """
-    A request whose response names p2pmta, not Twisted's version, as its
-    server, and whose body (we serve only GET and HEAD) is thrown away as it
-    arrives rather than kept in memory or a temporary file.
+    A request whose response has no C{Server} header (Twisted's names its
+    version: bytes on every response, and a hint for whoever looks for
+    vulnerable peers), and whose body (we serve only GET and HEAD) is thrown
+    away as it arrives rather than kept in memory or a temporary file.
     """
 
     def gotLength(self, length: int | None) -> None:
@@ -374,7 +372,7 @@ class _Request(server.Request):
 
     def write(self, data: bytes) -> None:
         if not self.startedWriting:
-            self.setHeader(b"server", SERVER_NAME)
+            self.responseHeaders.removeHeader(b"server")
         super().write(data)
 
 
@@ -453,7 +451,7 @@ class _Channel(http.HTTPChannel):
             timeout=self.requestTimeout,
         )
         self.transport.write(
-            b"HTTP/1.1 408 Request Timeout\r\nServer: " + SERVER_NAME + b"\r\n"
+            b"HTTP/1.1 408 Request Timeout\r\n"
             b"Connection: close\r\nContent-Length: 0\r\n\r\n"
         )
         # Close once that is written, and abort if the client holds on.
@@ -484,7 +482,7 @@ class _Refused(Protocol):
 
     def connectionMade(self) -> None:
         self.transport.write(
-            b"HTTP/1.1 503 Service Unavailable\r\nServer: " + SERVER_NAME + b"\r\n"
+            b"HTTP/1.1 503 Service Unavailable\r\n"
             b"Retry-After: %d\r\nConnection: close\r\n"
             b"Content-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n\r\n"
             % (self._retryAfter, len(_REFUSED_BODY))
@@ -541,10 +539,10 @@ def _logAccess(line: str) -> None:
 
 class OutboxSite(server.Site):
     """
-    The outbox's L{server.Site}: only GET and HEAD, a C{Server: p2pmta}
-    header, and an access log in the combined format, written to a file, to
-    a callable, or by default to L{twisted.logger} as one C{info} event
-    C{"{line}"} per request in the namespace L{ACCESS_LOG_NAMESPACE}.
+    The outbox's L{server.Site}: only GET and HEAD, no C{Server} header, and
+    an access log in the combined format, written to a file, to a callable,
+    or by default to L{twisted.logger} as one C{info} event C{"{line}"} per
+    request in the namespace L{ACCESS_LOG_NAMESPACE}.
     """
 
     protocol = _Channel

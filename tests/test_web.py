@@ -195,14 +195,14 @@ class ServeTests(_ServerMixin, TestCase):
     @inlineCallbacks
     def test_pubkey(self):
         """
-        C{/pubkey} answers the key as C{application/pgp-keys}, with a
-        C{Server: p2pmta} header.
+        C{/pubkey} answers the key as C{application/pgp-keys}, with no
+        C{Server} header.
         """
         status, headers, body = yield self.curl(self.base + "/pubkey")
         self.assertEqual(status, 200)
         self.assertEqual(body, KEY)
         self.assertEqual(headers[b"content-type"], b"application/pgp-keys")
-        self.assertEqual(headers[b"server"], b"p2pmta")
+        self.assertNotIn(b"server", headers)
 
     @inlineCallbacks
     def test_ciphertext(self):
@@ -222,7 +222,7 @@ class ServeTests(_ServerMixin, TestCase):
             response.headers.getRawHeaders(b"content-type"),
             [b"application/octet-stream"],
         )
-        self.assertEqual(response.headers.getRawHeaders(b"server"), [b"p2pmta"])
+        self.assertFalse(response.headers.hasHeader(b"server"))
 
     @inlineCallbacks
     def test_rangeCurl(self):
