@@ -222,8 +222,19 @@ class _MessageList(_Node):
 
 class _Ciphertext(static.File):
     """
-    One stored ciphertext: L{static.File} (streaming, byte ranges, HEAD,
-    If-Modified-Since) without any of its directory behaviour.
+    One stored ciphertext: L{static.File}'s streaming, byte ranges and HEAD,
+    without any of its directory behaviour, and with no more headers than a
+    client needs (each is paid for on every pull): C{Date} (which HTTP
+    requires), C{Content-Length}, C{Content-Type} and
+    C{X-Content-Type-Options} (so that no browser ever renders what a group
+    member gave us as a page of this peer), and C{Content-Range} when
+    answering a range.
+
+    There is no validator: the name is the SHA-256 of the content, which
+    never changes, so C{Last-Modified} and C{If-Modified-Since} (or an
+    C{ETag}) would buy nothing, and C{Last-Modified} would tell anyone when
+    the message was written.  Nor is there C{Accept-Ranges}: a client may
+    send C{Range} without being invited to, and is answered all the same.
     """
 
     log = Logger()
@@ -247,12 +258,21 @@ class _Ciphertext(static.File):
 
     def render_GET(self, request):
         request.setHeader(b"x-content-type-options", b"nosniff")
+        self.restat(False)
+        if not self.isfile():
+            # Removed, or replaced by something else, since the look-up.
+            return _NOT_FOUND.render(request)
         try:
-            return super().render_GET(request)
+            fileForReading = self.openForReading()
         except OSError:
-            # Removed, or replaced by something unreadable, since the look-up.
             self.log.failure("could not open {path}", path=self.path)
             return _NOT_FOUND.render(request)
+        if request.method == b"HEAD":
+            self._setContentHeaders(request)
+            fileForReading.close()
+            return b""
+        self.makeProducer(request, fileForReading).start()
+        return server.NOT_DONE_YET
 
     render_HEAD = render_GET
 
