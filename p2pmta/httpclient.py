@@ -28,12 +28,8 @@ from twisted.python.failure import Failure
 from twisted.web._newclient import HEADER, STATUS, HTTP11ClientProtocol
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone, ResponseFailed
 from twisted.web.http import PotentialDataLoss
-from twisted.web.http_headers import Headers
 
-from p2pmta import __version__
 from p2pmta.errors import FetchError
-
-USER_AGENT = f"p2pmta/{__version__}".encode("ascii")
 
 TIMEOUT = 30.0
 """
@@ -248,9 +244,9 @@ async def fetchInto(
         over C{maxSize} bytes, or a server too slow (see the module
         docstring).
     """
-    requested = agent.request(
-        b"GET", url.encode("ascii"), Headers({b"User-Agent": [USER_AGENT]})
-    )
+    # Host is all the request carries: no User-Agent, which would cost
+    # bytes on every pull and tell every peer our version.
+    requested = agent.request(b"GET", url.encode("ascii"))
     requested.addTimeout(timeout, reactor, onTimeoutCancel=_timedOut("no answer"))
     try:
         response = await requested
