@@ -46,6 +46,22 @@ The slowest average rate, in bytes per second, that a body may arrive at
 MAX_HEADER_BYTES = 64 * 1024
 """The most bytes of status line and headers a response may have."""
 
+MAX_PERSISTENT_PER_HOST = 8
+"""
+Idle connections kept open to one peer: as many as a peer lets one client
+download at once (L{p2pmta.web.MAX_DOWNLOADS_PER_CLIENT}), so that a burst
+of pulls reuses its connections instead of closing all but Twisted's
+default two and opening them again for the next burst.
+"""
+
+CACHED_CONNECTION_TIMEOUT = 150
+"""
+Seconds an idle connection is kept: longer than two polls apart (see
+L{p2pmta.config.DEFAULT_POLL_INTERVAL}), shorter than a peer keeps it
+(L{p2pmta.web.IDLE_TIMEOUT}), so that we close it rather than send a
+request just as the peer does.
+"""
+
 
 class _HeaderBoundedProtocol(HTTP11ClientProtocol):
     """
@@ -99,13 +115,21 @@ class BoundedHTTPConnectionPool(HTTPConnectionPool):
 
 
 def makeAgent(
-    reactor, persistent: bool = True
+    reactor,
+    persistent: bool = True,
+    maxPersistentPerHost: int = MAX_PERSISTENT_PER_HOST,
+    cachedConnectionTimeout: float = CACHED_CONNECTION_TIMEOUT,
 ) -> tuple[Agent, BoundedHTTPConnectionPool]:
     """
+    @param maxPersistentPerHost: See L{MAX_PERSISTENT_PER_HOST}.
+    @param cachedConnectionTimeout: See L{CACHED_CONNECTION_TIMEOUT}.
+
     @return: an L{Agent} for L{fetchInto}, and its pool (whose
         C{closeCachedConnections} a service calls when it stops).
     """
     pool = BoundedHTTPConnectionPool(reactor, persistent=persistent)
+    pool.maxPersistentPerHost = maxPersistentPerHost
+    pool.cachedConnectionTimeout = cachedConnectionTimeout
     return Agent(reactor, pool=pool), pool
 
 

@@ -50,10 +50,14 @@ from twisted.web.resource import Resource
 
 from p2pmta.store import isDigest
 
-IDLE_TIMEOUT = 60
+IDLE_TIMEOUT = 180
 """
 Seconds a connection may stay idle, or take to send a request, before it is
-closed.  Twisted does not apply it while a response is being written.
+closed.  Twisted does not apply it while a response is being written.  Long
+enough for a receiver's connections to outlive a few polls (an idle
+connection costs no bytes; a new one costs a handshake and a close), and
+longer than our client keeps them
+(L{p2pmta.httpclient.CACHED_CONNECTION_TIMEOUT}).
 """
 
 REQUEST_TIMEOUT = 30

@@ -8,13 +8,13 @@ from __future__ import annotations
 import os
 
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
 from twisted.python.threadpool import ThreadPool
 from twisted.trial.unittest import TestCase
 
-from p2pmta.httpclient import fetchBytes, makeAgent
+from p2pmta.httpclient import MAX_PERSISTENT_PER_HOST, fetchBytes, makeAgent
 from p2pmta.store import Outbox
 from p2pmta.web import makeSite
 
@@ -105,6 +105,22 @@ class PullCostTests(TestCase):
                 self.assertEqual(await self.pull(), BODY)
             self.assertEqual(len(self.factory.connections), 1)
             self.assertEqual([n for n, _ in self.factory.requests], [0] * 5)
+
+        return Deferred.fromCoroutine(run())
+
+    def test_burstsKeepTheirConnections(self):
+        """
+        After a burst of L{MAX_PERSISTENT_PER_HOST} concurrent pulls, all
+        their connections are kept: the next burst opens none.
+        """
+
+        async def run():
+            burst = MAX_PERSISTENT_PER_HOST
+            self.assertGreaterEqual(burst, 8)
+            for _ in range(2):
+                results = await gatherResults([self.pull() for _ in range(burst)])
+                self.assertEqual(results, [BODY] * burst)
+            self.assertEqual(len(self.factory.connections), burst)
 
         return Deferred.fromCoroutine(run())
 
