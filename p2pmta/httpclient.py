@@ -113,6 +113,17 @@ class BoundedHTTPConnectionPool(HTTPConnectionPool):
 
     _factory = _HeaderBoundedFactory
 
+    def getConnection(self, key, endpoint):
+        # Twisted hands out the connection idle longest; take the one idle
+        # shortest instead.  Its acknowledgement of the last response is
+        # then often still pending and rides on this request instead of
+        # going alone, and the other connections idle out when traffic
+        # thins.
+        connections = self._connections.get(key)
+        if connections:
+            connections.insert(0, connections.pop())
+        return super().getConnection(key, endpoint)
+
 
 def makeAgent(
     reactor,

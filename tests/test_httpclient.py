@@ -124,6 +124,23 @@ class PullCostTests(TestCase):
 
         return Deferred.fromCoroutine(run())
 
+    def test_lastIdleConnectionFirst(self):
+        """
+        The next pull goes over the connection that finished last, whose
+        acknowledgement of that answer can ride along with the request.
+        """
+
+        async def run():
+            # Connection 0 answers 0.2s late, so it finishes second.
+            self.factory.delays[0] = 0.2
+            await gatherResults([self.pull(), self.pull()])
+            self.factory.delays.clear()
+            self.assertEqual(await self.pull(), BODY)
+            self.assertEqual([n for n, _ in self.factory.requests][-1], 0)
+            self.assertEqual(len(self.factory.connections), 2)
+
+        return Deferred.fromCoroutine(run())
+
 
 class AgainstOurOutboxTests(TestCase):
     """
