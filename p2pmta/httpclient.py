@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_descriptor,tests.test_hostile_web -*-
+# -*- test-case-name: tests.test_httpclient,tests.test_hostile_web,tests.test_descriptor -*-
 """
 Reading other peers' outboxes over HTTP, bounded in size and time.
 
