@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_descriptor,tests.test_hostile_web -*-
+# -*- test-case-name: tests.test_httpclient,tests.test_hostile_web,tests.test_descriptor -*-
 """
 Reading other peers' outboxes over HTTP, bounded in size and time.
 
@@ -28,12 +28,8 @@ from twisted.python.failure import Failure
 from twisted.web._newclient import HEADER, STATUS, HTTP11ClientProtocol
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone, ResponseFailed
 from twisted.web.http import PotentialDataLoss
-from twisted.web.http_headers import Headers
 
-from p2pmta import __version__
 from p2pmta.errors import FetchError
-
-USER_AGENT = f"p2pmta/{__version__}".encode("ascii")
 
 TIMEOUT = 30.0
 """
@@ -49,6 +45,22 @@ The slowest average rate, in bytes per second, that a body may arrive at
 
 MAX_HEADER_BYTES = 64 * 1024
 """The most bytes of status line and headers a response may have."""
+
+MAX_PERSISTENT_PER_HOST = 8
+"""
+Idle connections kept open to one peer: as many as a peer lets one client
+download at once (L{p2pmta.web.MAX_DOWNLOADS_PER_CLIENT}), so that a burst
+of pulls reuses its connections instead of closing all but Twisted's
+default two and opening them again for the next burst.
+"""
+
+CACHED_CONNECTION_TIMEOUT = 150
+"""
+Seconds an idle connection is kept: longer than two polls apart (see
+L{p2pmta.config.DEFAULT_POLL_INTERVAL}), shorter than a peer keeps it
+(L{p2pmta.web.IDLE_TIMEOUT}), so that we close it rather than send a
+request just as the peer does.
+"""
 
 
 class _HeaderBoundedProtocol(HTTP11ClientProtocol):
@@ -101,15 +113,34 @@ class BoundedHTTPConnectionPool(HTTPConnectionPool):
 
     _factory = _HeaderBoundedFactory
 
+    def getConnection(self, key, endpoint):
+        # Twisted hands out the connection idle longest; take the one idle
+        # shortest instead.  Its acknowledgement of the last response is
+        # then often still pending and rides on this request instead of
+        # going alone, and the other connections idle out when traffic
+        # thins.
+        connections = self._connections.get(key)
+        if connections:
+            connections.insert(0, connections.pop())
+        return super().getConnection(key, endpoint)
+
 
 def makeAgent(
-    reactor, persistent: bool = True
+    reactor,
+    persistent: bool = True,
+    maxPersistentPerHost: int = MAX_PERSISTENT_PER_HOST,
+    cachedConnectionTimeout: float = CACHED_CONNECTION_TIMEOUT,
 ) -> tuple[Agent, BoundedHTTPConnectionPool]:
     """
+    @param maxPersistentPerHost: See L{MAX_PERSISTENT_PER_HOST}.
+    @param cachedConnectionTimeout: See L{CACHED_CONNECTION_TIMEOUT}.
+
     @return: an L{Agent} for L{fetchInto}, and its pool (whose
         C{closeCachedConnections} a service calls when it stops).
     """
     pool = BoundedHTTPConnectionPool(reactor, persistent=persistent)
+    pool.maxPersistentPerHost = maxPersistentPerHost
+    pool.cachedConnectionTimeout = cachedConnectionTimeout
     return Agent(reactor, pool=pool), pool
 
 
@@ -248,9 +279,9 @@ async def fetchInto(
         over C{maxSize} bytes, or a server too slow (see the module
         docstring).
     """
-    requested = agent.request(
-        b"GET", url.encode("ascii"), Headers({b"User-Agent": [USER_AGENT]})
-    )
+    # Host is all the request carries: no User-Agent, which would cost
+    # bytes on every pull and tell every peer our version.
+    requested = agent.request(b"GET", url.encode("ascii"))
     requested.addTimeout(timeout, reactor, onTimeoutCancel=_timedOut("no answer"))
     try:
         response = await requested

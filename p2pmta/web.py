@@ -50,13 +50,14 @@ from twisted.web.resource import Resource
 
 from p2pmta.store import isDigest
 
-SERVER_NAME = b"p2pmta"
-"""The C{Server} header of every response."""
-
-IDLE_TIMEOUT = 60
+IDLE_TIMEOUT = 180
 """
 Seconds a connection may stay idle, or take to send a request, before it is
-closed.  Twisted does not apply it while a response is being written.
+closed.  Twisted does not apply it while a response is being written.  Long
+enough for a receiver's connections to outlive a few polls (an idle
+connection costs no bytes; a new one costs a handshake and a close), and
+longer than our client keeps them
+(L{p2pmta.httpclient.CACHED_CONNECTION_TIMEOUT}).
 """
 
 REQUEST_TIMEOUT = 30
@@ -225,8 +226,19 @@ class _MessageList(_Node):
 
 class _Ciphertext(static.File):
     """
-    One stored ciphertext: L{static.File} (streaming, byte ranges, HEAD,
-    If-Modified-Since) without any of its directory behaviour.
+    One stored ciphertext: L{static.File}'s streaming, byte ranges and HEAD,
+    without any of its directory behaviour, and with no more headers than a
+    client needs (each is paid for on every pull): C{Date} (which HTTP
+    requires), C{Content-Length}, C{Content-Type} and
+    C{X-Content-Type-Options} (so that no browser ever renders what a group
+    member gave us as a page of this peer), and C{Content-Range} when
+    answering a range.
+
+    There is no validator: the name is the SHA-256 of the content, which
+    never changes, so C{Last-Modified} and C{If-Modified-Since} (or an
+    C{ETag}) would buy nothing, and C{Last-Modified} would tell anyone when
+    the message was written.  Nor is there C{Accept-Ranges}: a client may
+    send C{Range} without being invited to, and is answered all the same.
     """
 
     log = Logger()
@@ -250,12 +262,21 @@ class _Ciphertext(static.File):
 
     def render_GET(self, request):
         request.setHeader(b"x-content-type-options", b"nosniff")
+        self.restat(False)
+        if not self.isfile():
+            # Removed, or replaced by something else, since the look-up.
+            return _NOT_FOUND.render(request)
         try:
-            return super().render_GET(request)
+            fileForReading = self.openForReading()
         except OSError:
-            # Removed, or replaced by something unreadable, since the look-up.
             self.log.failure("could not open {path}", path=self.path)
             return _NOT_FOUND.render(request)
+        if request.method == b"HEAD":
+            self._setContentHeaders(request)
+            fileForReading.close()
+            return b""
+        self.makeProducer(request, fileForReading).start()
+        return server.NOT_DONE_YET
 
     render_HEAD = render_GET
 
@@ -361,9 +382,10 @@ class _Outbox(_Node):
 
 class _Request(server.Request):
     """
-    A request whose response names p2pmta, not Twisted's version, as its
-    server, and whose body (we serve only GET and HEAD) is thrown away as it
-    arrives rather than kept in memory or a temporary file.
+    A request whose response has no C{Server} header (Twisted's names its
+    version: bytes on every response, and a hint for whoever looks for
+    vulnerable peers), and whose body (we serve only GET and HEAD) is thrown
+    away as it arrives rather than kept in memory or a temporary file.
     """
 
     def gotLength(self, length: int | None) -> None:
@@ -374,7 +396,7 @@ class _Request(server.Request):
 
     def write(self, data: bytes) -> None:
         if not self.startedWriting:
-            self.setHeader(b"server", SERVER_NAME)
+            self.responseHeaders.removeHeader(b"server")
         super().write(data)
 
 
@@ -453,7 +475,7 @@ class _Channel(http.HTTPChannel):
             timeout=self.requestTimeout,
         )
         self.transport.write(
-            b"HTTP/1.1 408 Request Timeout\r\nServer: " + SERVER_NAME + b"\r\n"
+            b"HTTP/1.1 408 Request Timeout\r\n"
             b"Connection: close\r\nContent-Length: 0\r\n\r\n"
         )
         # Close once that is written, and abort if the client holds on.
@@ -484,7 +506,7 @@ class _Refused(Protocol):
 
     def connectionMade(self) -> None:
         self.transport.write(
-            b"HTTP/1.1 503 Service Unavailable\r\nServer: " + SERVER_NAME + b"\r\n"
+            b"HTTP/1.1 503 Service Unavailable\r\n"
             b"Retry-After: %d\r\nConnection: close\r\n"
             b"Content-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n\r\n"
             % (self._retryAfter, len(_REFUSED_BODY))
@@ -541,10 +563,10 @@ def _logAccess(line: str) -> None:
 
 class OutboxSite(server.Site):
     """
-    The outbox's L{server.Site}: only GET and HEAD, a C{Server: p2pmta}
-    header, and an access log in the combined format, written to a file, to
-    a callable, or by default to L{twisted.logger} as one C{info} event
-    C{"{line}"} per request in the namespace L{ACCESS_LOG_NAMESPACE}.
+    The outbox's L{server.Site}: only GET and HEAD, no C{Server} header, and
+    an access log in the combined format, written to a file, to a callable,
+    or by default to L{twisted.logger} as one C{info} event C{"{line}"} per
+    request in the namespace L{ACCESS_LOG_NAMESPACE}.
     """
 
     protocol = _Channel

@@ -195,14 +195,14 @@ class ServeTests(_ServerMixin, TestCase):
     @inlineCallbacks
     def test_pubkey(self):
         """
-        C{/pubkey} answers the key as C{application/pgp-keys}, with a
-        C{Server: p2pmta} header.
+        C{/pubkey} answers the key as C{application/pgp-keys}, with no
+        C{Server} header.
         """
         status, headers, body = yield self.curl(self.base + "/pubkey")
         self.assertEqual(status, 200)
         self.assertEqual(body, KEY)
         self.assertEqual(headers[b"content-type"], b"application/pgp-keys")
-        self.assertEqual(headers[b"server"], b"p2pmta")
+        self.assertNotIn(b"server", headers)
 
     @inlineCallbacks
     def test_ciphertext(self):
@@ -222,7 +222,7 @@ class ServeTests(_ServerMixin, TestCase):
             response.headers.getRawHeaders(b"content-type"),
             [b"application/octet-stream"],
         )
-        self.assertEqual(response.headers.getRawHeaders(b"server"), [b"p2pmta"])
+        self.assertFalse(response.headers.hasHeader(b"server"))
 
     @inlineCallbacks
     def test_rangeCurl(self):
@@ -236,7 +236,53 @@ class ServeTests(_ServerMixin, TestCase):
         self.assertEqual(status, 206)
         self.assertEqual(body, data[10:20])
         self.assertEqual(headers[b"content-range"], b"bytes 10-19/1024")
-        self.assertEqual(headers[b"accept-ranges"], b"bytes")
+
+    @inlineCallbacks
+    def test_ciphertextHeaders(self):
+        """
+        A ciphertext comes with C{Date}, C{Content-Length}, C{Content-Type}
+        and C{X-Content-Type-Options} only: no C{Server}, no validator, no
+        C{Accept-Ranges} (each would be paid for on every pull).
+        """
+        data = os.urandom(11_000)
+        digest = yield self.outbox.add(data)
+        for method in (b"GET", b"HEAD"):
+            status, headers, body = yield self.rawGet(
+                f"/outbox/{digest}".encode(), method=method
+            )
+            self.assertEqual(status, 200)
+            self.assertEqual(body, data if method == b"GET" else b"")
+            # (Connection: close answers the request's own.)
+            headers.pop(b"connection")
+            self.assertEqual(
+                sorted(headers),
+                [
+                    b"content-length",
+                    b"content-type",
+                    b"date",
+                    b"x-content-type-options",
+                ],
+                method,
+            )
+            self.assertEqual(headers[b"content-type"], b"application/octet-stream")
+            self.assertEqual(headers[b"x-content-type-options"], b"nosniff")
+
+    @inlineCallbacks
+    def test_noConditionalAnswers(self):
+        """
+        A ciphertext never changes under its name, so it has no validator:
+        C{If-Modified-Since} (even in the future) still gets it whole.
+        """
+        data = b"immutable"
+        digest = yield self.outbox.add(data)
+        status, headers, body = yield self.raw(
+            f"GET /outbox/{digest} HTTP/1.1\r\n".encode()
+            + b"Host: 127.0.0.1\r\nConnection: close\r\n"
+            b"If-Modified-Since: Fri, 01 Jan 2100 00:00:00 GMT\r\n\r\n"
+        )
+        self.assertEqual((status, body), (200, data))
+        self.assertNotIn(b"last-modified", headers)
+        self.assertNotIn(b"etag", headers)
 
     @inlineCallbacks
     def test_rangeAgent(self):

@@ -1,0 +1,174 @@
+"""
+Tests for L{p2pmta.httpclient}: what a pull costs on the wire, over real
+TCP on 127.0.0.1.  (Hostile servers are in L{tests.test_hostile_web}.)
+"""
+
+from __future__ import annotations
+
+import os
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, gatherResults, succeed
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import deferLater
+from twisted.python.threadpool import ThreadPool
+from twisted.trial.unittest import TestCase
+
+from p2pmta.httpclient import MAX_PERSISTENT_PER_HOST, fetchBytes, makeAgent
+from p2pmta.store import Outbox
+from p2pmta.web import makeSite
+
+BODY = b"hello"
+
+
+class _KeepAlive(Protocol):
+    """
+    A keep-alive server for body-less requests: records each request as
+    C{(connection number, request bytes)} in its factory and answers it with
+    L{BODY}, after C{factory.delays[connection number]} seconds if given.
+    """
+
+    def connectionMade(self) -> None:
+        self.number = len(self.factory.connections)
+        self.factory.connections.append(self)
+        self._buffer = b""
+
+    def dataReceived(self, data: bytes) -> None:
+        self._buffer += data
+        while b"\r\n\r\n" in self._buffer:
+            request, self._buffer = self._buffer.split(b"\r\n\r\n", 1)
+            self.factory.requests.append((self.number, request))
+            delay = self.factory.delays.get(self.number, 0)
+            deferLater(reactor, delay, self._answer)
+
+    def _answer(self) -> None:
+        if self.transport.connected:
+            self.transport.write(
+                b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(BODY), BODY)
+            )
+
+
+class _KeepAliveFactory(Factory):
+    protocol = _KeepAlive
+
+    def __init__(self) -> None:
+        self.connections: list[_KeepAlive] = []
+        self.requests: list[tuple[int, bytes]] = []
+        self.delays: dict[int, float] = {}
+
+
+class PullCostTests(TestCase):
+    """
+    Pulls reuse their connections and send nothing HTTP does not need.
+    """
+
+    def setUp(self) -> None:
+        self.factory = _KeepAliveFactory()
+        port = reactor.listenTCP(0, self.factory, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        self.addCleanup(self._closeServerSide)
+        self.url = f"http://127.0.0.1:{port.getHost().port}/outbox/" + "0" * 64
+        self.agent, pool = makeAgent(reactor)
+        self.addCleanup(pool.closeCachedConnections)
+
+    def _closeServerSide(self) -> None:
+        for connection in self.factory.connections:
+            connection.transport.abortConnection()
+
+    def pull(self) -> Deferred:
+        return Deferred.fromCoroutine(
+            fetchBytes(self.agent, self.url, len(BODY), reactor, timeout=5)
+        )
+
+    def test_requestIsLineAndHost(self):
+        """
+        A pull's request is its request line and C{Host}: no C{User-Agent}
+        or anything else.
+        """
+
+        async def run():
+            self.assertEqual(await self.pull(), BODY)
+            [(_, request)] = self.factory.requests
+            line, *headers = request.split(b"\r\n")
+            self.assertEqual(line, b"GET /outbox/" + b"0" * 64 + b" HTTP/1.1")
+            self.assertEqual([h.split(b":", 1)[0].lower() for h in headers], [b"host"])
+
+        return Deferred.fromCoroutine(run())
+
+    def test_sequentialPullsShareOneConnection(self):
+        """
+        Pulls one after another all go over one connection.
+        """
+
+        async def run():
+            for _ in range(5):
+                self.assertEqual(await self.pull(), BODY)
+            self.assertEqual(len(self.factory.connections), 1)
+            self.assertEqual([n for n, _ in self.factory.requests], [0] * 5)
+
+        return Deferred.fromCoroutine(run())
+
+    def test_burstsKeepTheirConnections(self):
+        """
+        After a burst of L{MAX_PERSISTENT_PER_HOST} concurrent pulls, all
+        their connections are kept: the next burst opens none.
+        """
+
+        async def run():
+            burst = MAX_PERSISTENT_PER_HOST
+            self.assertGreaterEqual(burst, 8)
+            for _ in range(2):
+                results = await gatherResults([self.pull() for _ in range(burst)])
+                self.assertEqual(results, [BODY] * burst)
+            self.assertEqual(len(self.factory.connections), burst)
+
+        return Deferred.fromCoroutine(run())
+
+    def test_lastIdleConnectionFirst(self):
+        """
+        The next pull goes over the connection that finished last, whose
+        acknowledgement of that answer can ride along with the request.
+        """
+
+        async def run():
+            # Connection 0 answers 0.2s late, so it finishes second.
+            self.factory.delays[0] = 0.2
+            await gatherResults([self.pull(), self.pull()])
+            self.factory.delays.clear()
+            self.assertEqual(await self.pull(), BODY)
+            self.assertEqual([n for n, _ in self.factory.requests][-1], 0)
+            self.assertEqual(len(self.factory.connections), 2)
+
+        return Deferred.fromCoroutine(run())
+
+
+class AgainstOurOutboxTests(TestCase):
+    """
+    Our fetcher and our outbox together over real TCP.
+    """
+
+    def test_pullsReuseOneConnection(self):
+        """
+        Several ciphertexts pulled one after another from our own outbox
+        come over one connection: the server keeps it alive too.
+        """
+
+        async def run():
+            pool = ThreadPool(minthreads=1, maxthreads=2, name="test-httpclient")
+            pool.start()
+            self.addCleanup(pool.stop)
+            outbox = Outbox(reactor, os.path.abspath(self.mktemp()), pool)
+            blobs = [os.urandom(11_000) for _ in range(4)]
+            digests = [await outbox.add(blob) for blob in blobs]
+            site = makeSite(outbox, lambda: succeed(b"KEY"), logPath=lambda line: None)
+            port = reactor.listenTCP(0, site, interface="127.0.0.1")
+            self.addCleanup(port.stopListening)
+            agent, agentPool = makeAgent(reactor)
+            self.addCleanup(agentPool.closeCachedConnections)
+            base = f"http://127.0.0.1:{port.getHost().port}/outbox/"
+            for digest, blob in zip(digests, blobs):
+                got = await fetchBytes(agent, base + digest, len(blob), reactor)
+                self.assertEqual(got, blob)
+            self.assertEqual(site.connections, {"127.0.0.1": 1})
+
+        return Deferred.fromCoroutine(run())
