@@ -151,17 +151,78 @@ class _Box:
         self.records: dict[int, MessageRecord] = {}
         self.files: dict[int, str] = {}
         self.uids: list[int] = []
+        # meta key -> value -> UIDs, for the keys looked up so far
+        self._byMeta: dict[str, dict] = {}
 
     def put(self, record: MessageRecord, filename: str | None) -> None:
-        if record.uid not in self.records:
+        old = self.records.get(record.uid)
+        if old is None:
             self.uids.append(record.uid)
             if len(self.uids) > 1 and self.uids[-2] > record.uid:
                 self.uids.sort()
         self.records[record.uid] = record
+        if old is None or old.meta is not record.meta:
+            self._unindex(old)
+            self._index(record)
         if filename is None:
             self.files.pop(record.uid, None)
         else:
             self.files[record.uid] = filename
+
+    def remove(self, uids: Iterable[int]) -> None:
+        gone = set()
+        for uid in uids:
+            self._unindex(self.records.pop(uid, None))
+            self.files.pop(uid, None)
+            gone.add(uid)
+        self.uids = [u for u in self.uids if u not in gone]
+
+    def findAll(self, key: str, values) -> dict:
+        """
+        @return: C{{value: [records, in UID order]}} for those of C{values}
+            some record's C{meta[key]} equals.
+        """
+        index = self._byMeta.get(key)
+        if index is None:
+            index = self._byMeta[key] = {}
+            for uid in self.uids:
+                _add(index, self.records[uid].meta, key, uid)
+        found = {}
+        for value in values:
+            try:
+                uids = index.get(value)
+            except TypeError:  # unhashable: no meta value equals it
+                continue
+            if uids:
+                found[value] = [self.records[u] for u in sorted(uids)]
+        return found
+
+    def _index(self, record: MessageRecord) -> None:
+        for key, index in self._byMeta.items():
+            _add(index, record.meta, key, record.uid)
+
+    def _unindex(self, record: MessageRecord | None) -> None:
+        if record is None:
+            return
+        for key, index in self._byMeta.items():
+            try:
+                uids = index.get(record.meta.get(key))
+            except TypeError:
+                continue
+            if uids is not None:
+                uids.discard(record.uid)
+                if not uids:
+                    del index[record.meta[key]]
+
+
+def _add(index: dict, meta: dict, key: str, uid: int) -> None:
+    """Index C{uid} under C{meta[key]}, if it has a hashable one."""
+    if key not in meta:
+        return
+    try:
+        index.setdefault(meta[key], set()).add(uid)
+    except TypeError:
+        pass
 
 
 @implementer(IMailStore)
@@ -389,9 +450,7 @@ class MailStore:
         @return: the records of C{mailbox} whose C{meta[key] == value}, in
             UID order.
         """
-        return [
-            r for r in self.messages(mailbox) if key in r.meta and r.meta[key] == value
-        ]
+        return self._box(mailbox).findAll(key, [value]).get(value, [])
 
     def findAllByMeta(self, mailbox: str, key: str, values) -> dict:
         """
@@ -399,13 +458,7 @@ class MailStore:
 
         @return: C{{value: [records]}} for the values found.
         """
-        wanted = set(values)
-        found: dict = {}
-        for record in self.messages(mailbox):
-            value = record.meta.get(key)
-            if value in wanted:
-                found.setdefault(value, []).append(record)
-        return found
+        return self._box(mailbox).findAll(key, set(values))
 
     def addListener(self, mailbox: str, listener) -> None:
         self._listeners.setdefault(self._box(mailbox).name, []).append(listener)
@@ -762,7 +815,7 @@ class MailStore:
             def done(_):
                 current = box.records.get(uid)
                 if current is not None:
-                    box.records[uid] = replace(current, meta=new)
+                    box.put(replace(current, meta=new), box.files.get(uid))
                 return new
 
             return d.addCallback(done)
@@ -850,11 +903,7 @@ class MailStore:
             return self._change(work, uids, names).addCallback(lambda _: uids)
 
         def done(removed: list):
-            for uid in removed:
-                box.records.pop(uid, None)
-                box.files.pop(uid, None)
-            gone = set(removed)
-            box.uids = [u for u in box.uids if u not in gone]
+            box.remove(removed)
             self._notify(box.name, "expunged", removed)
             return removed
 

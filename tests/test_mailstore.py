@@ -413,6 +413,25 @@ class MailStoreTests(TestCase):
         )
 
     @inlineCallbacks
+    def test_findAllByMetaFollowsChanges(self):
+        """
+        C{findAllByMeta} answers from an index that follows deliveries,
+        meta updates and expunges, in UID order.
+        """
+        first = yield self.store.deliver("INBOX", HEADERS, 10, {"id": "a"})
+        self.assertEqual(list(self.store.findAllByMeta("INBOX", "id", ["a", "b"])), ["a"])
+        second = yield self.store.deliver("INBOX", HEADERS, 10, {"id": "b"})
+        third = yield self.store.deliver("INBOX", HEADERS, 10, {"id": "a", "list": [1]})
+        found = self.store.findAllByMeta("INBOX", "id", ["a", "b", "c"])
+        self.assertEqual({k: [r.uid for r in v] for k, v in found.items()}, {"a": [first, third], "b": [second]})
+        yield self.store.updateMeta("INBOX", first, {"id": "c"})
+        yield self.store.expunge("INBOX", [second])
+        found = self.store.findAllByMeta("INBOX", "id", ["a", "b", "c"])
+        self.assertEqual({k: [r.uid for r in v] for k, v in found.items()}, {"a": [third], "c": [first]})
+        self.assertEqual(found["c"][0].meta, {"id": "c"})
+        self.assertEqual(self.store.findAllByMeta("INBOX", "list", [1, "x"]), {})
+
+    @inlineCallbacks
     def test_copy(self):
         """
         C{copy} gives new UIDs in the destination, with the same flags,
