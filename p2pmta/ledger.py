@@ -182,6 +182,11 @@ class Ledger:
             columns = [c[0] for c in cursor.description or ()]
             return [Row(dict(zip(columns, r))) for r in cursor.fetchall()]
 
+        if not many and _isRead(sql):
+            # One statement is a transaction of its own; a read needs no
+            # write lock, which the mail store's connection may be holding.
+            with self._lock:
+                return work(self._connection.cursor())
         return self._atomically(work)
 
     def query(self, sql: str, *args):
@@ -204,6 +209,13 @@ class Ledger:
                 cursor.execute(sql, args)
 
         return deferToThreadPool(self._reactor, self._threadpool, self._atomically, work, durable)
+
+
+def _isRead(sql: str) -> bool:
+    """
+    @return: whether C{sql} is one statement that only reads.
+    """
+    return sql.lstrip()[:6].upper() == "SELECT"
 
 
 def _isDiskFull(error: BaseException) -> bool:

@@ -10,6 +10,13 @@ L{IMailStore} is synchronous; every write runs in the threadpool, one at a
 time, and updates the index only after its transaction commits, then tells
 the listeners.
 
+Every commit survives a killed peer.  What a client is told is safe (an
+APPEND, a COPY, an EXPUNGE) and a pulled body (its sender deletes its copy
+once told) are also on disk before their Deferred fires; the core's own
+additions and flag changes may go with a power cut, the database staying
+consistent (it shares its write-ahead log with the ledger, whose later
+state follows them).
+
 A received message may be shown before its body is here: L{MailStore.deliver}
 without a body file records the exact header section and the size given by
 the send notification.  L{MailStore.body} pulls the body through
@@ -22,6 +29,7 @@ import errno
 import json
 import os
 import sqlite3
+import stat
 import threading
 import time
 import uuid
@@ -151,17 +159,78 @@ class _Box:
         self.records: dict[int, MessageRecord] = {}
         self.files: dict[int, str] = {}
         self.uids: list[int] = []
+        # meta key -> value -> UIDs, for the keys looked up so far
+        self._byMeta: dict[str, dict] = {}
 
     def put(self, record: MessageRecord, filename: str | None) -> None:
-        if record.uid not in self.records:
+        old = self.records.get(record.uid)
+        if old is None:
             self.uids.append(record.uid)
             if len(self.uids) > 1 and self.uids[-2] > record.uid:
                 self.uids.sort()
         self.records[record.uid] = record
+        if old is None or old.meta is not record.meta:
+            self._unindex(old)
+            self._index(record)
         if filename is None:
             self.files.pop(record.uid, None)
         else:
             self.files[record.uid] = filename
+
+    def remove(self, uids: Iterable[int]) -> None:
+        gone = set()
+        for uid in uids:
+            self._unindex(self.records.pop(uid, None))
+            self.files.pop(uid, None)
+            gone.add(uid)
+        self.uids = [u for u in self.uids if u not in gone]
+
+    def findAll(self, key: str, values) -> dict:
+        """
+        @return: C{{value: [records, in UID order]}} for those of C{values}
+            some record's C{meta[key]} equals.
+        """
+        index = self._byMeta.get(key)
+        if index is None:
+            index = self._byMeta[key] = {}
+            for uid in self.uids:
+                _add(index, self.records[uid].meta, key, uid)
+        found = {}
+        for value in values:
+            try:
+                uids = index.get(value)
+            except TypeError:  # unhashable: no meta value equals it
+                continue
+            if uids:
+                found[value] = [self.records[u] for u in sorted(uids)]
+        return found
+
+    def _index(self, record: MessageRecord) -> None:
+        for key, index in self._byMeta.items():
+            _add(index, record.meta, key, record.uid)
+
+    def _unindex(self, record: MessageRecord | None) -> None:
+        if record is None:
+            return
+        for key, index in self._byMeta.items():
+            try:
+                uids = index.get(record.meta.get(key))
+            except TypeError:
+                continue
+            if uids is not None:
+                uids.discard(record.uid)
+                if not uids:
+                    del index[record.meta[key]]
+
+
+def _add(index: dict, meta: dict, key: str, uid: int) -> None:
+    """Index C{uid} under C{meta[key]}, if it has a hashable one."""
+    if key not in meta:
+        return
+    try:
+        index.setdefault(meta[key], set()).add(uid)
+    except TypeError:
+        pass
 
 
 @implementer(IMailStore)
@@ -211,6 +280,8 @@ class MailStore:
         self._listeners: dict[str, list] = {}
         self._fetching: dict[tuple[str, int], list[Deferred]] = {}
         self._expunging: set[tuple[str, int]] = set()
+        self._attaching: list = []  # (box, uid, path, Deferred) to attach
+        self._attachScheduled = False
         self.bodyFetcher: Callable[[str, MessageRecord], Deferred] | None = None
         self.expungeHook: Callable[[str, list], Deferred] | None = None
         self.attachedHook: Callable[[str, MessageRecord], object] | None = None
@@ -238,17 +309,29 @@ class MailStore:
         """
         return self._writeLock.run(self.runInThread, f, *args)
 
-    def _transaction(self, statements: Iterable[tuple[str, tuple]]) -> None:
+    def _transaction(self, statements: Iterable[tuple[str, tuple]], durable: bool = False) -> None:
         """
         Run C{statements} in one transaction (in a thread).
+
+        @param durable: have the commit on disk, not just in the OS, when
+            this returns (C{synchronous=FULL} for this commit): for what a
+            client is told is safe.  Any commit survives a killed peer; one
+            that is not durable may be lost with the later ones to a power
+            cut, the database staying consistent.
         """
         with self._dbLock:
             db = self._db
             if db is None:
                 raise StoreError("the mail store is closed")
-            with db:
-                for sql, params in statements:
-                    db.execute(sql, params)
+            if durable:
+                db.execute("PRAGMA synchronous=FULL")
+            try:
+                with db:
+                    for sql, params in statements:
+                        db.execute(sql, params)
+            finally:
+                if durable:
+                    db.execute("PRAGMA synchronous=NORMAL")
 
     def _box(self, mailbox: str) -> _Box:
         if isinstance(mailbox, str) and mailbox.upper() == "INBOX":
@@ -291,7 +374,7 @@ class MailStore:
             self._databasePath, check_same_thread=False, isolation_level=None
         )
         db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=FULL")
+        db.execute("PRAGMA synchronous=NORMAL")
         db.executescript(_SCHEMA)
         db.isolation_level = ""
         with db:
@@ -389,9 +472,7 @@ class MailStore:
         @return: the records of C{mailbox} whose C{meta[key] == value}, in
             UID order.
         """
-        return [
-            r for r in self.messages(mailbox) if key in r.meta and r.meta[key] == value
-        ]
+        return self._box(mailbox).findAll(key, [value]).get(value, [])
 
     def findAllByMeta(self, mailbox: str, key: str, values) -> dict:
         """
@@ -399,13 +480,7 @@ class MailStore:
 
         @return: C{{value: [records]}} for the values found.
         """
-        wanted = set(values)
-        found: dict = {}
-        for record in self.messages(mailbox):
-            value = record.meta.get(key)
-            if value in wanted:
-                found.setdefault(value, []).append(record)
-        return found
+        return self._box(mailbox).findAll(key, set(values))
 
     def addListener(self, mailbox: str, listener) -> None:
         self._listeners.setdefault(self._box(mailbox).name, []).append(listener)
@@ -420,12 +495,13 @@ class MailStore:
     def _newName(self) -> str:
         return f"{int(time.time())}.{uuid.uuid4().hex}{_MAILDIR_SUFFIX}"
 
-    def _intoMaildir(self, name: str, tempPath: str) -> None:
+    def _intoMaildir(self, name: str, tempPath: str, syncDir: bool = True) -> None:
         """
         Rename the fsynced C{tempPath} (in C{tmp/}) to C{cur/name}.
         """
         os.replace(tempPath, os.path.join(self._cur, name))
-        fsyncDir(self._cur)
+        if syncDir:
+            fsyncDir(self._cur)
 
     def _writeMessage(self, data: bytes) -> str:
         name = self._newName()
@@ -435,41 +511,48 @@ class MailStore:
         self._intoMaildir(name, os.path.join(self._tmp, name))
         return name
 
-    def _takeFile(self, path: str, headers: bytes, syncDir: bool = True) -> tuple[str, int]:
+    def _takeFile(
+        self, path: str, headers: bytes, syncDir: bool = True, syncFile: bool = True
+    ) -> tuple[str, int]:
         """
         Move the file at C{path} into the Maildir if it starts with exactly
-        C{headers}.
+        C{headers}.  On failure it is left at C{path}.
 
         @param syncDir: fsync C{cur/} (pass L{False} when the caller does,
             once for several files).
+        @param syncFile: fsync the file (pass L{False} for one the caller
+            has flushed to disk already).
         @return: its name in C{cur/} and its size.
         """
         with open(path, "rb") as f:
             if f.read(len(headers)) != headers:
                 raise HeaderMismatch(path)
+            st = os.fstat(f.fileno())
+            if stat.S_IMODE(st.st_mode) != 0o600:
+                os.fchmod(f.fileno(), 0o600)
+            if syncFile:
+                os.fsync(f.fileno())
         name = self._newName()
-        temp = os.path.join(self._tmp, name)
+        # The file is whole already: straight into cur/, not through tmp/.
         try:
-            os.rename(path, temp)
+            os.rename(path, os.path.join(self._cur, name))
         except OSError:
+            temp = os.path.join(self._tmp, name)
             with open(path, "rb") as source, AtomicFile(self._tmp, 0o600) as f:
                 while chunk := source.read(CHUNK_SIZE):
                     f.write(chunk)
                 f.commit(temp)
-            os.unlink(path)
-        else:
-            os.chmod(temp, 0o600)
-            fd = os.open(temp, os.O_RDONLY)
+            size = os.stat(temp).st_size
             try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        size = os.stat(temp).st_size
+                self._intoMaildir(name, temp, syncDir)
+            except BaseException:
+                os.unlink(temp)
+                raise
+            os.unlink(path)
+            return name, size
         if syncDir:
-            self._intoMaildir(name, temp)
-        else:
-            os.replace(temp, os.path.join(self._cur, name))
-        return name, size
+            fsyncDir(self._cur)
+        return name, st.st_size
 
     def _removeFiles(self, names: Iterable[str]) -> None:
         removed = False
@@ -487,7 +570,7 @@ class MailStore:
     _INSERT = "INSERT INTO mail_messages VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
     _UIDNEXT = "UPDATE mail_mailboxes SET uidnext = ? WHERE name = ?"
 
-    def _insert(self, box: _Box, records: list, filenames: list) -> None:
+    def _insert(self, box: _Box, records: list, filenames: list, durable: bool = False) -> None:
         statements = [
             (self._INSERT, (box.name, r.uid, json.dumps(sorted(r.flags)), r.internalDate,
                             r.size, r.headers, name, json.dumps(r.meta)))
@@ -495,7 +578,7 @@ class MailStore:
         ]  # fmt: skip
         statements.append((self._UIDNEXT, (records[-1].uid + 1, box.name)))
         try:
-            self._transaction(statements)
+            self._transaction(statements, durable)
         except BaseException:
             self._removeFiles(f for f in filenames if f is not None)
             raise
@@ -507,10 +590,12 @@ class MailStore:
         self._notify(box.name, "added", [r.uid for r in records])
         return [r.uid for r in records]
 
-    def _addOne(self, mailbox, headers, flags, date, meta, makeFile) -> Deferred:
+    def _addOne(self, mailbox, headers, flags, date, meta, makeFile, durable=False) -> Deferred:
         """
         Add one message; C{makeFile()} (run in the threadpool) puts its file
         in C{cur/} and returns its name (or L{None}) and its size.
+
+        @param durable: see L{_transaction}.
         """
         try:
             box = self._box(mailbox)
@@ -526,7 +611,7 @@ class MailStore:
             record = MessageRecord(
                 uid, flags, when, size, headers, filename is not None, meta
             )
-            self._insert(box, [record], [filename])
+            self._insert(box, [record], [filename], durable)
             return [record], [filename]
 
         return self._writeLock.run(
@@ -567,7 +652,9 @@ class MailStore:
 
         @param messages: dicts with the keyword arguments of L{deliver}:
             C{headers}, C{size}, C{meta} and optionally C{bodyPath},
-            C{flags}, C{date}.
+            C{flags}, C{date}; and C{synced}, true when the file at
+            C{bodyPath} is on disk already (a second name for a file the
+            caller flushed): then only its new name is flushed.
         @return: a Deferred firing with their UIDs, in order.
         """
         try:
@@ -581,6 +668,7 @@ class MailStore:
                     None if m.get("bodyPath") is None else os.fspath(m["bodyPath"]),
                     frozenset(str(f) for f in m.get("flags", ())),
                     now if m.get("date") is None else float(m["date"]),
+                    bool(m.get("synced", False)),
                 )
                 for m in messages
             ]
@@ -592,10 +680,10 @@ class MailStore:
         def work(first: int) -> tuple[list, list]:
             records, names = [], []
             try:
-                for offset, (headers, size, meta, bodyPath, flags, when) in enumerate(prepared):
+                for offset, (headers, size, meta, bodyPath, flags, when, synced) in enumerate(prepared):
                     name = None
                     if bodyPath is not None:
-                        name, size = self._takeFile(bodyPath, headers, syncDir=False)
+                        name, size = self._takeFile(bodyPath, headers, syncDir=False, syncFile=not synced)
                     names.append(name)
                     records.append(MessageRecord(first + offset, flags, when, size, headers, name is not None, meta))
                 if any(name is not None for name in names):
@@ -619,7 +707,7 @@ class MailStore:
         message = bytes(message)
         return self._addOne(
             mailbox, splitHeaders(message), flags, date, {},
-            lambda: (self._writeMessage(message), len(message)),
+            lambda: (self._writeMessage(message), len(message)), durable=True,
         )  # fmt: skip
 
     def copy(self, source: str, uids: Iterable[int], destination: str) -> Deferred:
@@ -658,7 +746,7 @@ class MailStore:
             except BaseException:
                 self._removeFiles(n for n in names if n is not None)
                 raise
-            self._insert(dst, copies, names)
+            self._insert(dst, copies, names, durable=True)
             return copies, names
 
         def start():
@@ -689,53 +777,95 @@ class MailStore:
         message shown by its headers only.  The file must start with exactly
         the stored header section; its real size replaces the announced one.
 
-        @return: a Deferred firing with the stored file's path, or failing
-            with L{HeaderMismatch} (the file is left where it is),
-            L{NoSuchMessage} or L{StoreError} (already held).
+        Bodies attached while an earlier write runs are moved in together:
+        each file is flushed, then C{cur/} once and one durable commit
+        serve them all.
+
+        @return: a Deferred firing with the stored file's path once it is
+            on disk, or failing with L{HeaderMismatch} (the file is left
+            where it is), L{NoSuchMessage}, L{StoreError} (already held)
+            or L{DiskFull}.
         """
         try:
             box = self._box(mailbox)
         except Exception:
             return fail()
+        d: Deferred = Deferred()
+        self._attaching.append((box, uid, os.fspath(path), d))
+        if not self._attachScheduled:
+            self._attachScheduled = True
+            self._writeLock.run(self._attachQueued)
+        return d
 
-        def work(record: MessageRecord):
-            name, size = self._takeFile(os.fspath(path), record.headers)
-            try:
-                self._transaction(
-                    [
-                        (
-                            "UPDATE mail_messages SET filename = ?, size = ? WHERE mailbox = ? AND uid = ?",
-                            (name, size, box.name, uid),
-                        )
-                    ]
-                )
-            except BaseException:
-                self._removeFiles([name])
-                raise
-            return name, size
-
-        def done(result, record: MessageRecord):
-            name, size = result
-            if size != record.size:
-                self.log.warn(
-                    "message {uid} in {mailbox} is {size} bytes, {announced} announced",
-                    uid=uid,
-                    mailbox=box.name,
-                    size=size,
-                    announced=record.size,
-                )
-            box.put(replace(box.records.get(uid, record), held=True, size=size), name)
-            return os.path.join(self._cur, name)
-
-        def start():
+    def _attachQueued(self) -> Deferred:
+        """
+        Attach the bodies queued by L{attachBody} so far, in one thread call
+        (under the write lock).
+        """
+        self._attachScheduled = False
+        queued, self._attaching = self._attaching, []
+        jobs, taken = [], set()
+        for box, uid, path, d in queued:
             record = box.records.get(uid)
             if record is None:
-                return fail(NoSuchMessage(f"{box.name} {uid}"))
-            if record.held:
-                return fail(StoreError(f"{box.name} {uid} already has its body"))
-            return self._change(work, record).addCallback(done, record)
+                d.errback(NoSuchMessage(f"{box.name} {uid}"))
+            elif record.held or (box.name, uid) in taken:
+                d.errback(StoreError(f"{box.name} {uid} already has its body"))
+            else:
+                taken.add((box.name, uid))
+                jobs.append((box, record, path, d))
+        if not jobs:
+            return succeed(None)
 
-        return self._writeLock.run(start)
+        def work() -> list:
+            results, names = [], []
+            for box, record, path, _ in jobs:
+                try:
+                    name, size = self._takeFile(path, record.headers, syncDir=False)
+                except Exception:
+                    results.append(Failure())
+                else:
+                    results.append((name, size))
+                    names.append(name)
+            if names:
+                sql = "UPDATE mail_messages SET filename = ?, size = ? WHERE mailbox = ? AND uid = ?"
+                try:
+                    fsyncDir(self._cur)
+                    self._transaction(
+                        [
+                            (sql, (result[0], result[1], box.name, record.uid))
+                            for (box, record, _, _), result in zip(jobs, results)
+                            if not isinstance(result, Failure)
+                        ],
+                        durable=True,
+                    )
+                except BaseException:
+                    self._removeFiles(names)
+                    raise
+            return results
+
+        def done(results: list) -> None:
+            for (box, record, _, d), result in zip(jobs, results):
+                if isinstance(result, Failure):
+                    fail(result).addErrback(_diskFull).chainDeferred(d)
+                    continue
+                name, size = result
+                if size != record.size:
+                    self.log.warn(
+                        "message {uid} in {mailbox} is {size} bytes, {announced} announced",
+                        uid=record.uid,
+                        mailbox=box.name,
+                        size=size,
+                        announced=record.size,
+                    )
+                box.put(replace(box.records.get(record.uid, record), held=True, size=size), name)
+                d.callback(os.path.join(self._cur, name))
+
+        def failed(failure: Failure) -> None:
+            for _, _, _, d in jobs:
+                d.errback(failure)
+
+        return self._change(work).addCallbacks(done, failed)
 
     def updateMeta(self, mailbox: str, uid: int, meta: dict) -> Deferred:
         """
@@ -762,7 +892,7 @@ class MailStore:
             def done(_):
                 current = box.records.get(uid)
                 if current is not None:
-                    box.records[uid] = replace(current, meta=new)
+                    box.put(replace(current, meta=new), box.files.get(uid))
                 return new
 
             return d.addCallback(done)
@@ -841,7 +971,7 @@ class MailStore:
 
         def work(uids: list, names: list):
             sql = "DELETE FROM mail_messages WHERE mailbox = ? AND uid = ?"
-            self._transaction([(sql, (box.name, u)) for u in uids])
+            self._transaction([(sql, (box.name, u)) for u in uids], durable=True)
             self._removeFiles(names)
 
         def start():
@@ -850,11 +980,7 @@ class MailStore:
             return self._change(work, uids, names).addCallback(lambda _: uids)
 
         def done(removed: list):
-            for uid in removed:
-                box.records.pop(uid, None)
-                box.files.pop(uid, None)
-            gone = set(removed)
-            box.uids = [u for u in box.uids if u not in gone]
+            box.remove(removed)
             self._notify(box.name, "expunged", removed)
             return removed
 

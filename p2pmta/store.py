@@ -7,11 +7,12 @@ For now this holds the public outbox (the paper's section 4.3, steps 4, 9 and
 bytes, served to receivers and group members by L{p2pmta.web}.
 """
 
+import errno
 import hashlib
 import os
 import re
+import secrets
 import stat
-import tempfile
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.threads import deferToThreadPool
@@ -152,14 +153,23 @@ class Outbox:
 
     def _adopt(self, path: str) -> str:
         """
-        Rename C{path} to a temporary name in the outbox, then hash it and
-        rename it to its digest.  Once renamed it is ours: nobody else knows
+        Move C{path} to a temporary name in the outbox, then hash it and
+        rename it to its digest.  Once moved it is ours: nobody else knows
         the temporary name, so the digest matches the bytes kept.  On
         failure it is given back.
+
+        The move is a hard link (which, unlike a rename, never replaces a
+        file already there) and an unlink: no file is created just to
+        reserve a name.  Only the outbox is flushed: should a crash bring
+        the old name back, it is a second name for the same bytes, which
+        the spool's clean-up after a crash removes.
         """
-        fd, temp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=self.directory)
-        os.close(fd)
-        os.replace(path, temp)
+        temp = self._linkToTemp(path)
+        try:
+            os.unlink(path)
+        except BaseException:
+            os.unlink(temp)
+            raise
         try:
             os.chmod(temp, self.fileMode)
             h = hashlib.sha256()
@@ -173,8 +183,23 @@ class Outbox:
             os.replace(temp, path)
             raise
         fsyncDir(self.directory)
-        fsyncDir(os.path.dirname(os.path.abspath(path)))
         return digest
+
+    def _linkToTemp(self, path: str) -> str:
+        """
+        Give the file at C{path} a second name, a fresh temporary one in the
+        outbox.
+
+        @return: that name's path.
+        """
+        for _ in range(100):
+            temp = os.path.join(self.directory, TEMP_PREFIX + secrets.token_hex(8))
+            try:
+                os.link(path, temp)
+            except FileExistsError:
+                continue
+            return temp
+        raise FileExistsError(errno.EEXIST, "no free temporary name", self.directory)
 
     def remove(self, digest: str) -> Deferred:
         """

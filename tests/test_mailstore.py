@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from twisted.internet import reactor
 from twisted.internet.defer import (
     Deferred,
+    DeferredList,
     fail,
     gatherResults,
     inlineCallbacks,
@@ -301,6 +302,38 @@ class MailStoreTests(TestCase):
         self.assertEqual(self.store.filePath("INBOX", uid), path)
 
     @inlineCallbacks
+    def test_attachBodiesTogether(self):
+        """
+        Bodies attached while another write runs are moved in by one thread
+        call (the first starts at once, the others join while it runs); one
+        that does not match fails alone, and all are kept across a reopen.
+        """
+        uids = []
+        for i in range(4):
+            uids.append((yield self.store.deliver("INBOX", HEADERS, 99, {"n": i})))
+        calls = []
+        original = self.store.runInThread
+
+        def counting(f, *args):
+            calls.append(f)
+            return original(f, *args)
+
+        self.store.runInThread = counting
+        bad = self.writeFile("bad", b"Subject: other\r\n\r\nbody")
+        ds = [self.store.attachBody("INBOX", uids[0], self.writeFile("m0", MESSAGE))]
+        ds.append(self.store.attachBody("INBOX", uids[1], bad))
+        ds += [self.store.attachBody("INBOX", u, self.writeFile(f"m{u}", MESSAGE)) for u in uids[2:]]
+        results = yield DeferredList(ds, consumeErrors=True)
+        self.assertEqual([ok for ok, _ in results], [True, False, True, True])
+        results[1][1].trap(HeaderMismatch)
+        self.assertEqual(len(calls), 2)
+        self.assertTrue(os.path.exists(bad))
+        yield self.reopen()
+        self.assertEqual([r.held for r in self.store.messages("INBOX")], [True, False, True, True])
+        with open(self.store.filePath("INBOX", uids[3]), "rb") as f:
+            self.assertEqual(f.read(), MESSAGE)
+
+    @inlineCallbacks
     def test_deliverWithBodyMovesFileIn(self):
         """
         C{deliver} with a body file moves it into the Maildir.
@@ -411,6 +444,25 @@ class MailStoreTests(TestCase):
         self.assertEqual(
             self.store.findByMeta("INBOX", "state", "received")[0].meta, new
         )
+
+    @inlineCallbacks
+    def test_findAllByMetaFollowsChanges(self):
+        """
+        C{findAllByMeta} answers from an index that follows deliveries,
+        meta updates and expunges, in UID order.
+        """
+        first = yield self.store.deliver("INBOX", HEADERS, 10, {"id": "a"})
+        self.assertEqual(list(self.store.findAllByMeta("INBOX", "id", ["a", "b"])), ["a"])
+        second = yield self.store.deliver("INBOX", HEADERS, 10, {"id": "b"})
+        third = yield self.store.deliver("INBOX", HEADERS, 10, {"id": "a", "list": [1]})
+        found = self.store.findAllByMeta("INBOX", "id", ["a", "b", "c"])
+        self.assertEqual({k: [r.uid for r in v] for k, v in found.items()}, {"a": [first, third], "b": [second]})
+        yield self.store.updateMeta("INBOX", first, {"id": "c"})
+        yield self.store.expunge("INBOX", [second])
+        found = self.store.findAllByMeta("INBOX", "id", ["a", "b", "c"])
+        self.assertEqual({k: [r.uid for r in v] for k, v in found.items()}, {"a": [third], "c": [first]})
+        self.assertEqual(found["c"][0].meta, {"id": "c"})
+        self.assertEqual(self.store.findAllByMeta("INBOX", "list", [1, "x"]), {})
 
     @inlineCallbacks
     def test_copy(self):
