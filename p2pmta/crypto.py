@@ -680,7 +680,7 @@ class Keyring:
             self._encryptBlocking, data, None, recipients, sign, compress, toSelf
         )
 
-    def encryptFile(self, inPath, outPath, recipients, sign=False, compress=True):
+    def encryptFile(self, inPath, outPath, recipients, sign=False, compress=True, toSelf=True):
         """
         Like L{encrypt}, streaming from C{inPath} to C{outPath}, which
         appears whole or not at all.
@@ -688,7 +688,7 @@ class Keyring:
         @return: a Deferred firing with the message's session key (which
             decrypts it without a secret key), or L{None} when gpg made it.
         """
-        args = (inPath, outPath, recipients, sign, compress)
+        args = (inPath, outPath, recipients, sign, compress, toSelf)
         return self._shared(self._encryptBlocking, *args)
 
     def _encryptBlocking(self, source, outPath, recipients, sign, compress, toSelf=True):

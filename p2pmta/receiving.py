@@ -94,6 +94,7 @@ class Receiver:
         self.pullDirectory = os.path.join(peer.dataDir.path, "pulls")
         self._pulls = DeferredSemaphore(PULL_CONCURRENCY)
         self._pullDirectoryMade = False
+        self._stored: list = []  # incoming hashes of bodies stored, to record
 
     @property
     def address(self) -> Address:
@@ -332,8 +333,15 @@ class Receiver:
         key = record.meta.get("incoming")
         if mailbox != "INBOX" or not key:
             return
+        # The mail store stores bodies in groups: one ledger transaction
+        # records a group, on the next turn of the reactor.
+        self._stored.append(key)
+        if len(self._stored) == 1:
+            self._peer.reactor.callLater(0, self._recordStored)
 
-        self._peer.track(Deferred.fromCoroutine(self._doneWith([key], "pulled"))).addErrback(
+    def _recordStored(self) -> None:
+        keys, self._stored = self._stored, []
+        self._peer.track(Deferred.fromCoroutine(self._doneWith(keys, "pulled"))).addErrback(
             logFailure(self.log, "recording a pulled body failed; the next poll retries")
         )
 

@@ -25,6 +25,7 @@ import uuid
 import zlib
 
 from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -122,6 +123,13 @@ class Sender:
     #: costs its recipient DHT traffic from every node that stores it).
     notifyDelay = 0.1
 
+    #: In a burst (at least C{burst} messages waiting for their notices),
+    #: they wait C{burstDelay} more, once, for the rest of the burst: a
+    #: single message is told of after L{notifyDelay}; a thousand go in
+    #: a few large notices, not in one per pipeline batch.
+    burst = 8
+    burstDelay = 0.4
+
     def __init__(self, peer, maxMessageSize: int) -> None:
         """
         @param peer: the L{p2pmta.service.Peer}, for its address, DHT,
@@ -169,7 +177,7 @@ class Sender:
             statements.append(
                 (
                     "INSERT INTO deliveries (outgoing, recipient, password, state) VALUES (?, ?, ?, 'pending')",
-                    (messageId, recipient, secrets.token_bytes(32)),
+                    (messageId, recipient, secrets.token_bytes(16)),
                 )
             )
         try:
@@ -269,8 +277,9 @@ class Sender:
         )
         encrypted = row["spool"] + ".gpg"
         started = time.monotonic()
+        # For the recipients only: we keep the plaintext in Sent.
         sessionKey = await peer.keyring.encryptFile(
-            row["spool"], encrypted, recipients, compress=level
+            row["spool"], encrypted, recipients, compress=level, toSelf=False
         )
         ciphertextSize = await peer.inThreads(os.path.getsize, encrypted)
         digest = await peer.outbox.addFile(encrypted, move=True)
@@ -299,13 +308,13 @@ class Sender:
             if row["id"] not in filed[mailbox]
         ]
 
-        def link() -> None:
+        def link() -> set:
             # A second name for the same bytes, not a copy: the mail store
-            # never writes to a message file.
-            for row, _, path in copies:
-                _linkOrCopy(row["spool"], path)
+            # never writes to a message file.  A link is on disk already
+            # (SMTP flushed the spooled message before its 250).
+            return {path for row, _, path in copies if _linkOrCopy(row["spool"], path)}
 
-        await peer.inThreads(link)
+        linked = await peer.inThreads(link)
         for mailbox in ("Sent", "Outbox"):
             await store.deliverMany(
                 mailbox,
@@ -315,6 +324,7 @@ class Sender:
                         "size": row["size"],
                         "meta": {"outgoing": row["id"], "digest": row["digest"]},
                         "bodyPath": path,
+                        "synced": path in linked,
                         "flags": ("\\Seen",),
                         "date": row["created"],
                     }
@@ -344,12 +354,17 @@ class Sender:
 
     async def _notifyPending(self) -> None:
         peer = self._peer
-        rows = await peer.ledger.query(
+        pending = (
             "SELECT d.outgoing, d.recipient, d.password, o.sender, o.digest, o.ciphertext_size, o.size,"
             " o.headers, o.created, o.attachments, o.session_key FROM deliveries d"
             " JOIN outgoing o ON o.id = d.outgoing WHERE d.state = 'pending' AND o.state = 'sent'"
             " ORDER BY o.created LIMIT 10000"
         )
+        rows = await peer.ledger.query(pending)
+        if self.burst <= len(rows) < MAX_BATCH and (self._queue or self._draining):
+            # More are on their way through the pipeline.
+            await deferLater(peer.reactor, self.burstDelay, lambda: None)
+            rows = await peer.ledger.query(pending)
         byRecipient: dict[str, list] = {}
         for row in rows:
             byRecipient.setdefault(row["recipient"], []).append(row)
@@ -644,10 +659,13 @@ class Sender:
                 self.log.info("forgot the keys of {n} peers unseen for long", n=len(forgotten))
 
 
-def _linkOrCopy(source: str, destination: str) -> None:
+def _linkOrCopy(source: str, destination: str) -> bool:
+    """@return: whether C{destination} is a link to C{source} (not a copy)."""
     removeIfThere(destination)  # left by a crash: perhaps half copied
     try:
         os.link(source, destination)
     except OSError:
         shutil.copyfile(source, destination)
+        return False
+    return True
 
