@@ -437,14 +437,18 @@ class Doorbell:
 
 
 #: Bytes of a digest a receipt names, and of each proof.
-_PREFIX, _PROOF = 8, 16
+_PREFIX, _PROOF = 8, 12
+
+#: What a receipt starts with.
+_RECEIPT_MAGIC = b"P2R1"
 
 
 def receiptProof(password: bytes, digest: str, recipient: Address) -> bytes:
     """
     @return: the proof, known only to holders of C{password}, that
         C{recipient} is done with the message C{digest} (HMAC-SHA-256,
-        truncated to 128 bits).
+        truncated to 96 bits, as in RFC 4868's truncated HMACs: a forger
+        gets one guess per DHT put).
     """
     mac = hmac.new(password, f"{_RECEIVE_KIND}\0{digest}\0{recipient}".encode(), hashlib.sha256)
     return mac.digest()[:_PROOF]
@@ -467,12 +471,14 @@ class ReceiveNotification:
         return [prefix.hex() for prefix, _ in self.done]
 
     def encode(self) -> bytes:
+        """
+        @return: the receipt in binary (it is random bytes; the DHT entry
+            around it is base64 already): magic, the recipient's address
+            after its length, then 20 bytes a message.
+        """
+        recipient = str(self.recipient).encode("utf-8")
         records = b"".join(prefix + proof for prefix, proof in self.done)
-        return json.dumps(
-            {"kind": _RECEIVE_KIND, "from": str(self.recipient), "done": base64.b64encode(records).decode("ascii")},
-            sort_keys=True,
-            separators=(",", ":"),
-        ).encode("ascii")
+        return _RECEIPT_MAGIC + bytes([len(recipient)]) + recipient + records
 
     @classmethod
     def make(cls, recipient: Address, messages) -> ReceiveNotification:
@@ -490,22 +496,18 @@ class ReceiveNotification:
     @classmethod
     def decode(cls, data: bytes) -> ReceiveNotification:
         """@raise BadNotification: if C{data} is not a well-formed receipt."""
-        doc = _object(data)
+        if not isinstance(data, bytes) or not data.startswith(_RECEIPT_MAGIC) or len(data) < 5:
+            raise BadNotification("not a receive notification")
+        end = 5 + data[4]
         try:
-            if doc.get("kind") != _RECEIVE_KIND:
-                raise BadNotification("not a receive notification")
-            records = base64.b64decode(doc["done"], validate=True)
-            size = _PREFIX + _PROOF
-            if not records or len(records) % size or len(records) // size > MAX_BATCH:
-                raise BadNotification("no messages, too many, or a record cut short")
-            done = tuple(
-                (records[i : i + _PREFIX], records[i + _PREFIX : i + size]) for i in range(0, len(records), size)
-            )
-            return cls(_address(doc["from"]), done)
-        except BadNotification:
-            raise
-        except _MALFORMED as e:
+            recipient = _address(data[5:end].decode("utf-8"))
+        except (UnicodeDecodeError, *_MALFORMED) as e:
             raise BadNotification(str(e)[:200]) from None
+        records, size = data[end:], _PREFIX + _PROOF
+        if not records or len(records) % size or len(records) // size > MAX_BATCH:
+            raise BadNotification("no messages, too many, or a record cut short")
+        done = tuple((records[i : i + _PREFIX], records[i + _PREFIX : i + size]) for i in range(0, len(records), size))
+        return cls(recipient, done)
 
     def provenBy(self, digest: str, password: bytes) -> bool:
         """@return: whether this receipt proves knowledge of C{password} for C{digest}."""
