@@ -781,7 +781,7 @@ class DiskFullTests(SynchronousTestCase):
         store.attachedHook = lambda mailbox, record: told.append(record.uid)
         real = store._transaction
 
-        def full(statements):
+        def full(statements, durable=False):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
         self.session.command(b"n", b"NOOP")
@@ -804,7 +804,7 @@ class DiskFullTests(SynchronousTestCase):
         """
         real = self.store._transaction
 
-        def full(statements):
+        def full(statements, durable=False):
             raise sqlite3.OperationalError("database or disk is full")
 
         self.store._transaction = full
