@@ -47,7 +47,7 @@ CREATE TABLE IF NOT EXISTS notices (
     value BLOB NOT NULL,          -- the ns value put: one for several messages
     password BLOB NOT NULL,       -- its DHT password, told to the recipient
     created REAL NOT NULL,
-    state TEXT NOT NULL,          -- live, retired
+    state TEXT NOT NULL,          -- preparing, live, retired
     body TEXT                     -- digest of the notice in the outbox (value: its doorbell)
 );
 CREATE TABLE IF NOT EXISTS incoming (

@@ -36,6 +36,7 @@ from p2pmta.fileutil import fsyncDir, removeIfThere
 from p2pmta.interfaces import ISubmission
 from p2pmta.logs import logFailure
 from p2pmta.rounds import Coalescing
+from p2pmta.store import sha256Hex
 from p2pmta.notification import (
     MAX_BATCH,
     MAX_NOTICE_SIZE,
@@ -141,6 +142,7 @@ class Sender:
         self._queue: dict[str, list[Deferred]] = {}  # message id -> waiters
         self._draining = False
         self._encoded: dict[str, dict] = {}  # live notice id -> its msglist entry
+        self._preparing: set[str] = set()  # notices being stored and rung now
         self._lastKeyPrune = float("-inf")
         self._notifier = Coalescing(
             peer.reactor, self.notifyDelay, self._notifyPending, "notifying recipients failed; will retry", peer.track
@@ -414,21 +416,43 @@ class Sender:
         if len(sealed) > MAX_NOTICE_SIZE:
             raise ValueTooLarge(f"the notification of {items[0]['outgoing']} alone takes {len(sealed)} bytes")
         # The notice waits in the outbox (replicated like a ciphertext);
-        # the DHT carries only its doorbell.
-        digest = await peer.outbox.add(sealed)
+        # the DHT carries only its doorbell.  Recorded as 'preparing'
+        # first: should storing or ringing fail, or a crash come, before
+        # the messages are marked as told of, a round takes both back.
+        digest = sha256Hex(sealed)
         bell = Doorbell(self.address, digest, len(sealed)).encode()
         value = await peer.keyring.encrypt(
             wrapSigned(bell, await peer.keyring.sign(bell)), [str(recipient)], compress=False, toSelf=False
         )
-        await peer.dht.put(recipient.sendKey, value, password, NOTIFICATION_TTL)
         notice = uuid.uuid4().hex
-        statements = [
-            (
+        self._preparing.add(notice)
+        try:
+            await peer.ledger.query(
                 "INSERT INTO notices (id, recipient, value, password, created, state, body)"
-                " VALUES (?, ?, ?, ?, ?, 'live', ?)",
-                (notice, str(recipient), value, password, peer.clock.seconds(), digest),
+                " VALUES (?, ?, ?, ?, ?, 'preparing', ?)",
+                notice,
+                str(recipient),
+                value,
+                password,
+                peer.clock.seconds(),
+                digest,
             )
-        ]
+            await peer.outbox.add(sealed)
+            await peer.dht.put(recipient.sendKey, value, password, NOTIFICATION_TTL)
+            await self._tell(notice, recipient, items)
+        finally:
+            self._preparing.discard(notice)
+        self.log.info(
+            "notified {recipient} of {n} messages in one notice ({size} bytes; doorbell {bell} bytes)",
+            recipient=str(recipient),
+            n=len(items),
+            size=len(sealed),
+            bell=len(value),
+        )
+
+    async def _tell(self, notice: str, recipient: Address, items: list) -> None:
+        """Mark C{items} as told of by C{notice}, which goes live."""
+        statements = [("UPDATE notices SET state = 'live' WHERE id = ?", (notice,))]
         statements += [
             (
                 "UPDATE deliveries SET state = 'notified', notice = ? WHERE outgoing = ? AND recipient = ?"
@@ -437,14 +461,27 @@ class Sender:
             )
             for row in items
         ]
-        await peer.ledger.transaction(statements)
-        self.log.info(
-            "notified {recipient} of {n} messages in one notice ({size} bytes; doorbell {bell} bytes)",
-            recipient=str(recipient),
-            n=len(items),
-            size=len(sealed),
-            bell=len(value),
-        )
+        await self._peer.ledger.transaction(statements)
+
+    async def _abandonUnfinishedNotices(self) -> None:
+        """
+        Take back the notices whose preparation failed or was cut short by
+        a crash: their doorbell (if it was put) and their file.  Their
+        messages are still pending, and go in a new notice.
+        """
+        peer = self._peer
+        for row in await peer.ledger.query("SELECT * FROM notices WHERE state = 'preparing'"):
+            if row["id"] in self._preparing:
+                continue
+            try:
+                # No look-up first: reading the recipient's key costs all its values.
+                await peer.dht.retract(
+                    Address.parse(row["recipient"]).sendKey, row["value"], row["password"], NOTIFICATION_TTL
+                )
+            except P2PMTAError as e:
+                self.log.info("could not take back an unfinished notice's doorbell yet: {e}", e=e)
+                continue
+            await self._retire([row])
 
     def notifications(self) -> list[dict]:
         """
@@ -636,6 +673,7 @@ class Sender:
         peer = self._peer
         for row in await peer.ledger.query("SELECT id FROM outgoing WHERE state IN ('spooled', 'encrypted')"):
             self.process(row["id"])
+        await self._abandonUnfinishedNotices()
         await self.notifyPending()
         for value in await peer.dht.get(self.address.receiveKey):
             await self.handleReceipt(value)

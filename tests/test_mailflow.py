@@ -249,6 +249,43 @@ class MailFlowTests(TestCase):
         """Notifications live a week, as the paper says."""
         self.assertEqual(NOTIFICATION_TTL, 7 * 86400)
 
+    async def _unfinishedNotice(self):
+        from twisted.internet.defer import fail
+
+        from p2pmta.errors import DHTError
+
+        h = PeerHarness(self)
+        alice = await h.start("alice")
+        await h.start("bob")
+        put, failed = alice.dht.put, []
+
+        def failOnce(key, value, password, ttl):
+            if key.startswith("ns:") and not failed:
+                failed.append(key)
+                return fail(DHTError("the DHT is away"))
+            return put(key, value, password, ttl)
+
+        alice.dht.put = failOnce
+        await h.send("alice", ["bob@demo"], makeMessage("alice@demo", ["bob@demo"], "rung twice"))
+
+        async def stranded():
+            return await alice.ledger.query("SELECT body FROM notices WHERE state = 'preparing'")
+
+        [row] = await eventually(stranded)
+        self.assertIn(row["body"], alice.outbox.digests(), "stored before the doorbell failed")
+        await alice.getServiceNamed("mailflow").runNow()
+        [uid] = await h.listed("bob")
+        self.assertNotIn(row["body"], alice.outbox.digests(), "the unfinished notice was taken back")
+        states = await alice.ledger.query("SELECT state FROM notices ORDER BY created")
+        self.assertEqual(sorted(r["state"] for r in states), ["live", "retired"])
+
+    def test_unfinishedNoticeTakenBack(self):
+        """
+        A notice whose doorbell could not be put is taken back (its file
+        leaves the outbox) and its message goes in a new notice.
+        """
+        return ensureDeferred(self._unfinishedNotice())
+
 
 class HostileInputTests(TestCase):
     """Forged, tampered and garbage input is refused and logged; nothing else is lost."""
