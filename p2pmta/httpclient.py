@@ -164,6 +164,8 @@ class _BoundedBody(Protocol):
 
     @ivar finished: a L{Deferred} firing with L{None} once the whole body
         has been passed on.
+    @ivar sinkError: what C{sink} raised, if it did: our own failure (a
+        full disk, say), not the other peer's.
     """
 
     def __init__(self, sink, maxSize: int, clock, idleTimeout: float | None) -> None:
@@ -174,6 +176,7 @@ class _BoundedBody(Protocol):
         self._idleTimeout = idleTimeout
         self._idle = None
         self._done = False
+        self.sinkError: Exception | None = None
 
     def connectionMade(self) -> None:
         if self._idleTimeout:
@@ -190,7 +193,8 @@ class _BoundedBody(Protocol):
             self._idle.reset(self._idleTimeout)
         try:
             self._sink(data)
-        except Exception:
+        except Exception as e:
+            self.sinkError = e
             self._fail(Failure())
 
     def connectionLost(self, reason: Failure) -> None:
@@ -277,7 +281,8 @@ async def fetchInto(
 
     @raise FetchError: on a network error, a status other than 200, a body
         over C{maxSize} bytes, or a server too slow (see the module
-        docstring).
+        docstring).  What C{sink} raises (a full disk of ours) is raised
+        as it is: another server would not do better.
     """
     # Host is all the request carries: no User-Agent, which would cost
     # bytes on every pull and tell every peer our version.
@@ -302,6 +307,9 @@ async def fetchInto(
     try:
         await body.finished
     except Exception as e:
+        if body.sinkError is not None:
+            # Not the other peer's fault: trying another one will not help.
+            raise body.sinkError from None
         raise FetchError(f"{url}: {_why(e)}") from None
 
 

@@ -95,6 +95,28 @@ class PullCostTests(TestCase):
 
         return Deferred.fromCoroutine(run())
 
+    def test_sinkErrorIsOurs(self):
+        """
+        What the sink raises (our own disk full) comes out as it is, not as
+        a L{FetchError} that would send the caller to another server.
+        """
+        import errno
+
+        from p2pmta.httpclient import fetchInto
+
+        def full(data: bytes) -> None:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        async def run():
+            with self.assertRaises(OSError) as caught:
+                await fetchInto(self.agent, self.url, full, len(BODY), reactor, timeout=5)
+            self.assertEqual(caught.exception.errno, errno.ENOSPC)
+            # The connection finishes its response and returns to the pool,
+            # whose clean-up closes it.
+            await deferLater(reactor, 0.1, lambda: None)
+
+        return Deferred.fromCoroutine(run())
+
     def test_sequentialPullsShareOneConnection(self):
         """
         Pulls one after another all go over one connection.
