@@ -352,21 +352,28 @@ class Keyring:
         self._keys[fpr] = key
         return key
 
-    def _recipientKeys(self, recipients):
+    def _recipientFingerprints(self, recipients, toSelf: bool) -> list[str]:
         """
-        Our parsed key and those pinned for C{recipients}, or L{None} if one
-        of them is for gpg only.
+        The fingerprints pinned for C{recipients}, once each, after ours if
+        C{toSelf} (ours alone if there is no other).
 
         @raise UnknownKey: if a recipient has no pinned key.
         """
-        keys, seen = [self._publicKeyOf(self.fingerprint)], {self.fingerprint}
+        fingerprints = [self.fingerprint] if toSelf else []
         for recipient in recipients:
             fpr = self._lookupPin(recipient)
             if fpr is None:
                 raise UnknownKey(str(recipient))
-            if fpr not in seen:
-                seen.add(fpr)
-                keys.append(self._publicKeyOf(fpr))
+            if fpr not in fingerprints:
+                fingerprints.append(fpr)
+        return fingerprints or [self.fingerprint]
+
+    def _recipientKeys(self, fingerprints):
+        """
+        The parsed keys of C{fingerprints}, or L{None} if one of them (or
+        ours) is for gpg only.
+        """
+        keys = [self._publicKeyOf(fpr) for fpr in fingerprints]
         return None if self._secret is None or None in keys else keys
 
     def _openBlocking(self, now: float):
@@ -672,7 +679,7 @@ class Keyring:
             L{False} or 0 for data that does not compress.
         @param toSelf: L{False} leaves our own key out (one public-key
             packet less, some 90 bytes, in a value only its recipients
-            read); only without C{sign}, in-process keys.
+            read).
         @return: a Deferred firing with the binary OpenPGP message, or
             failing with L{UnknownKey} when a recipient is not pinned.
         """
@@ -695,11 +702,9 @@ class Keyring:
         if isinstance(recipients, (str, Address)):
             recipients = [recipients]
         level = 6 if compress is True else int(compress or 0)
-        keys = None if sign else self._recipientKeys(recipients)
+        fingerprints = self._recipientFingerprints(recipients, toSelf)
+        keys = None if sign else self._recipientKeys(fingerprints)
         if keys is not None:
-            if not toSelf:
-                mine = self._publicKeyOf(self.fingerprint)
-                keys = [key for key in keys if key is not mine] or keys
             self._seen(recipients)
             with _source(source) as stream:
                 if outPath is None:
@@ -709,13 +714,6 @@ class Keyring:
                 with _output(outPath) as tmp, open(tmp, "wb") as out:
                     sessionKey = openpgp.encrypt(stream, out, keys, compress=level)
                 return sessionKey
-        fingerprints = [self.fingerprint]
-        for recipient in recipients:
-            fpr = self._lookupPin(recipient)
-            if fpr is None:
-                raise UnknownKey(str(recipient))
-            if fpr not in fingerprints:
-                fingerprints.append(fpr)
         self._seen(recipients)
         extra = [] if level else ["--compress-algo", "none"]
         signer = self.fingerprint if sign else None

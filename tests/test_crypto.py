@@ -487,6 +487,25 @@ class KeyringTests(TestCase):
         )
         self.assertEqual(packets.stdout.count(b":pubkey enc packet:"), 3)
 
+    async def test_encryptNotToSelf(self):
+        """
+        With C{toSelf=False}, in-process or through gpg (signed), the
+        ciphertext has one public-key packet per recipient and none for
+        the sender, who cannot read it.
+        """
+        alice, bob = await self.pair("alice@demo", "bob@demo")
+        message = b"Subject: hi\r\n\r\nhello\r\n"
+        empty = self.tempdir()
+        for sign in (False, True):
+            ciphertext = await alice.encrypt(message, ["bob@demo"], sign=sign, toSelf=False)
+            sender = "alice@demo" if sign else None
+            self.assertEqual(await bob.decrypt(ciphertext, len(message), sender=sender), message)
+            await self.assertFailure(alice.decrypt(ciphertext, len(message), sender=sender), DecryptionFailed)
+            packets = await self.blocking(
+                _gpg, empty, "--no-autostart", "--list-packets", input=ciphertext
+            )
+            self.assertEqual(packets.stdout.count(b":pubkey enc packet:"), 1)
+
     async def test_encryptToUnknown(self):
         """
         Encrypting to an address without a pinned key fails with L{UnknownKey}.
