@@ -698,6 +698,38 @@ class Keyring:
         args = (inPath, outPath, recipients, sign, compress, toSelf)
         return self._shared(self._encryptBlocking, *args)
 
+    def whileShared(self, f, *args) -> Deferred:
+        """
+        Run C{f(*args)} in the keyring's threads while no keyring write
+        runs: for work that calls L{encryptInto} several times in one
+        thread call.
+
+        @return: a Deferred firing with what C{f} returns.
+        """
+        return self._shared(f, *args)
+
+    def encryptInto(self, source, out, recipients, compress=True, toSelf=True):
+        """
+        Like L{encryptFile}, blocking, into C{out}: only inside
+        L{whileShared}.
+
+        @param source: L{bytes}, a file's path or a binary stream, read to
+            its end.
+        @param out: anything with C{write} and C{writelines}.
+        @return: the message's session key, or L{None} when gpg made it.
+        @raise UnknownKey: when a recipient is not pinned.
+        """
+        if isinstance(recipients, (str, Address)):
+            recipients = [recipients]
+        level = 6 if compress is True else int(compress or 0)
+        keys = self._recipientKeys(self._recipientFingerprints(recipients, toSelf))
+        with _source(source) as stream:
+            if keys is None:
+                out.write(self._encryptBlocking(stream, None, recipients, False, level, toSelf))
+                return None
+            self._seen(recipients)
+            return openpgp.encrypt(stream, out, keys, compress=level)
+
     def _encryptBlocking(self, source, outPath, recipients, sign, compress, toSelf=True):
         if isinstance(recipients, (str, Address)):
             recipients = [recipients]
@@ -784,6 +816,25 @@ class Keyring:
                 "decrypted on the second try, after: {reason}", reason=retried
             )
         return data
+
+    def decryptInto(self, source, out, maxOutput: int, sessionKey=None) -> None:
+        """
+        Like L{decryptFile} without C{sender}, blocking, into C{out}: only
+        inside L{whileShared}.  Plaintext is written before the message is
+        known to be good: after a failure, discard what C{out} got.
+
+        @param source: L{bytes}, a file's path or a binary stream.
+        @param out: anything with C{write}.
+        @raise DecryptionFailed: as L{decrypt} does.
+        """
+        maxOutput = max(0, int(maxOutput))
+        if not (sessionKey or self._secret is not None):
+            data, _ = self._decryptBlocking(source, None, maxOutput, None)
+            out.write(data)
+            return
+        keys = {"sessionKey": sessionKey} if sessionKey else {"secretKey": self._secret}
+        with _source(source) as stream:
+            openpgp.decrypt(stream, out, maxOutput=maxOutput, **keys)
 
     def _decryptInProcess(self, source, outPath, maxOutput, sessionKey, prefix=b""):
         maxOutput = max(0, int(maxOutput))
@@ -890,9 +941,14 @@ def _asBytes(data) -> bytes:
 
 @contextmanager
 def _source(source):
-    """Yield a binary stream reading C{source}: L{bytes} or a file path."""
+    """
+    Yield a binary stream reading C{source}: L{bytes}, a file path or a
+    binary stream (yielded as it is).
+    """
     if isinstance(source, (bytes, bytearray, memoryview)):
         yield io.BytesIO(source)
+    elif hasattr(source, "read"):
+        yield source
     else:
         with open(source, "rb") as f:
             yield f

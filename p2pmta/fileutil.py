@@ -94,11 +94,14 @@ class AtomicFile:
         """
         self._file.write(data)
 
-    def commit(self, path: str) -> None:
+    def commit(self, path: str, syncFolder: bool = True) -> None:
         """
         Flush the temporary file to disk and rename it to C{path} (which must
         be in the same folder), replacing any file there, then flush the
         folder.
+
+        @param syncFolder: whether to flush the folder (pass L{False} when
+            the caller does, once for several files).
         """
         if os.path.dirname(os.path.abspath(path)) != os.path.abspath(self._directory):
             raise ValueError(f"{path!r} is not in {self._directory!r}")
@@ -107,7 +110,8 @@ class AtomicFile:
         self._file.close()
         os.replace(self.tempPath, path)
         self._done = True
-        fsyncDir(self._directory)
+        if syncFolder:
+            fsyncDir(self._directory)
 
     def abort(self) -> None:
         """

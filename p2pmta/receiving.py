@@ -56,6 +56,10 @@ MAX_NOTIFICATION_PLAINTEXT = 2 * 1024 * 1024
 #: How many bodies are pulled at once (a client fetching many messages).
 PULL_CONCURRENCY = 8
 
+#: Ciphertexts up to this size are pulled into memory (at most
+#: C{PULL_CONCURRENCY} at once), not into a file.
+IN_MEMORY_PULL = 256 * 1024
+
 #: How many notices are remembered in memory as handled, so that values
 #: seen again (every poll, and floods) cost no ledger look-up.
 _KNOWN_NOTICES = 100_000
@@ -348,30 +352,36 @@ class Receiver:
     async def _pull(self, row, sender: Address, base: str) -> str:
         peer = self._peer
         started = time.monotonic()
-        url = await self._fromSenderOrGroup(sender, row["digest"], lambda d: self._download(d, row, base))
+        if row["ciphertext_size"] <= IN_MEMORY_PULL:
+            # Small: no ciphertext file, one thread call to decrypt and check.
+            chunks: list = []
+
+            async def attempt(descriptor) -> str:
+                chunks.clear()
+                return await self._download(descriptor, row, chunks.append)
+
+            url = await self._fromSenderOrGroup(sender, row["digest"], attempt)
+            source = b"".join(chunks)
+            del chunks[:]
+        else:
+            f = await peer.inThreads(open, base + ".gpg", "wb")
+            try:
+
+                async def attempt(descriptor) -> str:
+                    f.seek(0)
+                    f.truncate()
+                    return await self._download(descriptor, row, f.write)
+
+                url = await self._fromSenderOrGroup(sender, row["digest"], attempt)
+            finally:
+                await peer.inThreads(f.close)
+            source = base + ".gpg"
         extra = authenticationResults(self.address, sender, row["reason"])
-        # Decrypted straight into the message file, after the added field.
-        await peer.keyring.decryptFile(
-            base + ".gpg", base + ".eml", row["size"], sessionKey=row["session_key"] or None, prefix=extra
-        )
-
-        def check() -> str:
-            notified = row["headers"]
-            with open(base + ".eml", "rb") as message:
-                size = os.fstat(message.fileno()).st_size - len(extra)
-                message.seek(len(extra))
-                if size > len(notified):
-                    # The notified section ends at the message's first blank line.
-                    matches = message.read(len(notified)) == notified
-                else:
-                    # A message without a body: compare as the sender split it.
-                    matches = splitHeaders(message.read())[0] == notified
-            os.remove(base + ".gpg")
-            if size != row["size"] or not matches:
-                raise BodyUnavailable("the message does not match its notification")
-            return base + ".eml"
-
-        path = await peer.inThreads(check)
+        try:
+            path = await peer.keyring.whileShared(self._openPulled, source, row, base, extra)
+        except DecryptionFailed as e:
+            self.log.info("refused a message: {reason}", reason=str(e))
+            raise
         self.log.info(
             "pulled {digest} from {url}: {size} bytes in {seconds:.3f}s",
             digest=row["digest"],
@@ -379,6 +389,36 @@ class Receiver:
             size=row["size"],
             seconds=time.monotonic() - started,
         )
+        return path
+
+    def _openPulled(self, source, row, base: str, extra: bytes) -> str:
+        """
+        Decrypt a pulled ciphertext (L{bytes}, or the path of its file,
+        which goes) into C{base}.eml after the field C{extra}, and check it
+        against its notification (blocking; see L{Keyring.whileShared}).
+
+        @return: the message file's path.
+        """
+        notified = row["headers"]
+        path = base + ".eml"
+        try:
+            with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as out:
+                out.write(extra)
+                sink = _Beginning(out, len(notified))
+                self._peer.keyring.decryptInto(source, sink, row["size"], row["session_key"] or None)
+            if not isinstance(source, bytes):
+                os.remove(source)
+            if sink.size > len(notified):
+                # The notified section ends at the message's first blank line.
+                matches = sink.beginning == notified
+            else:
+                # A message without a body: compare as the sender split it.
+                matches = splitHeaders(bytes(sink.beginning))[0] == notified
+            if sink.size != row["size"] or not matches:
+                raise BodyUnavailable("the message does not match its notification")
+        except BaseException:
+            removeIfThere(path)
+            raise
         return path
 
     async def _fromSenderOrGroup(self, sender: Address, digest: str, attempt):
@@ -410,21 +450,20 @@ class Receiver:
                 self.log.info("group member {member} cannot serve {digest}: {e}", member=str(member), digest=digest, e=e)
         raise why
 
-    async def _download(self, descriptor, row, base: str) -> str:
+    async def _download(self, descriptor, row, write) -> str:
         """
-        Download the ciphertext into C{base}.gpg and check its hash.
+        Download the ciphertext into C{write} and check its hash.
 
         @return: the URL it came from.
         """
         url = descriptor.link("outbox/" + row["digest"])
         hasher = hashlib.sha256()
-        with open(base + ".gpg", "wb") as f:
 
-            def sink(chunk: bytes) -> None:
-                hasher.update(chunk)
-                f.write(chunk)
+        def sink(chunk: bytes) -> None:
+            hasher.update(chunk)
+            write(chunk)
 
-            await fetchInto(self._peer.agent, url, sink, row["ciphertext_size"], self._peer.reactor)
+        await fetchInto(self._peer.agent, url, sink, row["ciphertext_size"], self._peer.reactor)
         if hasher.hexdigest() != row["digest"]:
             raise BodyUnavailable(f"{url} served bytes that do not match the notified hash")
         return url
@@ -534,3 +573,18 @@ class Receiver:
         )
         await peer.ledger.query("DELETE FROM received_notices WHERE state IN ('bad', 'done') AND received < ?", cutoff)
 
+
+class _Beginning:
+    """A file's C{write} that keeps the first C{keep} bytes and counts all."""
+
+    def __init__(self, f, keep: int) -> None:
+        self._write = f.write
+        self._keep = keep
+        self.beginning = bytearray()
+        self.size = 0
+
+    def write(self, data) -> None:
+        if len(self.beginning) < self._keep:
+            self.beginning += data[: self._keep - len(self.beginning)]
+        self.size += len(data)
+        self._write(data)

@@ -49,6 +49,24 @@ def sha256Hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+class _HashingSink:
+    """A file's C{write}, counting and hashing what goes through."""
+
+    def __init__(self, f) -> None:
+        self._f = f
+        self.hash = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data) -> None:
+        self.hash.update(data)
+        self.size += len(data)
+        self._f.write(data)
+
+    def writelines(self, chunks) -> None:
+        for chunk in chunks:
+            self.write(chunk)
+
+
 @implementer(IOutbox)
 class Outbox:
     """
@@ -114,6 +132,30 @@ class Outbox:
                 f.write(data)
                 f.commit(target)
         return digest
+
+    def storeWith(self, produce, syncFolder: bool = True) -> tuple:
+        """
+        Store what C{produce} writes, hashing it as it goes by: blocking,
+        for a caller already in a thread (one that encrypts straight into
+        the outbox, with no file of its own to move in).
+
+        @param produce: called with a binary file-like object that has
+            C{write} and C{writelines} only; what it returns is returned
+            too.
+        @param syncFolder: whether to flush the outbox folder now (pass
+            L{False} when calling L{syncFolder} once for several files).
+        @return: the digest, the size and what C{produce} returned.
+        """
+        with AtomicFile(self.directory, self.fileMode) as f:
+            sink = _HashingSink(f)
+            result = produce(sink)
+            digest = sink.hash.hexdigest()
+            f.commit(self._pathOf(digest), syncFolder)
+        return digest, sink.size, result
+
+    def syncFolder(self) -> None:
+        """Flush the outbox folder (blocking): see L{storeWith}."""
+        fsyncDir(self.directory)
 
     def addFile(self, path: str, move: bool = False) -> Deferred:
         """
