@@ -33,7 +33,7 @@ from zope.interface import implementer
 from p2pmta.address import Address
 from p2pmta.dht import NOTIFICATION_TTL, entry
 from p2pmta.errors import NotFound, P2PMTAError, ValueTooLarge
-from p2pmta.fileutil import fsyncDir, removeIfThere
+from p2pmta.fileutil import removeIfThere
 from p2pmta.interfaces import ISubmission
 from p2pmta.logs import logFailure
 from p2pmta.rounds import Coalescing
@@ -163,17 +163,12 @@ class Sender:
 
     async def _accept(self, sender: Address, recipients: list, path: str) -> str:
         messageId = uuid.uuid4().hex
-        spooled = os.path.join(self.spoolDirectory, messageId + ".eml")
-
-        def moveIn() -> None:
-            os.rename(path, spooled)
-            fsyncDir(self.spoolDirectory)
-
-        await self._peer.inThreads(moveIn)
+        # The SMTP server's file stays where it is, under its name: the
+        # ledger says it is ours (see cleanAfterCrash).
         statements = [
             (
                 "INSERT INTO outgoing (id, sender, created, state, spool) VALUES (?, ?, ?, 'spooled', ?)",
-                (messageId, str(sender), self._peer.clock.seconds(), spooled),
+                (messageId, str(sender), self._peer.clock.seconds(), path),
             )
         ]
         for recipient in dict.fromkeys(str(r) for r in recipients):
@@ -183,14 +178,9 @@ class Sender:
                     (messageId, recipient, secrets.token_bytes(16)),
                 )
             )
-        try:
-            # On disk before the 250: from then on the message is ours.
-            await self._peer.ledger.transaction(statements, durable=True)
-        except Exception:
-            # A full disk is an OSError (ENOSPC): the SMTP server answers 452.
-            await self._peer.inThreads(os.rename, spooled, path)
-            raise
-        self.log.info("spooled {id} for {n} recipients", id=messageId, n=len(statements) - 1)
+        # On disk before the 250: from then on the message is ours.  A full
+        # disk is an OSError (ENOSPC): the SMTP server answers 452.
+        await self._peer.ledger.transaction(statements, durable=True)
         self.process(messageId)
         return messageId
 

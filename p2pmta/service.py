@@ -108,24 +108,29 @@ class DataDir:
             raise StoreError(f"{self.path}: {e.strerror or e}") from None
 
 
-def cleanAfterCrash(spool: str, pulls: str) -> None:
+def cleanAfterCrash(spool: str, pulls: str, accepted) -> None:
     """
     Remove what a killed peer left half done (blocking; before the
-    pipelines start): SMTP sessions' temporary files, never accepted;
-    ciphertexts not yet in the outbox, made again from the spooled message;
-    and bodies being pulled, pulled again when opened.
+    pipelines start): from the spool, every file but the C{accepted}
+    messages' (SMTP sessions' files never accepted, ciphertexts and links
+    not finished, messages whose sending was over); and bodies being
+    pulled, pulled again when opened.
+
+    @param accepted: the paths of the spooled messages still to be sent.
     """
+    accepted = {os.path.abspath(path) for path in accepted}
     for folder, leftover in (
-        (spool, lambda name: name.startswith((".smtp-", ".p2pmta-")) or name.endswith(".gpg")),
-        (pulls, lambda name: True),
+        (spool, lambda path: path not in accepted),
+        (pulls, lambda path: True),
     ):
         try:
             names = os.listdir(folder)
         except FileNotFoundError:
             continue
         for name in names:
-            if leftover(name) and not os.path.isdir(os.path.join(folder, name)):
-                removeIfThere(os.path.join(folder, name))
+            path = os.path.abspath(os.path.join(folder, name))
+            if leftover(path) and not os.path.isdir(path):
+                removeIfThere(path)
 
 
 class ThreadPoolService(Service):
@@ -329,7 +334,10 @@ class Peer(MultiService):
         self.mailStore = await MailStore(
             self.reactor, self.dataDir.database, self.dataDir.inbox, self.threads.pool
         ).open()
-        await self.inThreads(cleanAfterCrash, self.dataDir.spool, os.path.join(self.dataDir.path, "pulls"))
+        accepted = await self.ledger.query("SELECT spool FROM outgoing WHERE state IN ('spooled', 'encrypted')")
+        await self.inThreads(
+            cleanAfterCrash, self.dataDir.spool, os.path.join(self.dataDir.path, "pulls"), [r["spool"] for r in accepted]
+        )
         self.sender = Sender(self, config.maxMessageSize)
         self.receiver = Receiver(self)
         self.mailStore.bodyFetcher = self.receiver.fetchBody

@@ -41,8 +41,11 @@ from zope.interface import implementer
 
 from p2pmta.address import Address
 from p2pmta.errors import BadAddress, CryptoError, UnknownPeer
+from p2pmta.fileutil import fsyncDir
 
-#: The name prefix of a message file while it arrives in the spool.
+#: The name prefix of a message file the SMTP server writes in the spool.
+#: Once accepted, the file stays there under its name: the ledger tells
+#: the accepted ones from those a crash cut short.
 TEMP_PREFIX = ".smtp-"
 
 _UTC = datetime.timezone.utc
@@ -697,7 +700,7 @@ class SubmissionServer(ESMTP):
         """
         size = self._size
         try:
-            await self.factory.runBlocking(_flushAndClose, f)
+            await self.factory.runBlocking(_flushAndClose, f, self._submission.spoolDirectory)
             messageId = await self._submission.accept(sender, recipients, path)
         except Exception as e:
             _closeQuietly(f)
@@ -735,12 +738,14 @@ def _openSpoolFile(directory: str):
     return os.fdopen(fd, "wb"), path
 
 
-def _flushAndClose(f) -> None:
+def _flushAndClose(f, directory: str) -> None:
+    """Put the message file, and its name in C{directory}, on disk."""
     try:
         f.flush()
         os.fsync(f.fileno())
     finally:
         f.close()
+    fsyncDir(directory)
 
 
 def _closeQuietly(f) -> None:

@@ -50,9 +50,10 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.threads import deferToThread
-from twisted.trial.unittest import SkipTest, TestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from p2pmta.dht.node import OpenDHTNode, infoHash
+from p2pmta.service import cleanAfterCrash
 from tests.peers import eventually, sleep
 from tests.test_mailflow import makeMessage, stripAdded
 from tests.test_twistd import TWISTD, TwistdProcess
@@ -1279,3 +1280,33 @@ class DHTChurnTests(DHTChurn):
         arrives, once, whole, and the sender hears the receipts.
         """
         return self.scenario(self._churn())
+
+
+class CleanAfterCrashTests(SynchronousTestCase):
+    """
+    L{cleanAfterCrash} keeps the spooled messages the ledger names as
+    accepted and removes everything else a killed peer left half done.
+    """
+
+    def test_keepsOnlyAccepted(self):
+        root = self.mktemp()
+        spool, pulls = os.path.join(root, "spool"), os.path.join(root, "pulls")
+        os.makedirs(spool)
+        os.makedirs(pulls)
+        names = {
+            "accepted": ".smtp-accepted",  # 250 given, not yet sent
+            "unaccepted": ".smtp-cut",  # the session died before its 250
+            "link": ".smtp-accepted.Sent",  # a Sent link not taken yet
+            "old": "0123.eml",  # a message whose sending was over
+        }
+        for name in names.values():
+            with open(os.path.join(spool, name), "wb") as f:
+                f.write(b"x")
+        with open(os.path.join(pulls, "half.gpg"), "wb") as f:
+            f.write(b"x")
+        os.mkdir(os.path.join(spool, "folder"))
+        # The ledger's path may name the folder otherwise than listdir does.
+        accepted = os.path.join(root, ".", "spool", names["accepted"])
+        cleanAfterCrash(spool, pulls, [accepted])
+        self.assertEqual(sorted(os.listdir(spool)), [names["accepted"], "folder"])
+        self.assertEqual(os.listdir(pulls), [])
