@@ -192,6 +192,13 @@ class IOutbox(Interface):
         @return: a Deferred firing with L{None}.
         """
 
+    def removeMany(digests):
+        """
+        Remove several stored ciphertexts at once, as L{remove} does.
+
+        @return: a Deferred firing with L{None}.
+        """
+
 
 class IMailStore(Interface):
     """

@@ -221,15 +221,17 @@ class Sender:
     async def _processBatch(self, ids: list) -> None:
         peer = self._peer
         marks = ",".join("?" * len(ids))
-        rows = await peer.ledger.query(f"SELECT * FROM outgoing WHERE id IN ({marks})", *ids)
+        rows = await peer.ledger.query(
+            "SELECT o.*, (SELECT group_concat(d.recipient, char(10)) FROM deliveries d WHERE d.outgoing = o.id)"
+            f" AS recipients FROM outgoing o WHERE o.id IN ({marks})",
+            *ids,
+        )
+        rows = [row.values for row in rows]
         spooled = [row for row in rows if row["state"] == "spooled"]
         if spooled:
-            recipients: dict[str, list] = {}
-            for r in await peer.ledger.query(
-                f"SELECT outgoing, recipient FROM deliveries WHERE outgoing IN ({marks})", *ids
-            ):
-                recipients.setdefault(r["outgoing"], []).append(r["recipient"])
+            recipients = {row["id"]: row["recipients"].split("\n") if row["recipients"] else [] for row in spooled}
             results = await self._encryptAll(spooled, recipients)
+            columns = ("digest", "ciphertext_size", "size", "headers", "attachments", "session_key")
             statements = []
             for row, result in zip(spooled, results):
                 if isinstance(result, Failure):
@@ -242,9 +244,12 @@ class Sender:
                         result + (row["id"],),
                     )
                 )
+                # Nothing else changes a spooled message meanwhile: the
+                # pipeline takes one message at a time, and one not yet in
+                # Outbox cannot be cancelled.
+                row.update(zip(columns, result), state="encrypted")
             if statements:
                 await peer.ledger.transaction(statements)
-            rows = await peer.ledger.query(f"SELECT * FROM outgoing WHERE id IN ({marks})", *ids)
         encrypted = [row for row in rows if row["state"] == "encrypted"]
         if encrypted:
             # Filed in Sent and Outbox first: a recipient whose peer cannot
@@ -542,9 +547,7 @@ class Sender:
         again.
         """
         peer = self._peer
-        for notice in notices:
-            if notice["body"]:
-                await peer.outbox.remove(notice["body"])
+        await peer.outbox.removeMany([notice["body"] for notice in notices if notice["body"]])
         if notices:
             await peer.ledger.transaction(
                 [("UPDATE notices SET state = 'retired' WHERE id = ?", (notice["id"],)) for notice in notices]
@@ -621,8 +624,7 @@ class Sender:
         await peer.ledger.transaction(
             [("UPDATE outgoing SET state = 'finishing' WHERE id = ?", (row["id"],)) for row in rows]
         )
-        for row in rows:
-            await peer.outbox.remove(row["digest"])
+        await peer.outbox.removeMany([row["digest"] for row in rows])
         found = peer.mailStore.findAllByMeta("Outbox", "outgoing", [row["id"] for row in rows])
         copies = [record.uid for records in found.values() for record in records]
         if copies:
@@ -677,11 +679,20 @@ class Sender:
         await self.refreshNotifications()
 
     async def outboxExpunged(self, records) -> None:
-        """The Outbox hook: deleting a message there cancels it."""
-        for record in records:
-            messageId = record.meta.get("outgoing")
-            if messageId:
-                await self.cancel(messageId)
+        """
+        The Outbox hook: deleting a message there cancels it (unless it is
+        expunged because every recipient is done with it).
+        """
+        ids = [record.meta["outgoing"] for record in records if record.meta.get("outgoing")]
+        if not ids:
+            return
+        marks = ",".join("?" * len(ids))
+        live = await self._peer.ledger.query(
+            f"SELECT id FROM outgoing WHERE id IN ({marks}) AND state NOT IN ('finishing', 'finished', 'cancelled')",
+            *ids,
+        )
+        for row in live:
+            await self.cancel(row["id"])
 
     async def round(self) -> None:
         """

@@ -255,12 +255,31 @@ class Outbox:
             return succeed(None)
         return self._inThread(self._remove, digest)
 
+    def removeMany(self, digests) -> Deferred:
+        """
+        L{remove} several ciphertexts, in one thread call and one flush of
+        the folder.
+
+        @return: a Deferred firing with L{None}.
+        """
+        digests = [d for d in digests if isDigest(d)]
+        if not digests:
+            return succeed(None)
+        return self._inThread(self._removeMany, digests)
+
     def _remove(self, digest: str) -> None:
-        try:
-            os.unlink(self._pathOf(digest))
-        except FileNotFoundError:
-            return
-        fsyncDir(self.directory)
+        self._removeMany([digest])
+
+    def _removeMany(self, digests) -> None:
+        removed = False
+        for digest in digests:
+            try:
+                os.unlink(self._pathOf(digest))
+            except FileNotFoundError:
+                continue
+            removed = True
+        if removed:
+            fsyncDir(self.directory)
 
     # -- reading --------------------------------------------------------
 
