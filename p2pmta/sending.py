@@ -132,6 +132,12 @@ class Sender:
     burst = 8
     burstDelay = 0.4
 
+    #: When messages arrive while a pipeline batch goes through, the next
+    #: batch waits this long for more of them: a single message goes at
+    #: once, a burst in batches of tens, not of a few (each batch costs
+    #: some ten thread calls and ledger statements whatever its size).
+    gatherDelay = 0.05
+
     def __init__(self, peer, maxMessageSize: int) -> None:
         """
         @param peer: the L{p2pmta.service.Peer}, for its address, DHT,
@@ -142,6 +148,7 @@ class Sender:
         self.spoolDirectory = peer.dataDir.spool
         self._queue: dict[str, list[Deferred]] = {}  # message id -> waiters
         self._draining = False
+        self._gathering = False  # in a burst: see gatherDelay
         self._encoded: dict[str, dict] = {}  # live notice id -> its msglist entry
         self._preparing: set[str] = set()  # notices being stored and rung now
         self._lastKeyPrune = float("-inf")
@@ -207,6 +214,10 @@ class Sender:
     async def _drain(self) -> None:
         try:
             while self._queue:
+                if self._gathering and len(self._queue) < PIPELINE_BATCH:
+                    # More came while the last batch went through: a burst,
+                    # whose next messages share the next batch's work.
+                    await deferLater(self._peer.reactor, self.gatherDelay, lambda: None)
                 ids = list(self._queue)[:PIPELINE_BATCH]
                 waiters = [w for i in ids for w in self._queue.pop(i)]
                 try:
@@ -215,8 +226,10 @@ class Sender:
                     self.log.failure("sending {ids} failed; will retry", ids=ids)
                 for waiter in waiters:
                     waiter.callback(None)
+                self._gathering = bool(self._queue)
         finally:
             self._draining = False
+            self._gathering = False
 
     async def _processBatch(self, ids: list) -> None:
         peer = self._peer
