@@ -28,7 +28,7 @@ from p2pmta.address import Address
 from p2pmta.auth import makePortal
 from p2pmta.errors import CryptoError, UnknownPeer
 from p2pmta.interfaces import ISubmission
-from p2pmta.smtp import TEMP_PREFIX, SubmissionFactory, SubmissionServer
+from p2pmta.smtp import TEMP_PREFIX, SubmissionFactory, SubmissionServer, _longestLine
 from p2pmta.tls import loadOrCreateCertificate
 
 ALICE = Address.parse("alice@demo")
@@ -1049,3 +1049,28 @@ class TCPTests(TestCase):
         received = yield deferToThread(inject)
         yield self.factory.lost
         self.assertEqual(received, b"221 2.0.0 Bye\r\n")
+
+
+class LongestLineTests(SynchronousTestCase):
+    """
+    L{_longestLine} finds a line over the limit without splitting the block
+    into lines: it must agree with splitting.
+    """
+
+    @settings(max_examples=500, deadline=None)
+    @given(
+        limit=st.integers(0, 40),
+        lengths=st.lists(st.integers(0, 130), min_size=1, max_size=12),
+    )
+    def test_agreesWithSplitting(self, limit, lengths):
+        raw = b"".join(b"x" * n + b"\r\n" for n in lengths)
+        self.assertEqual(_longestLine(raw, limit), max(lengths) > limit)
+
+    def test_longLineInLargeBlock(self):
+        """One line of 999 octets among 19,000 short ones is found."""
+        lines = [b"A" * 76] * 19_000
+        lines[12_345] = b"B" * 999
+        raw = b"".join(line + b"\r\n" for line in lines)
+        self.assertTrue(_longestLine(raw, 998))
+        lines[12_345] = b"B" * 998
+        self.assertFalse(_longestLine(b"".join(line + b"\r\n" for line in lines), 998))
