@@ -73,8 +73,9 @@ MAX_LINE = 64 * 1024
 MAX_COMMAND = 256 * 1024
 #: The default largest message APPEND accepts.
 MAX_MESSAGE_SIZE = 50 * 1024 * 1024
-#: How many bodies one FETCH asks for at once.
-BODY_CONCURRENCY = 4
+#: How many bodies one FETCH asks for at once (those not held are pulled
+#: as many at once as the receiver pulls: see PULL_CONCURRENCY).
+BODY_CONCURRENCY = 8
 #: The largest header section APPEND accepts (the mail store keeps header
 #: sections in memory).
 MAX_APPEND_HEADER = 256 * 1024

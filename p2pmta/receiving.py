@@ -37,6 +37,7 @@ from p2pmta.groups import UnknownGroup
 from p2pmta.httpclient import fetchBytes, fetchInto
 from p2pmta.logs import logFailure
 from p2pmta.rounds import Coalescing
+from p2pmta.web import MAX_DOWNLOADS_PER_CLIENT
 from p2pmta.notification import (
     MAX_BATCH,
     BadNotification,
@@ -53,8 +54,9 @@ MAX_DOORBELL_SIZE = 4096
 #: The most plaintext a notice may hold (it is compressed).
 MAX_NOTIFICATION_PLAINTEXT = 2 * 1024 * 1024
 
-#: How many bodies are pulled at once (a client fetching many messages).
-PULL_CONCURRENCY = 8
+#: How many bodies are pulled at once (a client fetching many messages):
+#: as many as an outbox serves one client at once, more would get 429.
+PULL_CONCURRENCY = MAX_DOWNLOADS_PER_CLIENT
 
 #: Ciphertexts up to this size are pulled into memory (at most
 #: C{PULL_CONCURRENCY} at once), not into a file.
