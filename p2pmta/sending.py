@@ -130,7 +130,7 @@ class Sender:
     #: single message is told of after L{notifyDelay}; a thousand go in
     #: a few large notices, not in one per pipeline batch.
     burst = 8
-    burstDelay = 0.4
+    burstDelay = 0.2
 
     #: When messages arrive while a pipeline batch goes through, the next
     #: batch waits this long for more of them: a single message goes at
