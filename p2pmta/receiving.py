@@ -19,7 +19,7 @@ import uuid
 
 from collections import OrderedDict
 
-from twisted.internet.defer import Deferred, DeferredSemaphore
+from twisted.internet.defer import Deferred, DeferredSemaphore, succeed
 from twisted.logger import Logger
 
 from p2pmta.address import Address
@@ -101,6 +101,8 @@ class Receiver:
         self._pulls = DeferredSemaphore(PULL_CONCURRENCY)
         self._pullDirectoryMade = False
         self._stored: list = []  # incoming hashes of bodies stored, to record
+        self._wanted: dict[str, list] = {}  # incoming hashes to look up -> waiters
+        self._lookUpScheduled = False
 
     @property
     def address(self) -> Address:
@@ -305,15 +307,49 @@ class Receiver:
         The mail store's C{bodyFetcher}: pull, check, decrypt and return the
         path of the complete message.
         """
-        return self._pulls.run(lambda: Deferred.fromCoroutine(self._fetchBody(record)))
-
-    async def _fetchBody(self, record) -> str:
-        peer = self._peer
         key = record.meta.get("incoming")
-        rows = await peer.ledger.query("SELECT * FROM incoming WHERE hash = ?", key) if key else []
-        if not rows:
+        found = self._incomingRow(key) if key else succeed(None)
+        return found.addCallback(lambda row: self._pulls.run(lambda: Deferred.fromCoroutine(self._fetchBody(row))))
+
+    def _incomingRow(self, key: str) -> Deferred:
+        """
+        The ledger row of the incoming message C{key}, or L{None}: the
+        look-ups asked for in one turn of the reactor (a FETCH of many
+        messages) share one query.
+        """
+        d: Deferred = Deferred()
+        self._wanted.setdefault(key, []).append(d)
+        if not self._lookUpScheduled:
+            self._lookUpScheduled = True
+            self._peer.reactor.callLater(0, self._lookUpWanted)
+        return d
+
+    def _lookUpWanted(self) -> None:
+        wanted, self._wanted = self._wanted, {}
+        self._lookUpScheduled = False
+        keys = list(wanted)
+        for start in range(0, len(keys), 500):
+            chunk = keys[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            d = self._peer.ledger.query(f"SELECT * FROM incoming WHERE hash IN ({marks})", *chunk)
+
+            def found(rows, chunk=chunk) -> None:
+                byKey = {row["hash"]: row for row in rows}
+                for key in chunk:
+                    for waiter in wanted[key]:
+                        waiter.callback(byKey.get(key))
+
+            def failed(failure, chunk=chunk) -> None:
+                for key in chunk:
+                    for waiter in wanted[key]:
+                        waiter.errback(failure)
+
+            d.addCallbacks(found, failed)
+
+    async def _fetchBody(self, row) -> str:
+        peer = self._peer
+        if row is None:
             raise BodyUnavailable("no notification is known for this message")
-        row = rows[0]
         sender = Address.parse(row["sender"])
         if not self._pullDirectoryMade:
             await peer.inThreads(os.makedirs, self.pullDirectory, 0o700, True)
