@@ -299,9 +299,9 @@ class ISubmission(Interface):
         """
         Take over a complete message file at C{path} in L{spoolDirectory}
         (CRLF line ends), from C{sender} for C{recipients} (lists of
-        L{p2pmta.address.Address}).  The file and its name are on disk
-        (fsynced, and the folder too).  Should this fail, the file is the
-        caller's again.
+        L{p2pmta.address.Address}).  The file is on disk (fsynced); its
+        name in the folder is for C{accept} to flush.  Should this fail,
+        the file is the caller's again.
 
         @return: a Deferred firing once the message is durably in the spool
             (the SMTP server then answers 250), with a message id (str).

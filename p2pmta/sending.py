@@ -33,7 +33,7 @@ from zope.interface import implementer
 from p2pmta.address import Address
 from p2pmta.dht import NOTIFICATION_TTL, entry
 from p2pmta.errors import NotFound, P2PMTAError, ValueTooLarge
-from p2pmta.fileutil import removeIfThere
+from p2pmta.fileutil import fsyncDir, removeIfThere
 from p2pmta.interfaces import ISubmission
 from p2pmta.logs import logFailure
 from p2pmta.rounds import Coalescing
@@ -185,11 +185,51 @@ class Sender:
                     (messageId, recipient, secrets.token_bytes(16)),
                 )
             )
-        # On disk before the 250: from then on the message is ours.  A full
-        # disk is an OSError (ENOSPC): the SMTP server answers 452.
-        await self._peer.ledger.transaction(statements, durable=True)
+        # The file's name and the ledger's record on disk before the 250:
+        # from then on the message is ours.  Side by side, as neither needs
+        # the other: should a crash come between, no 250 was given, and a
+        # record without its file is dropped at the next start
+        # (forgetUnspooled).  A full disk is an OSError (ENOSPC): the SMTP
+        # server answers 452.
+        results = await DeferredList(
+            [
+                self._peer.inThreads(fsyncDir, self.spoolDirectory),
+                self._peer.ledger.transaction(statements, durable=True),
+            ],
+            consumeErrors=True,
+        )
+        failures = [result for ok, result in results if not ok]
+        if failures:
+            if results[1][0]:
+                # Recorded, but the name may not last: not accepted.
+                await self._peer.ledger.transaction(
+                    [
+                        ("DELETE FROM deliveries WHERE outgoing = ?", (messageId,)),
+                        ("DELETE FROM outgoing WHERE id = ?", (messageId,)),
+                    ]
+                )
+            failures[0].raiseException()
         self.process(messageId)
         return messageId
+
+    async def forgetUnspooled(self) -> None:
+        """
+        Drop the records of messages whose spool file is gone (at start,
+        before the pipeline runs): a crash came after the record and
+        before the file's name was on disk, so no 250 was given for them.
+        """
+        peer = self._peer
+        rows = await peer.ledger.query("SELECT id, spool FROM outgoing WHERE state = 'spooled'")
+        missing = await peer.inThreads(lambda: [row["id"] for row in rows if not os.path.exists(row["spool"])])
+        if missing:
+            statements = []
+            for messageId in missing:
+                statements.append(("DELETE FROM deliveries WHERE outgoing = ?", (messageId,)))
+                statements.append(("DELETE FROM outgoing WHERE id = ?", (messageId,)))
+            await peer.ledger.transaction(statements)
+            self.log.warn(
+                "forgot {n} messages whose spool file a crash took before their 250", n=len(missing)
+            )
 
     # The pipeline
 

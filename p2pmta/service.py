@@ -339,6 +339,7 @@ class Peer(MultiService):
             cleanAfterCrash, self.dataDir.spool, os.path.join(self.dataDir.path, "pulls"), [r["spool"] for r in accepted]
         )
         self.sender = Sender(self, config.maxMessageSize)
+        await self.sender.forgetUnspooled()
         self.receiver = Receiver(self)
         self.mailStore.bodyFetcher = self.receiver.fetchBody
         self.mailStore.expungeHook = self._expunged

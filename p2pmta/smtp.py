@@ -41,7 +41,6 @@ from zope.interface import implementer
 
 from p2pmta.address import Address
 from p2pmta.errors import BadAddress, CryptoError, UnknownPeer
-from p2pmta.fileutil import fsyncDir
 
 #: The name prefix of a message file the SMTP server writes in the spool.
 #: Once accepted, the file stays there under its name: the ledger tells
@@ -704,7 +703,7 @@ class SubmissionServer(ESMTP):
         """
         size = self._size
         try:
-            await self.factory.runBlocking(_flushAndClose, f, self._submission.spoolDirectory)
+            await self.factory.runBlocking(_flushAndClose, f)
             messageId = await self._submission.accept(sender, recipients, path)
         except Exception as e:
             _closeQuietly(f)
@@ -767,14 +766,13 @@ def _openSpoolFile(directory: str):
     return os.fdopen(fd, "wb"), path
 
 
-def _flushAndClose(f, directory: str) -> None:
-    """Put the message file, and its name in C{directory}, on disk."""
+def _flushAndClose(f) -> None:
+    """Put the message file on disk (its name is the submission's to flush)."""
     try:
         f.flush()
         os.fsync(f.fileno())
     finally:
         f.close()
-    fsyncDir(directory)
 
 
 def _closeQuietly(f) -> None:

@@ -226,6 +226,36 @@ class MailFlowTests(TestCase):
         """A message accepted just before a stop is delivered after the restart, once."""
         return ensureDeferred(self._restart())
 
+    async def _lostSpoolName(self):
+        await self.peers("alice", "bob")
+        h = self.harness
+        alice = h.running["alice"]
+        alice.sender.process = lambda messageId: None
+        await h.send("alice", ["bob@demo"], makeMessage("alice@demo", ["bob@demo"], "name lost"))
+        await h.stop("alice")
+        # A crash after the ledger's record and before the folder's flush:
+        # the file's name did not last (and no 250 went out).
+        spool = os.path.join(h.root, "alice", "spool")
+        [name] = os.listdir(spool)
+        os.remove(os.path.join(spool, name))
+        await h.start("alice")
+        alice = h.running["alice"]
+        self.assertEqual(await alice.ledger.query("SELECT id FROM outgoing"), [])
+        self.assertEqual(await alice.ledger.query("SELECT outgoing FROM deliveries"), [])
+        # The next message goes as usual.
+        message = makeMessage("alice@demo", ["bob@demo"], "after")
+        await h.send("alice", ["bob@demo"], message)
+        [uid] = await h.listed("bob")
+        typ, data = await h.imap("bob", lambda c: fetchOne(c, uid, "(BODY[])"))
+        self.assertEqual(stripAdded(data[0][1]), message)
+
+    def test_recordWithoutSpoolFileForgotten(self):
+        """
+        A message recorded whose spool file a crash took (it got no 250)
+        is forgotten at the next start, not retried for ever.
+        """
+        return ensureDeferred(self._lostSpoolName())
+
     async def _badRecipients(self):
         await self.peers("alice", "bob")
         h = self.harness
