@@ -845,11 +845,20 @@ class MailStore:
             return results
 
         def done(results: list) -> None:
+            orphans = []
             for (box, record, _, d), result in zip(jobs, results):
                 if isinstance(result, Failure):
                     fail(result).addErrback(_diskFull).chainDeferred(d)
                     continue
                 name, size = result
+                current = box.records.get(record.uid)
+                if current is None:
+                    # Expunged while its body was moved in (the expunge
+                    # took the lock first, but left the index after this
+                    # began): its file goes too, and it stays expunged.
+                    orphans.append(name)
+                    d.errback(NoSuchMessage(f"{box.name} {record.uid}"))
+                    continue
                 if size != record.size:
                     self.log.warn(
                         "message {uid} in {mailbox} is {size} bytes, {announced} announced",
@@ -858,8 +867,12 @@ class MailStore:
                         size=size,
                         announced=record.size,
                     )
-                box.put(replace(box.records.get(record.uid, record), held=True, size=size), name)
+                box.put(replace(current, held=True, size=size), name)
                 d.callback(os.path.join(self._cur, name))
+            if orphans:
+                self._write(self._removeFiles, orphans).addErrback(
+                    lambda f: self.log.failure("removing the bodies of expunged messages failed", f)
+                )
 
         def failed(failure: Failure) -> None:
             for _, _, _, d in jobs:

@@ -27,6 +27,7 @@ from p2pmta.mailstore import (
     MailStore,
     MessageRecord,
     NoSuchMailbox,
+    NoSuchMessage,
     splitHeaders,
 )
 
@@ -332,6 +333,26 @@ class MailStoreTests(TestCase):
         self.assertEqual([r.held for r in self.store.messages("INBOX")], [True, False, True, True])
         with open(self.store.filePath("INBOX", uids[3]), "rb") as f:
             self.assertEqual(f.read(), MESSAGE)
+
+    @inlineCallbacks
+    def test_expungedWhileItsBodyIsAttached(self):
+        """
+        A message expunged while its pulled body waits to be attached
+        stays expunged: the attach fails with L{NoSuchMessage} and its file
+        goes, even when the attach starts before the expunge has left the
+        index (it takes the lock the moment the expunge's write is done).
+        """
+        uid = yield self.store.deliver("INBOX", HEADERS, 99, {})
+        keep = yield self.store.deliver("INBOX", HEADERS, 99, {})
+        expunged = self.store.expunge("INBOX", [uid])
+        attached = self.store.attachBody("INBOX", uid, self.writeFile("pulled", MESSAGE))
+        self.assertEqual((yield expunged), [uid])
+        yield self.assertFailure(attached, NoSuchMessage)
+        self.assertIsNone(self.store.record("INBOX", uid))
+        self.assertEqual(self.store.uids("INBOX"), [keep])
+        yield self.reopen()
+        self.assertEqual(self.store.uids("INBOX"), [keep])
+        self.assertEqual(os.listdir(os.path.join(self.dir, "inbox", "cur")), [])
 
     @inlineCallbacks
     def test_deliverWithBodyMovesFileIn(self):
