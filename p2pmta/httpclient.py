@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 from twisted.web._newclient import HEADER, STATUS, HTTP11ClientProtocol
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone, ResponseFailed
@@ -42,6 +43,18 @@ MIN_RATE = 16 * 1024
 The slowest average rate, in bytes per second, that a body may arrive at
 (beyond the first L{TIMEOUT} seconds).
 """
+
+BUSY_RETRIES = 2
+"""
+How many times a pull answered 429 or 503 with a C{Retry-After} of at most
+L{BUSY_WAIT} seconds tries again, after that wait.
+"""
+
+BUSY_WAIT = 15
+"""The longest C{Retry-After}, in seconds, that a pull waits out."""
+
+BUSY_BODY = 4096
+"""The most bytes of a busy answer read (to keep its connection)."""
 
 MAX_HEADER_BYTES = 64 * 1024
 """The most bytes of status line and headers a response may have."""
@@ -142,6 +155,21 @@ def makeAgent(
     pool.maxPersistentPerHost = maxPersistentPerHost
     pool.cachedConnectionTimeout = cachedConnectionTimeout
     return Agent(reactor, pool=pool), pool
+
+
+def _retryAfter(response) -> float | None:
+    """
+    How long a 429 or 503 answer asks us to wait before trying again, if
+    it says so in seconds and that is at most L{BUSY_WAIT}; else L{None}.
+    """
+    if response.code not in (429, 503):
+        return None
+    values = response.headers.getRawHeaders(b"retry-after") or [b""]
+    try:
+        seconds = int(values[-1].strip())
+    except ValueError:  # absent, or an HTTP date
+        return None
+    return float(seconds) if 0 <= seconds <= BUSY_WAIT else None
 
 
 class _Discard(Protocol):
@@ -279,19 +307,37 @@ async def fetchInto(
     @param timeout: see L{TIMEOUT}.
     @param minRate: see L{MIN_RATE}.
 
+    A 429 or 503 answer with a short C{Retry-After} is tried again after
+    that wait (see L{BUSY_RETRIES}).
+
     @raise FetchError: on a network error, a status other than 200, a body
         over C{maxSize} bytes, or a server too slow (see the module
         docstring).  What C{sink} raises (a full disk of ours) is raised
         as it is: another server would not do better.
     """
-    # Host is all the request carries: no User-Agent, which would cost
-    # bytes on every pull and tell every peer our version.
-    requested = agent.request(b"GET", url.encode("ascii"))
-    requested.addTimeout(timeout, reactor, onTimeoutCancel=_timedOut("no answer"))
-    try:
-        response = await requested
-    except Exception as e:
-        raise FetchError(f"{url}: {_why(e)}") from None
+    for attempt in range(BUSY_RETRIES + 1):
+        # Host is all the request carries: no User-Agent, which would cost
+        # bytes on every pull and tell every peer our version.
+        requested = agent.request(b"GET", url.encode("ascii"))
+        requested.addTimeout(timeout, reactor, onTimeoutCancel=_timedOut("no answer"))
+        try:
+            response = await requested
+        except Exception as e:
+            raise FetchError(f"{url}: {_why(e)}") from None
+        wait = _retryAfter(response) if attempt < BUSY_RETRIES else None
+        if wait is None:
+            break
+        # Busy (too many downloads from us at once, say while a group
+        # member replicates): read the short answer to its end, so that
+        # the connection stays for the next try, and come back when told.
+        busy = _BoundedBody(lambda data: None, BUSY_BODY, reactor, timeout)
+        response.deliverBody(busy)
+        busy.finished.addTimeout(timeout, reactor)
+        try:
+            await busy.finished
+        except Exception:
+            pass  # too long or cut short: the next try connects anew
+        await deferLater(reactor, wait, lambda: None)
     if response.code != 200:
         response.deliverBody(_Discard())
         raise FetchError(f"{url}: HTTP {response.code}")

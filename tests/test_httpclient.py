@@ -13,8 +13,11 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
 from twisted.python.threadpool import ThreadPool
 from twisted.trial.unittest import TestCase
+from twisted.web.resource import Resource
+from twisted.web.server import Site
 
-from p2pmta.httpclient import MAX_PERSISTENT_PER_HOST, fetchBytes, makeAgent
+from p2pmta.errors import FetchError
+from p2pmta.httpclient import BUSY_RETRIES, BUSY_WAIT, MAX_PERSISTENT_PER_HOST, fetchBytes, makeAgent
 from p2pmta.store import Outbox
 from p2pmta.web import makeSite
 
@@ -194,3 +197,72 @@ class AgainstOurOutboxTests(TestCase):
             self.assertEqual(site.connections, {"127.0.0.1": 1})
 
         return Deferred.fromCoroutine(run())
+
+
+class _Busy(Resource):
+    """Answers 429 with C{retryAfter} to the first C{busy} requests."""
+
+    isLeaf = True
+
+    def __init__(self, busy: int, retryAfter: bytes | None) -> None:
+        super().__init__()
+        self.busy, self.retryAfter, self.requests = busy, retryAfter, 0
+
+    def render_GET(self, request):
+        self.requests += 1
+        if self.requests <= self.busy:
+            request.setResponseCode(429)
+            if self.retryAfter is not None:
+                request.setHeader(b"retry-after", self.retryAfter)
+            return b"busy"
+        return BODY
+
+
+class BusyServerTests(TestCase):
+    """
+    A server that says "too many at once, come back in N seconds" (429 or
+    503 with C{Retry-After}, as our outbox does past its per-client limit)
+    is asked again after that wait, a bounded number of times, over the
+    same connection.
+    """
+
+    def setUp(self) -> None:
+        self.agent, agentPool = makeAgent(reactor)
+        self.addCleanup(agentPool.closeCachedConnections)
+
+    def fetch(self, resource: _Busy):
+        site = Site(resource)
+        port = reactor.listenTCP(0, site, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        url = f"http://127.0.0.1:{port.getHost().port}/outbox/x"
+        return Deferred.fromCoroutine(fetchBytes(self.agent, url, 100, reactor))
+
+    async def _triedAgain(self):
+        resource = _Busy(BUSY_RETRIES, b"0")
+        self.assertEqual(await self.fetch(resource), BODY)
+        self.assertEqual(resource.requests, BUSY_RETRIES + 1)
+
+    def test_triedAgainAfterTheWait(self):
+        return Deferred.fromCoroutine(self._triedAgain())
+
+    async def _givesUp(self, resource: _Busy, requests: int):
+        with self.assertRaises(FetchError) as caught:
+            await self.fetch(resource)
+        self.assertIn("HTTP 429", str(caught.exception))
+        self.assertEqual(resource.requests, requests)
+
+    def test_givesUpAfterRetries(self):
+        """Still busy after L{BUSY_RETRIES} more tries: a L{FetchError}."""
+        return Deferred.fromCoroutine(self._givesUp(_Busy(10, b"0"), BUSY_RETRIES + 1))
+
+    def test_noRetryAfter(self):
+        """No C{Retry-After}: fails at once."""
+        return Deferred.fromCoroutine(self._givesUp(_Busy(1, None), 1))
+
+    def test_retryAfterTooLong(self):
+        """A C{Retry-After} longer than L{BUSY_WAIT}: fails at once."""
+        return Deferred.fromCoroutine(self._givesUp(_Busy(1, b"%d" % (BUSY_WAIT + 1)), 1))
+
+    def test_retryAfterADate(self):
+        """A C{Retry-After} that is a date: fails at once."""
+        return Deferred.fromCoroutine(self._givesUp(_Busy(1, b"Wed, 21 Oct 2026 07:28:00 GMT"), 1))
