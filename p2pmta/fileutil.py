@@ -217,6 +217,22 @@ def removeIfThere(path: str) -> None:
         pass
 
 
+def removeFromFolder(folder: str, names: Iterable[str]) -> None:
+    """
+    Remove the files C{names} from C{folder} (those already gone are not an
+    error), then flush the folder once if any went.
+    """
+    removed = False
+    for name in names:
+        try:
+            os.unlink(os.path.join(folder, name))
+        except FileNotFoundError:
+            continue
+        removed = True
+    if removed:
+        fsyncDir(folder)
+
+
 def removeTempFiles(directory: str) -> list[str]:
     """
     Remove the temporary files a crash may have left in C{directory}.

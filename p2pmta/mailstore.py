@@ -43,7 +43,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from p2pmta.errors import BodyUnavailable, StoreError
-from p2pmta.fileutil import CHUNK_SIZE, AtomicFile, ensureDir, fsyncDir, removeTempFiles
+from p2pmta.fileutil import CHUNK_SIZE, AtomicFile, ensureDir, fsyncDir, removeFromFolder, removeTempFiles
 from p2pmta.interfaces import IMailStore
 
 #: The mailboxes every store has, with their SPECIAL-USE attributes.
@@ -555,15 +555,7 @@ class MailStore:
         return name, st.st_size
 
     def _removeFiles(self, names: Iterable[str]) -> None:
-        removed = False
-        for name in names:
-            try:
-                os.unlink(os.path.join(self._cur, name))
-                removed = True
-            except FileNotFoundError:
-                pass
-        if removed:
-            fsyncDir(self._cur)
+        removeFromFolder(self._cur, names)
 
     # -- adding messages --------------------------------------------------
 

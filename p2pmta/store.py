@@ -26,6 +26,7 @@ from p2pmta.fileutil import (
     AtomicFile,
     ensureDir,
     fsyncDir,
+    removeFromFolder,
     removeTempFiles,
 )
 from p2pmta.interfaces import IOutbox
@@ -251,9 +252,7 @@ class Outbox:
 
         @return: a Deferred firing with L{None}.
         """
-        if not isDigest(digest):
-            return succeed(None)
-        return self._inThread(self._remove, digest)
+        return self.removeMany([digest])
 
     def removeMany(self, digests) -> Deferred:
         """
@@ -267,19 +266,8 @@ class Outbox:
             return succeed(None)
         return self._inThread(self._removeMany, digests)
 
-    def _remove(self, digest: str) -> None:
-        self._removeMany([digest])
-
     def _removeMany(self, digests) -> None:
-        removed = False
-        for digest in digests:
-            try:
-                os.unlink(self._pathOf(digest))
-            except FileNotFoundError:
-                continue
-            removed = True
-        if removed:
-            fsyncDir(self.directory)
+        removeFromFolder(self.directory, digests)
 
     # -- reading --------------------------------------------------------
 
