@@ -782,7 +782,7 @@ class Keyring:
         """
         return Deferred.fromCoroutine(self._decrypt(data, None, maxOutput, sender))
 
-    def decryptFile(self, inPath: str, outPath: str, maxOutput: int, sender=None, sessionKey=None, prefix=b""):
+    def decryptFile(self, inPath: str, outPath: str, maxOutput: int, sender=None, sessionKey=None):
         """
         Like L{decrypt}, streaming from C{inPath} to a temporary file beside
         C{outPath}, renamed to C{outPath} once accepted; after a failure
@@ -790,18 +790,14 @@ class Keyring:
 
         @param sessionKey: the message's session key, if known: then no
             secret key is needed.
-        @param prefix: bytes written before the plaintext (not counted in
-            C{maxOutput}); only without C{sender}.
         @return: a Deferred firing with L{None}.
         """
-        return Deferred.fromCoroutine(self._decrypt(inPath, outPath, maxOutput, sender, sessionKey, prefix))
+        return Deferred.fromCoroutine(self._decrypt(inPath, outPath, maxOutput, sender, sessionKey))
 
-    async def _decrypt(self, source, outPath, maxOutput, sender, sessionKey=None, prefix=b""):
-        if prefix and sender is not None:
-            raise ValueError("a prefix is only written in-process, without sender")
+    async def _decrypt(self, source, outPath, maxOutput, sender, sessionKey=None):
         if sender is None and (sessionKey or self._secret is not None):
             try:
-                return await self._shared(self._decryptInProcess, source, outPath, maxOutput, sessionKey, prefix)
+                return await self._shared(self._decryptInProcess, source, outPath, maxOutput, sessionKey)
             except DecryptionFailed as e:
                 self.log.info("refused a message: {reason}", reason=str(e))
                 raise
@@ -836,18 +832,13 @@ class Keyring:
         with _source(source) as stream:
             openpgp.decrypt(stream, out, maxOutput=maxOutput, **keys)
 
-    def _decryptInProcess(self, source, outPath, maxOutput, sessionKey, prefix=b""):
-        maxOutput = max(0, int(maxOutput))
-        keys = {"sessionKey": sessionKey} if sessionKey else {"secretKey": self._secret}
-        with _source(source) as stream:
-            if outPath is None:
-                out = io.BytesIO()
-                out.write(prefix)
-                openpgp.decrypt(stream, out, maxOutput=maxOutput, **keys)
-                return out.getvalue()
-            with _output(outPath) as tmp, open(tmp, "wb") as out:
-                out.write(prefix)
-                openpgp.decrypt(stream, out, maxOutput=maxOutput, **keys)
+    def _decryptInProcess(self, source, outPath, maxOutput, sessionKey):
+        if outPath is None:
+            out = io.BytesIO()
+            self.decryptInto(source, out, maxOutput, sessionKey)
+            return out.getvalue()
+        with _output(outPath) as tmp, open(tmp, "wb") as out:
+            self.decryptInto(source, out, maxOutput, sessionKey)
         return None
 
     def _decryptBlocking(self, source, outPath, maxOutput, sender):
