@@ -3,6 +3,8 @@ Send and receive notifications: the codecs a peer applies to what strangers
 put under its DHT keys.
 """
 
+import io
+
 from hypothesis import given
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
@@ -150,6 +152,37 @@ class MessageFactsTests(SynchronousTestCase):
         m.add_attachment(b"\x00" * 1000, maintype="image", subtype="png", filename="p.png")
         self.assertEqual(attachmentsOf(m.as_bytes()), [{"name": "p.png", "type": "image/png", "size": 1000}])
         self.assertEqual(attachmentsOf(b"not mime at all"), [])
+
+    def test_attachmentsAcrossReads(self):
+        """
+        A boundary line cut by the end of a read is still found, wherever
+        the cut falls: the parts after it are listed with their sizes.
+        """
+        from p2pmta import notification
+
+        line = b"QUJD" * 19 + b"\r\n"  # a base64 line of 76 characters
+        head = (
+            b"Content-Type: multipart/mixed; boundary=\"=_cut_here\"\r\n\r\n"
+            b"--=_cut_here\r\nContent-Disposition: attachment; filename=a.txt\r\n\r\n"
+        )  # fmt: skip
+        for shift in range(-16, 4):
+            # The "\r\n--=_cut_here" after the first part ends at the first
+            # read's end, plus shift.
+            lines, rest = divmod(notification._BLOCK - len(head) - 12 + shift, 78)
+            first = (b"y" * 76 + b"\r\n") * lines + b"z" * rest + b"\r\n"
+            message = (
+                head + first + b"--=_cut_here\r\nContent-Transfer-Encoding: base64\r\n"
+                b"Content-Type: application/octet-stream; name=b.bin\r\n\r\n" + line * 3 +
+                b"--=_cut_here--\r\n"
+            )  # fmt: skip
+            self.assertEqual(
+                attachmentsOf(io.BytesIO(message)),
+                [
+                    {"name": "a.txt", "type": "text/plain", "size": len(first)},
+                    {"name": "b.bin", "type": "application/octet-stream", "size": 3 * 57},
+                ],
+                f"shift {shift}",
+            )
 
     def test_attachmentsBounded(self):
         """
