@@ -59,8 +59,9 @@ MAX_NOTIFICATION_PLAINTEXT = 2 * 1024 * 1024
 PULL_CONCURRENCY = MAX_DOWNLOADS_PER_CLIENT
 
 #: Ciphertexts up to this size are pulled into memory (at most
-#: C{PULL_CONCURRENCY} at once), not into a file.
-IN_MEMORY_PULL = 256 * 1024
+#: C{PULL_CONCURRENCY} at once, 16 MiB), not into a file: a 1 MB attachment
+#: is then written once, as the plaintext, not also as the ciphertext.
+IN_MEMORY_PULL = 2 * 1024 * 1024
 
 #: How many notices are remembered in memory as handled, so that values
 #: seen again (every poll, and floods) cost no ledger look-up.

@@ -785,7 +785,7 @@ class KillTests(KillLoop):
         shows once, whole (never torn), and alice's outbox drains.
         """
         return self.scenario(
-            self._kills(("append", 0, 20_000), ("receiving", 0.15, 300_000), ("pulling", 0.03, 1_000_000))
+            self._kills(("append", 0, 20_000), ("receiving", 0.15, 300_000), ("pulling", 0.03, 2_000_000))
         )
 
     def test_replicatorKilled(self):
