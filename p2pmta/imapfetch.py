@@ -21,6 +21,7 @@ at most.
 
 from __future__ import annotations
 
+import io
 import mmap
 import os
 import re
@@ -410,12 +411,17 @@ def _split(buf, start: int, end: int, boundary: bytes, budget: list):
     return parts
 
 
-def parseStructure(path: str) -> Entity:
+def parseStructure(path) -> Entity:
     """
-    The MIME structure of a message file (blocking: run it in a thread).
-    Its root's C{cost} estimates the memory the structure takes.
+    The MIME structure of a message file, or of a message in L{bytes}
+    (blocking: run it in a thread).  Its root's C{cost} estimates the
+    memory the structure takes.
     """
     budget = [MAX_MIME_PARTS, 0]
+    if isinstance(path, bytes):
+        root = _entity(path, 0, len(path), 0, "text/plain", budget)
+        root.cost = budget[1]
+        return root
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         if size == 0:
@@ -427,7 +433,7 @@ def parseStructure(path: str) -> Entity:
     return root
 
 
-def describe(path: str) -> Entity:
+def describe(path) -> Entity:
     """
     L{parseStructure}, with the root's C{BODY} and C{BODYSTRUCTURE} written
     out in C{rendered} (blocking: run it in a thread).
@@ -706,7 +712,8 @@ async def fetchBodies(store, mailbox: str, uids: list, concurrency: int):
     Ask the store for the bodies of C{uids}, C{concurrency} at a time
     (pulling those not held).
 
-    @return: C{{uid: (path, size)}} of the bodies had, and the first
+    @return: C{{uid: (path, size)}} of the bodies had (the path being the
+        message's L{bytes} for one the store holds in memory), and the first
         failure (a L{BodyUnavailable}) or L{None}.
     """
     limit = DeferredSemaphore(concurrency)
@@ -715,7 +722,9 @@ async def fetchBodies(store, mailbox: str, uids: list, concurrency: int):
     )
     files, failure = {}, None
     for u, (ok, value) in zip(uids, results):
-        if ok:
+        if ok and isinstance(value, bytes):
+            files[u] = (value, len(value))
+        elif ok:
             try:
                 files[u] = (value, os.path.getsize(value))
             except OSError:
@@ -778,7 +787,7 @@ def fetchPieces(store, mailbox: str, live, items, files, structures, seen, vanis
     cut it short.
 
     @param live: C{(seq, uid, record)} of each message.
-    @param files: C{{uid: (path, size)}} of the bodies.
+    @param files: C{{uid: (path, size)}} of the bodies (see L{fetchBodies}).
     @param seen: UIDs just marked C{\\Seen}, whose FLAGS must be sent.
     @param vanished: A list the UIDs whose file could not be opened (and
         whose response was left out) are appended to.
@@ -790,7 +799,9 @@ def fetchPieces(store, mailbox: str, live, items, files, structures, seen, vanis
             wanted = [*items, FetchItem("FLAGS")]
         path, size = files.get(u, (None, record.size))
         handle = None
-        if path is not None:
+        if isinstance(path, bytes):
+            handle = io.BytesIO(path)
+        elif path is not None:
             try:
                 handle = open(path, "rb")  # noqa: SIM115
             except OSError:

@@ -238,8 +238,10 @@ class IMailStore(Interface):
         is not held yet.
 
         @return: a Deferred firing with the path of a file holding the
-            message's exact bytes, which never change for this UID, or
-            failing with L{p2pmta.errors.BodyUnavailable}.
+            message's exact bytes, which never change for this UID (or with
+            those bytes themselves, for a message just pulled that is still
+            being written), or failing with
+            L{p2pmta.errors.BodyUnavailable}.
         """
 
     def setFlags(mailbox: str, uids, flags, mode: str):

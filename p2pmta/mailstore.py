@@ -30,6 +30,7 @@ import json
 import os
 import sqlite3
 import stat
+import tempfile
 import threading
 import time
 import uuid
@@ -43,7 +44,16 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from p2pmta.errors import BodyUnavailable, StoreError
-from p2pmta.fileutil import CHUNK_SIZE, AtomicFile, ensureDir, fsyncDir, removeFromFolder, removeTempFiles
+from p2pmta.fileutil import (
+    CHUNK_SIZE,
+    TEMP_PREFIX,
+    AtomicFile,
+    ensureDir,
+    fsyncDir,
+    removeFromFolder,
+    removeIfThere,
+    removeTempFiles,
+)
 from p2pmta.interfaces import IMailStore
 
 #: The mailboxes every store has, with their SPECIAL-USE attributes.
@@ -104,6 +114,11 @@ class NoSuchMessage(StoreError):
 
 class HeaderMismatch(StoreError):
     """The message does not start with the header section it was announced with."""
+
+
+#: How many bytes of pulled messages may be served from memory while they
+#: are written to the Maildir; beyond that a reader waits for the disk.
+WRITE_BEHIND_BYTES = 32 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -240,7 +255,8 @@ class MailStore:
 
     @ivar bodyFetcher: Set by the core: C{bodyFetcher(mailbox, record)}
         returns a Deferred firing with the path of a complete message file
-        (which the store then takes over, moving it) or failing with
+        (which the store then takes over, moving it), or with the message
+        as L{bytes} (which the store writes), or failing with
         L{BodyUnavailable}.  L{body} calls it for messages not held.
     @ivar expungeHook: Set by the core: C{expungeHook(mailbox, records)}
         returns a Deferred; it is called before messages are expunged (to
@@ -251,6 +267,9 @@ class MailStore:
         Maildir (the moment to tell its sender it may delete its copy: a
         body that could not be stored, for want of disk space say, must be
         pulled again later).
+    @ivar writeBehindBytes: How many bytes of pulled messages (the fetcher's
+        L{bytes}) L{body} may serve from memory while they are written; a
+        message beyond that is served once it is on disk.
     """
 
     log = Logger()
@@ -280,11 +299,14 @@ class MailStore:
         self._listeners: dict[str, list] = {}
         self._fetching: dict[tuple[str, int], list[Deferred]] = {}
         self._expunging: set[tuple[str, int]] = set()
-        self._attaching: list = []  # (box, uid, path, Deferred) to attach
+        self._attaching: list = []  # (box, uid, path or bytes, Deferred) to attach
+        self._pendingBodies: dict[tuple[str, int], bytes] = {}  # served while attached
+        self._pendingBytes = 0
         self._attachScheduled = False
         self.bodyFetcher: Callable[[str, MessageRecord], Deferred] | None = None
         self.expungeHook: Callable[[str, list], Deferred] | None = None
         self.attachedHook: Callable[[str, MessageRecord], object] | None = None
+        self.writeBehindBytes = WRITE_BEHIND_BYTES
 
     # -- plumbing --------------------------------------------------------
 
@@ -554,6 +576,28 @@ class MailStore:
             fsyncDir(self._cur)
         return name, st.st_size
 
+    def _takeBytes(self, data: bytes, headers: bytes) -> tuple[str, int]:
+        """
+        Write the message C{data} into the Maildir (through C{tmp/}, flushed)
+        if it starts with exactly C{headers}; C{cur/} is not flushed.
+
+        @return: its name in C{cur/} and its size.
+        """
+        if not data.startswith(headers):
+            raise HeaderMismatch("the pulled message")
+        fd, temp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=self._tmp)  # mode 0600
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            name = self._newName()
+            os.rename(temp, os.path.join(self._cur, name))
+        except BaseException:
+            removeIfThere(temp)
+            raise
+        return name, len(data)
+
     def _removeFiles(self, names: Iterable[str]) -> None:
         removeFromFolder(self._cur, names)
 
@@ -782,8 +826,25 @@ class MailStore:
             box = self._box(mailbox)
         except Exception:
             return fail()
+        return self._queueAttach(box, uid, os.fsdecode(path))
+
+    def attachData(self, mailbox: str, uid: int, data: bytes) -> Deferred:
+        """
+        L{attachBody} for a message held in memory: C{data} is written into
+        the Maildir (with the bodies attached together), and must start
+        with exactly the stored header section.
+
+        @return: as L{attachBody}'s; on L{HeaderMismatch} nothing is kept.
+        """
+        try:
+            box = self._box(mailbox)
+        except Exception:
+            return fail()
+        return self._queueAttach(box, uid, bytes(data))
+
+    def _queueAttach(self, box: _Box, uid: int, source) -> Deferred:
         d: Deferred = Deferred()
-        self._attaching.append((box, uid, os.fspath(path), d))
+        self._attaching.append((box, uid, source, d))
         if not self._attachScheduled:
             self._attachScheduled = True
             self._writeLock.run(self._attachQueued)
@@ -791,7 +852,8 @@ class MailStore:
 
     def _attachQueued(self) -> Deferred:
         """
-        Attach the bodies queued by L{attachBody} so far, in one thread call
+        Attach the bodies queued by L{attachBody} and L{attachData} so far,
+        in one thread call
         (under the write lock).
         """
         self._attachScheduled = False
@@ -811,9 +873,12 @@ class MailStore:
 
         def work() -> list:
             results, names = [], []
-            for box, record, path, _ in jobs:
+            for box, record, source, _ in jobs:
                 try:
-                    name, size = self._takeFile(path, record.headers, syncDir=False)
+                    if isinstance(source, bytes):
+                        name, size = self._takeBytes(source, record.headers)
+                    else:
+                        name, size = self._takeFile(source, record.headers, syncDir=False)
                 except Exception:
                     results.append(Failure())
                 else:
@@ -1001,6 +1066,11 @@ class MailStore:
     # -- bodies -----------------------------------------------------------
 
     def body(self, mailbox: str, uid: int) -> Deferred:
+        """
+        C{IMailStore.body}: the path of the message's file; or, for one just
+        pulled and still being written (see L{writeBehindBytes}), its
+        L{bytes}.
+        """
         try:
             box = self._box(mailbox)
         except Exception:
@@ -1011,6 +1081,9 @@ class MailStore:
         if record.held:
             return succeed(os.path.join(self._cur, box.files[uid]))
         key = (box.name, uid)
+        pending = self._pendingBodies.get(key)
+        if pending is not None:
+            return succeed(pending)
         waiter: Deferred = Deferred()
         waiters = self._fetching.get(key)
         if waiters is not None:
@@ -1024,31 +1097,39 @@ class MailStore:
         fetcher = self.bodyFetcher
         if fetcher is None:
             return fail(BodyUnavailable("nothing can pull message bodies"))
-        d = maybeDeferred(fetcher, box.name, record)
+        key = (box.name, record.uid)
 
-        def attach(path):
-            def refused(f: Failure):
-                try:
-                    os.unlink(path)
-                except OSError:
-                    pass
-                if f.check(HeaderMismatch):
-                    self.log.warn(
-                        "pulled message {uid} in {mailbox} does not match its "
-                        "notification",
-                        uid=record.uid,
-                        mailbox=box.name,
-                    )
-                    raise BodyUnavailable(
-                        "the message pulled does not match its notification"
-                    )
-                if f.check(NoSuchMessage):
-                    raise BodyUnavailable("the message was expunged")
-                return f
+        def attach(pulled):
+            if not isinstance(pulled, bytes):
+                path = os.fsdecode(pulled)
+                d = self.attachBody(box.name, record.uid, path)
+                return d.addCallbacks(attached, refused, errbackArgs=(path,))
+            if not pulled.startswith(record.headers):
+                return refused(Failure(HeaderMismatch("the pulled message")))
+            d = self.attachData(box.name, record.uid, pulled)
+            if self._pendingBytes + len(pulled) > self.writeBehindBytes:
+                return d.addCallbacks(attached, refused).addCallback(lambda _: pulled)
+            # Served from memory while it is written: the sender is told
+            # (attachedHook) only once it is on disk.
+            self._pendingBodies[key] = pulled
+            self._pendingBytes += len(pulled)
+            d.addCallbacks(attached, unwritten)
+            d.addBoth(settled, len(pulled))
+            return pulled
 
-            d = self.attachBody(box.name, record.uid, path)
-            d.addCallbacks(attached, refused)
-            return d
+        def refused(f: Failure, path: str | None = None):
+            if path is not None:
+                removeIfThere(path)
+            if f.check(HeaderMismatch):
+                self.log.warn(
+                    "pulled message {uid} in {mailbox} does not match its notification",
+                    uid=record.uid,
+                    mailbox=box.name,
+                )
+                raise BodyUnavailable("the message pulled does not match its notification")
+            if f.check(NoSuchMessage):
+                raise BodyUnavailable("the message was expunged")
+            return f
 
         def attached(stored: str) -> str:
             hook = self.attachedHook
@@ -1056,12 +1137,24 @@ class MailStore:
                 try:
                     hook(box.name, record)
                 except Exception:
-                    self.log.failure(
-                        "the attached hook failed for {uid}", uid=record.uid
-                    )
+                    self.log.failure("the attached hook failed for {uid}", uid=record.uid)
             return stored
 
-        return d.addCallback(attach)
+        def unwritten(f: Failure) -> None:
+            # Its reader has the message already; the next one pulls again.
+            if not f.check(NoSuchMessage):
+                self.log.warn(
+                    "could not store the body of message {uid} of {mailbox}: {why}",
+                    uid=record.uid,
+                    mailbox=box.name,
+                    why=f.getErrorMessage(),
+                )
+
+        def settled(_, size: int) -> None:
+            if self._pendingBodies.pop(key, None) is not None:
+                self._pendingBytes -= size
+
+        return maybeDeferred(fetcher, box.name, record).addCallback(attach)
 
     def _pulled(self, result, key) -> None:
         waiters = self._fetching.pop(key, [])

@@ -13,6 +13,7 @@ a receive notification is posted to the sender.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import time
 import uuid
@@ -306,7 +307,7 @@ class Receiver:
     def fetchBody(self, mailbox: str, record) -> Deferred:
         """
         The mail store's C{bodyFetcher}: pull, check, decrypt and return the
-        path of the complete message.
+        complete message (see L{_openPulled}).
         """
         key = record.meta.get("incoming")
         found = self._incomingRow(key) if key else succeed(None)
@@ -347,7 +348,7 @@ class Receiver:
 
             d.addCallbacks(found, failed)
 
-    async def _fetchBody(self, row) -> str:
+    async def _fetchBody(self, row):
         peer = self._peer
         if row is None:
             raise BodyUnavailable("no notification is known for this message")
@@ -357,7 +358,7 @@ class Receiver:
             self._pullDirectoryMade = True
         base = os.path.join(self.pullDirectory, uuid.uuid4().hex)
         try:
-            path = await self._pull(row, sender, base)
+            message = await self._pull(row, sender, base)
         except (P2PMTAError, OSError) as e:
             self.log.warn("cannot pull {digest} from {sender}: {e}", digest=row["digest"], sender=str(sender), e=e)
             await peer.inThreads(lambda: [removeIfThere(base + suffix) for suffix in (".gpg", ".eml")])
@@ -366,7 +367,7 @@ class Receiver:
             raise BodyUnavailable(str(e)) from None
         # The receipt waits until the mail store holds the body (bodyStored):
         # on a full disk the sender must keep its copy.
-        return path
+        return message
 
     def bodyStored(self, mailbox: str, record) -> None:
         """
@@ -388,7 +389,7 @@ class Receiver:
             logFailure(self.log, "recording a pulled body failed; the next poll retries")
         )
 
-    async def _pull(self, row, sender: Address, base: str) -> str:
+    async def _pull(self, row, sender: Address, base: str):
         peer = self._peer
         started = time.monotonic()
         if row["ciphertext_size"] <= IN_MEMORY_PULL:
@@ -417,7 +418,7 @@ class Receiver:
             source = base + ".gpg"
         extra = authenticationResults(self.address, sender, row["reason"])
         try:
-            path = await peer.keyring.whileShared(self._openPulled, source, row, base, extra)
+            message = await peer.keyring.whileShared(self._openPulled, source, row, base, extra)
         except DecryptionFailed as e:
             self.log.info("refused a message: {reason}", reason=str(e))
             raise
@@ -428,24 +429,31 @@ class Receiver:
             size=row["size"],
             seconds=time.monotonic() - started,
         )
-        return path
+        return message
 
-    def _openPulled(self, source, row, base: str, extra: bytes) -> str:
+    def _openPulled(self, source, row, base: str, extra: bytes):
         """
         Decrypt a pulled ciphertext (L{bytes}, or the path of its file,
-        which goes) into C{base}.eml after the field C{extra}, and check it
-        against its notification (blocking; see L{Keyring.whileShared}).
+        which goes) after the field C{extra}, and check it against its
+        notification (blocking; see L{Keyring.whileShared}).
 
-        @return: the message file's path.
+        @return: the message: L{bytes} for a ciphertext pulled into memory,
+            else the path of the file C{base}.eml it was written to.
         """
         notified = row["headers"]
+        inMemory = isinstance(source, bytes)
         path = base + ".eml"
         try:
-            with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as out:
+            if inMemory:
+                out = io.BytesIO()
+            else:
+                out = os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb")
+            with out:
                 out.write(extra)
                 sink = _Beginning(out, len(notified))
                 self._peer.keyring.decryptInto(source, sink, row["size"], row["session_key"] or None)
-            if not isinstance(source, bytes):
+                message = out.getvalue() if inMemory else path
+            if not inMemory:
                 os.remove(source)
             if sink.size > len(notified):
                 # The notified section ends at the message's first blank line.
@@ -456,9 +464,10 @@ class Receiver:
             if sink.size != row["size"] or not matches:
                 raise BodyUnavailable("the message does not match its notification")
         except BaseException:
-            removeIfThere(path)
+            if not inMemory:
+                removeIfThere(path)
             raise
-        return path
+        return message
 
     async def _fromSenderOrGroup(self, sender: Address, digest: str, attempt):
         """

@@ -1002,24 +1002,34 @@ class DiskFullTests(FaultCase):
         """
         return self.scenario(self._append())
 
-    async def pullRefused(self, message: bytes) -> int:
+    async def listedUnopened(self, message: bytes) -> int:
         """
-        bob lists C{message} but cannot open it: FETCH BODY[] says NO
-        [UNAVAILABLE] (twice: the failed pull left nothing half-written
-        behind), and its headers still show.
+        alice sends C{message} to bob; wait until his INBOX lists it.
 
         @return: its UID.
         """
-        bob = self.bob
         await self.threaded(self.alice.submit, ["bob@demo"], message)
         self.book.add(message, True, ("bob", "INBOX"), ("alice", "Sent"))
         mid = messageId(message)
 
         async def listed():
-            found = await self.threaded(bob.imap, lambda c: listMessageIds(c, "INBOX"))
+            found = await self.threaded(self.bob.imap, lambda c: listMessageIds(c, "INBOX"))
             return [uid for uid, m, _ in found if m == mid]
 
         [uid] = await eventually(listed, timeout=DELIVERY_TIMEOUT)
+        return uid
+
+    async def pullRefused(self, message: bytes) -> int:
+        """
+        bob lists C{message} (too big to pull into memory) but cannot open
+        it: FETCH BODY[] says NO [UNAVAILABLE] (twice: the failed pull left
+        nothing half-written behind), and its headers still show.
+
+        @return: its UID.
+        """
+        bob = self.bob
+        mid = messageId(message)
+        uid = await self.listedUnopened(message)
         for _ in range(2):
             typ, body, why = await self.threaded(bob.imap, lambda c: fetchBody(c, "INBOX", uid))
             self.note(f"FETCH on a full disk: {typ} {why}")
@@ -1035,13 +1045,31 @@ class DiskFullTests(FaultCase):
         self.assertIn(mid.encode(), data[0][1])
         return uid
 
+    async def pullShownNotStored(self, message: bytes) -> None:
+        """
+        bob lists C{message} (small enough to pull into memory) and opens it
+        whole, twice, but cannot store it: his Maildir gains no file, so
+        alice, not told he is done with it, must serve it again later
+        (L{checkAll}).
+        """
+        cur = os.path.join(self.bob.dataDir, "inbox", "cur")
+        before = sorted(os.listdir(cur))
+        uid = await self.listedUnopened(message)
+        for _ in range(2):
+            typ, body, why = await self.threaded(self.bob.imap, lambda c: fetchBody(c, "INBOX", uid))
+            self.note(f"FETCH on a full disk: {typ} {why}")
+            self.assertEqual(typ, "OK", why)
+            self.assertEqual(sha256(stripAdded(body)), sha256(message), "a pull on a full disk was not whole")
+        self.assertEqual(sorted(os.listdir(cur)), before, "a body was stored on a full disk")
+
     async def _pullsFull(self):
         await self.startTwo(pullsSize="256k")
         await self.sendAndCheck(self.newMessage(20_000))
-        await self.pullRefused(self.newMessage(600_000))
+        # Beyond IN_MEMORY_PULL: pulled into a file in pulls/.
+        await self.pullRefused(self.newMessage(2_000_000))
         pulls = os.path.join(self.bob.dataDir, "pulls")
         self.assertEqual(os.listdir(pulls), [], "a failed pull left files behind")
-        remount(pulls, "4m")
+        remount(pulls, "8m")
         await self.checkAll()
 
     def test_pullWithFullPullsDir(self):
@@ -1056,14 +1084,15 @@ class DiskFullTests(FaultCase):
         await self.sendAndCheck(self.newMessage(20_000))
         filler = os.path.join(self.bob.dataDir, "filler")
         await self.threaded(fillerFile, filler, 200 * 1024)
-        await self.pullRefused(self.newMessage(600_000))
+        await self.pullRefused(self.newMessage(2_000_000))
         os.remove(filler)
         await self.checkAll()
 
     def test_pullWithFullDataDir(self):
         """
-        A body that does not fit in the receiver's data dir is NO
-        [UNAVAILABLE], never half shown; it opens whole once space returns.
+        A body too big to pull into memory that does not fit in the
+        receiver's data dir is NO [UNAVAILABLE], never half shown; it opens
+        whole once space returns.
         """
         return self.scenario(self._inboxFull())
 
@@ -1071,19 +1100,20 @@ class DiskFullTests(FaultCase):
         # Pulls land on a file system of their own, with room; the data dir
         # (and so the Maildir) is full: the pull succeeds, storing the body
         # does not.
-        await self.startTwo(bobSize="8m", pullsSize="4m")
+        await self.startTwo(bobSize="8m", pullsSize="8m")
         await self.sendAndCheck(self.newMessage(20_000))
         filler = os.path.join(self.bob.dataDir, "filler")
         await self.threaded(fillerFile, filler, 200 * 1024)
-        await self.pullRefused(self.newMessage(600_000))
+        await self.pullShownNotStored(self.newMessage(600_000))
+        await self.pullRefused(self.newMessage(2_000_000))
         os.remove(filler)
         await self.checkAll()
 
     def test_pullIntoFullMaildir(self):
         """
-        A body pulled whole that cannot be stored is NO [UNAVAILABLE], and
-        opens whole once space returns: the sender was not told to delete
-        it.
+        A body pulled whole that cannot be stored is shown whole from memory
+        if it is small, else NO [UNAVAILABLE]; either way it opens whole
+        once space returns: the sender was not told to delete it.
         """
         return self.scenario(self._maildirFull())
 

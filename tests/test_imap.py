@@ -174,7 +174,9 @@ class IMAPServerTests(TestCase):
 
     def fetchBody(self, mailbox, record):
         """
-        The fake puller: writes the message whose headers were announced.
+        The fake puller: the message whose headers were announced, in
+        memory for odd UIDs (the store serves it while it writes it), else
+        written to a file.
         """
         self.fetched.append(record.uid)
         if self.failNext:
@@ -184,6 +186,8 @@ class IMAPServerTests(TestCase):
                 raise BodyUnavailable("sender offline")
 
             return deferLater(reactor, 0, offline)
+        if record.uid % 2:
+            return deferLater(reactor, 0.01, lambda: self.bodies[record.meta["n"]])
         path = os.path.join(self.dir, f"pulled-{len(self.fetched)}")
         with open(path, "wb") as f:
             f.write(self.bodies[record.meta["n"]])
@@ -433,14 +437,27 @@ class IMAPServerTests(TestCase):
         self.assertEqual(later[1][0][1], b"Body of message 1.\r\n")
         self.assertEqual(self.fetched, [1, 1])
 
-    @inlineCallbacks
     def test_sectionsAndStructure(self):
         """
         Numbered parts, MIME headers, attached messages, partial fetches
         and BODYSTRUCTURE come from the stored bytes.
         """
-        yield self.store.append("INBOX", MULTIPART)
+        return self.store.append("INBOX", MULTIPART).addCallback(lambda _: self.checkSections())
 
+    @inlineCallbacks
+    def test_sectionsAndStructureWhileWritten(self):
+        """
+        The same for a message just pulled, which the store serves from
+        memory while it writes it.
+        """
+        self.bodies = {1: MULTIPART}
+        uid = yield self.store.deliver("INBOX", headersOf(MULTIPART), len(MULTIPART), {"n": 1})
+        self.assertEqual(uid % 2, 1, "the fake puller returns odd UIDs' messages as bytes")
+        yield self.checkSections()
+        self.assertEqual(self.fetched, [uid])
+
+    @inlineCallbacks
+    def checkSections(self):
         def session():
             client = self.imap()
             client.select("INBOX")

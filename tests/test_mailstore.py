@@ -43,10 +43,13 @@ class _CountingPool:
     def __init__(self, pool: ThreadPool) -> None:
         self._pool = pool
         self.threads: set = set()
+        self.gate = threading.Event()  # cleared: work waits in its thread
+        self.gate.set()
 
     def callInThreadWithCallback(self, onResult, f, *args, **kwargs):
         def work(*a, **kw):
             self.threads.add(threading.get_ident())
+            self.gate.wait()
             return f(*a, **kw)
 
         self._pool.callInThreadWithCallback(onResult, work, *args, **kwargs)
@@ -235,6 +238,82 @@ class MailStoreTests(TestCase):
         self.assertEqual(len(self.calls), 1)
         yield self.reopen()
         self.assertTrue(self.store.record("INBOX", uid).held)
+
+    @inlineCallbacks
+    def test_pulledBytesServedWhileWritten(self):
+        """
+        A message the fetcher returns as bytes is served at once, from
+        memory, while it is written; the sender is told (C{attachedHook})
+        only once it is on disk, after which its file serves it.
+        """
+        uid = yield self.store.deliver("INBOX", HEADERS, len(MESSAGE), {})
+        stored = Deferred()
+        self.store.attachedHook = lambda mailbox, record: stored.callback(self.store.record(mailbox, record.uid))
+        self.store.bodyFetcher = self.fetcherReturning(MESSAGE)
+        self.counting.gate.clear()  # the disk "hangs"
+        try:
+            first = yield self.store.body("INBOX", uid)
+            second = yield self.store.body("INBOX", uid)
+            self.assertEqual((first, second), (MESSAGE, MESSAGE))
+            self.assertEqual(self.calls, [("INBOX", uid)])
+            self.assertFalse(self.store.record("INBOX", uid).held)
+            self.assertFalse(stored.called)
+        finally:
+            self.counting.gate.set()
+        record = yield stored
+        self.assertTrue(record.held)
+        path = yield self.store.body("INBOX", uid)
+        with open(path, "rb") as f:
+            self.assertEqual(f.read(), MESSAGE)
+        self.assertEqual(os.listdir(os.path.join(self.dir, "inbox", "tmp")), [])
+        yield self.reopen()
+        self.assertTrue(self.store.record("INBOX", uid).held)
+
+    @inlineCallbacks
+    def test_writeBehindBounded(self):
+        """
+        Beyond C{writeBehindBytes} held in memory, a pulled message is
+        served once it is on disk.
+        """
+        uid = yield self.store.deliver("INBOX", HEADERS, len(MESSAGE), {})
+        self.store.writeBehindBytes = len(MESSAGE) - 1
+        self.store.bodyFetcher = self.fetcherReturning(MESSAGE)
+        body = yield self.store.body("INBOX", uid)
+        self.assertEqual(body, MESSAGE)
+        self.assertTrue(self.store.record("INBOX", uid).held)
+
+    @inlineCallbacks
+    def test_pulledBytesExpungedWhileWritten(self):
+        """
+        A message expunged while its pulled bytes are written leaves no
+        file, and is no longer served from memory.
+        """
+        uid = yield self.store.deliver("INBOX", HEADERS, len(MESSAGE), {})
+        self.store.bodyFetcher = self.fetcherReturning(MESSAGE)
+        self.counting.gate.clear()
+        try:
+            expunged = self.store.expunge("INBOX", [uid])  # holds the write lock
+            body = yield self.store.body("INBOX", uid)
+            self.assertEqual(body, MESSAGE)
+        finally:
+            self.counting.gate.set()
+        self.assertEqual((yield expunged), [uid])
+        yield self.store.deliver("INBOX", HEADERS, len(MESSAGE), {})  # after the attach
+        yield self.assertFailure(self.store.body("INBOX", uid), BodyUnavailable)
+        self.assertEqual(os.listdir(os.path.join(self.dir, "inbox", "cur")), [])
+        self.assertEqual(os.listdir(os.path.join(self.dir, "inbox", "tmp")), [])
+
+    @inlineCallbacks
+    def test_pulledBytesMismatchRefused(self):
+        """
+        Pulled bytes whose header section differs from the notification's
+        are refused, and nothing is written.
+        """
+        uid = yield self.store.deliver("INBOX", HEADERS, len(MESSAGE), {})
+        self.store.bodyFetcher = self.fetcherReturning(b"Subject: other\r\n\r\nbody\r\n")
+        yield self.assertFailure(self.store.body("INBOX", uid), BodyUnavailable)
+        self.assertFalse(self.store.record("INBOX", uid).held)
+        self.assertEqual(os.listdir(os.path.join(self.dir, "inbox", "cur")), [])
 
     @inlineCallbacks
     def test_bodyUnavailableThenRetried(self):
