@@ -297,14 +297,19 @@ class ISubmission(Interface):
             L{p2pmta.errors.UnknownPeer} or L{p2pmta.errors.CryptoError}.
         """
 
-    def accept(sender, recipients, path: str):
+    def accept(sender, recipients, path: str, flushing, check):
         """
         Take over a complete message file at C{path} in L{spoolDirectory}
         (CRLF line ends), from C{sender} for C{recipients} (lists of
-        L{p2pmta.address.Address}).  The file is on disk (fsynced); its
-        name in the folder is for C{accept} to flush.  Should this fail,
-        the file is the caller's again.
+        L{p2pmta.address.Address}), while the caller puts it on disk.
+        Should this fail, the file is the caller's again.
 
+        @param flushing: a Deferred firing once the file and its name are on
+            disk (fsynced), or failing.
+        @param check: the file's C{(size, CRC-32)}, to tell it whole after a
+            crash.
         @return: a Deferred firing once the message is durably in the spool
-            (the SMTP server then answers 250), with a message id (str).
+            and C{flushing} has fired (the SMTP server then answers 250),
+            with a message id (str); if either fails, failing once both
+            are done.
         """

@@ -23,6 +23,8 @@ CREATE TABLE IF NOT EXISTS outgoing (
     created REAL NOT NULL,
     state TEXT NOT NULL,          -- spooled, encrypted, sent, finishing, finished, cancelled
     spool TEXT NOT NULL,
+    spool_size INTEGER,           -- the spool file's size and CRC-32, checked
+    spool_crc INTEGER,            -- after a crash (recorded while it is flushed)
     digest TEXT,
     ciphertext_size INTEGER,
     size INTEGER,
@@ -129,7 +131,8 @@ class Ledger:
         for table, column, kind in (("deliveries", "notice", "TEXT"), ("incoming", "notice", "TEXT"),
                                     ("incoming", "session_key", "BLOB"),
                                     ("outgoing", "session_key", "BLOB"),
-                                    ("incoming", "sent", "REAL"), ("notices", "body", "TEXT")):
+                                    ("incoming", "sent", "REAL"), ("notices", "body", "TEXT"),
+                                    ("outgoing", "spool_size", "INTEGER"), ("outgoing", "spool_crc", "INTEGER")):
             columns = [row[1] for row in self._connection.execute(f"PRAGMA table_info({table})")]
             if columns and column not in columns:
                 self._connection.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")

@@ -33,7 +33,7 @@ from zope.interface import implementer
 from p2pmta.address import Address
 from p2pmta.dht import NOTIFICATION_TTL, entry
 from p2pmta.errors import NotFound, P2PMTAError, ValueTooLarge
-from p2pmta.fileutil import fsyncDir, removeIfThere
+from p2pmta.fileutil import CHUNK_SIZE, fsyncDir, removeIfThere
 from p2pmta.interfaces import ISubmission
 from p2pmta.logs import logFailure
 from p2pmta.rounds import Coalescing
@@ -165,17 +165,19 @@ class Sender:
     def checkRecipient(self, address: Address) -> Deferred:
         return self._peer.directory.lookup(address).addCallback(lambda _: None)
 
-    def accept(self, sender: Address, recipients, path: str) -> Deferred:
-        return Deferred.fromCoroutine(self._accept(sender, list(recipients), path))
+    def accept(self, sender: Address, recipients, path: str, flushing: Deferred, check: tuple) -> Deferred:
+        return Deferred.fromCoroutine(self._accept(sender, list(recipients), path, flushing, check))
 
-    async def _accept(self, sender: Address, recipients: list, path: str) -> str:
+    async def _accept(self, sender: Address, recipients: list, path: str, flushing: Deferred, check: tuple) -> str:
         messageId = uuid.uuid4().hex
         # The SMTP server's file stays where it is, under its name: the
         # ledger says it is ours (see cleanAfterCrash).
+        size, crc = check
         statements = [
             (
-                "INSERT INTO outgoing (id, sender, created, state, spool) VALUES (?, ?, ?, 'spooled', ?)",
-                (messageId, str(sender), self._peer.clock.seconds(), path),
+                "INSERT INTO outgoing (id, sender, created, state, spool, spool_size, spool_crc)"
+                " VALUES (?, ?, ?, 'spooled', ?, ?, ?)",
+                (messageId, str(sender), self._peer.clock.seconds(), path, size, crc),
             )
         ]
         for recipient in dict.fromkeys(str(r) for r in recipients):
@@ -185,17 +187,14 @@ class Sender:
                     (messageId, recipient, secrets.token_bytes(16)),
                 )
             )
-        # The file's name and the ledger's record on disk before the 250:
-        # from then on the message is ours.  Side by side, as neither needs
-        # the other: should a crash come between, no 250 was given, and a
-        # record without its file is dropped at the next start
-        # (forgetUnspooled).  A full disk is an OSError (ENOSPC): the SMTP
-        # server answers 452.
+        # The file, its name and the ledger's record on disk before the
+        # 250: from then on the message is ours.  Side by side, as neither
+        # needs the other: should a crash come between, no 250 was given,
+        # and a record whose file is gone or torn (its size and CRC-32 are
+        # recorded) is dropped at the next start (forgetUnspooled).  A full
+        # disk is an OSError (ENOSPC): the SMTP server answers 452.
         results = await DeferredList(
-            [
-                self._peer.inThreads(fsyncDir, self.spoolDirectory),
-                self._peer.ledger.transaction(statements, durable=True),
-            ],
+            [flushing, self._peer.ledger.transaction(statements, durable=True)],
             consumeErrors=True,
         )
         failures = [result for ok, result in results if not ok]
@@ -214,13 +213,14 @@ class Sender:
 
     async def forgetUnspooled(self) -> None:
         """
-        Drop the records of messages whose spool file is gone (at start,
-        before the pipeline runs): a crash came after the record and
-        before the file's name was on disk, so no 250 was given for them.
+        Drop the records of messages whose spool file is gone or torn (at
+        start, before the pipeline runs), and the torn files: a crash came
+        after the record and before the file was on disk, so no 250 was
+        given for them.
         """
         peer = self._peer
-        rows = await peer.ledger.query("SELECT id, spool FROM outgoing WHERE state = 'spooled'")
-        missing = await peer.inThreads(lambda: [row["id"] for row in rows if not os.path.exists(row["spool"])])
+        rows = await peer.ledger.query("SELECT id, spool, spool_size, spool_crc FROM outgoing WHERE state = 'spooled'")
+        missing = await peer.inThreads(lambda: [row["id"] for row in rows if not _spooledWhole(row)])
         if missing:
             statements = []
             for messageId in missing:
@@ -777,6 +777,27 @@ class Sender:
             forgotten = await peer.keyring.prune(now - KEY_RETENTION)
             if forgotten:
                 self.log.info("forgot the keys of {n} peers unseen for long", n=len(forgotten))
+
+
+def _spooledWhole(row) -> bool:
+    """
+    Whether the spool file of the ledger's C{row} is there, with the size
+    and CRC-32 recorded for it (blocking); a torn one is removed.
+    """
+    path, size = row["spool"], row["spool_size"]
+    try:
+        with open(path, "rb") as f:
+            if size is None:  # recorded by an older p2pmta, which flushed first
+                return True
+            crc = 0
+            while chunk := f.read(CHUNK_SIZE):
+                crc = zlib.crc32(chunk, crc)
+            whole = f.tell() == size and crc == row["spool_crc"]
+    except FileNotFoundError:
+        return False
+    if not whole:
+        removeIfThere(path)
+    return whole
 
 
 def _linkOrCopy(source: str, destination: str) -> bool:

@@ -61,6 +61,9 @@ from twisted.mail.smtp import IMessageDelivery
 #: How many gpg or disk jobs run at once.
 THREADS = 4
 
+#: How many empty spool files the SMTP server keeps made ahead of time.
+SPOOL_AHEAD = 16
+
 
 class DataDir:
     """
@@ -372,6 +375,7 @@ class Peer(MultiService):
                 runBlocking=self.inThreads,
                 maxConnections=config.smtpMaxConnections,
                 timeout=config.smtpIdleTimeout,
+                spoolAhead=SPOOL_AHEAD,
             ),
             "SMTP submission",
         )

@@ -28,6 +28,7 @@ import errno
 import os
 import re
 import tempfile
+import zlib
 
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.defer import Deferred, maybeDeferred
@@ -41,6 +42,7 @@ from zope.interface import implementer
 
 from p2pmta.address import Address
 from p2pmta.errors import BadAddress, CryptoError, UnknownPeer
+from p2pmta.fileutil import fsyncDir
 
 #: The name prefix of a message file the SMTP server writes in the spool.
 #: Once accepted, the file stays there under its name: the ledger tells
@@ -529,8 +531,9 @@ class SubmissionServer(ESMTP):
             self.reply(554, "5.5.1 Error: no valid recipients")
             return
         try:
-            self._file, self._path = _openSpoolFile(self._submission.spoolDirectory)
-            self._file.write(self._receivedHeader())
+            self._file, self._path, self._named = self.factory.openSpoolFile()
+            received = self._receivedHeader()
+            self._file.write(received)
         except OSError as e:
             self._discardFile()
             self.reply(*self._spoolError(e))
@@ -540,6 +543,8 @@ class SubmissionServer(ESMTP):
         self._inHeader = True
         self._headerSize = 0
         self._size = 0
+        # The file's size and CRC-32, for the record.
+        self._written, self._crc = len(received), zlib.crc32(received)
         self._dataError: tuple[int, str] | None = None
         self.reply(354, "End data with <CR><LF>.<CR><LF>")
 
@@ -652,6 +657,8 @@ class SubmissionServer(ESMTP):
         else:
             try:
                 self._file.write(data)
+                self._written += len(data)
+                self._crc = zlib.crc32(data, self._crc)
             except OSError as e:
                 self._fail(*self._spoolError(e))
 
@@ -698,14 +705,20 @@ class SubmissionServer(ESMTP):
 
     async def _deliver(self, f, path: str, sender: Address, recipients: list) -> None:
         """
-        Flush the message to disk and hand it to the submission pipeline;
-        answer 250 only once it holds the message.
+        Flush the message to disk while handing it to the submission
+        pipeline; answer 250 only once both are done.
         """
         size = self._size
+        # A file made ahead of time has its name on disk already.
+        directory = None if self._named else os.path.dirname(path)
+        flushing = self.factory.runBlocking(_flushAndClose, f, directory)
         try:
-            await self.factory.runBlocking(_flushAndClose, f)
-            messageId = await self._submission.accept(sender, recipients, path)
+            messageId = await self._submission.accept(sender, recipients, path, flushing, (self._written, self._crc))
         except Exception as e:
+            try:
+                await flushing  # the file is ours again once it is closed
+            except Exception:
+                pass
             _closeQuietly(f)
             _unlink(path)
             if isinstance(e, OSError) and e.errno in _NO_SPACE:
@@ -766,13 +779,102 @@ def _openSpoolFile(directory: str):
     return os.fdopen(fd, "wb"), path
 
 
-def _flushAndClose(f) -> None:
-    """Put the message file on disk (its name is the submission's to flush)."""
+def _makeSpoolFiles(directory: str, count: int) -> list[str]:
+    """
+    Create C{count} empty spool files and put their names on disk
+    (blocking).
+
+    @return: their paths.
+    """
+    paths = []
+    try:
+        for _ in range(count):
+            fd, path = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=directory)
+            os.close(fd)
+            paths.append(path)
+        fsyncDir(directory)
+    except BaseException:
+        for path in paths:
+            _unlink(path)
+        raise
+    return paths
+
+
+class _SpoolAhead:
+    """
+    Empty spool files made ahead of time, in a thread, their names already
+    on disk: a DATA command then does not wait while the file system finds
+    an inode (on ext4 without a journal that takes longer the more files
+    were deleted lately), and its 250 waits for no folder flush.  A file
+    not taken is removed when the server stops, or at the next start after
+    a crash (the ledger does not name it).
+    """
+
+    log = Logger()
+
+    def __init__(self, directory: str, runBlocking, count: int) -> None:
+        self._directory = directory
+        self._runBlocking = runBlocking
+        self._count = count
+        self._ready: list[str] = []
+        self._making = False
+        self._stopped = False
+
+    def take(self):
+        """
+        @return: a file open for writing, its path, and whether its name
+            is on disk already.
+        """
+        self._refill()
+        while self._ready:
+            path = self._ready.pop()
+            try:
+                fd = os.open(path, os.O_WRONLY)  # not O_CREAT: its name is on disk
+            except OSError:
+                continue
+            return os.fdopen(fd, "wb"), path, True
+        return (*_openSpoolFile(self._directory), False)
+
+    def _refill(self) -> None:
+        if self._making or self._stopped or len(self._ready) > self._count // 2:
+            return
+        self._making = True
+
+        def made(paths: list) -> None:
+            self._ready.extend(paths)
+            if self._stopped:
+                self.discard()
+
+        def failed(failure: Failure) -> None:
+            # A full disk, say: files are made as messages come meanwhile.
+            self.log.info("cannot make spool files ahead: {why}", why=failure.getErrorMessage())
+
+        def done(_) -> None:
+            self._making = False
+
+        d = self._runBlocking(_makeSpoolFiles, self._directory, self._count - len(self._ready))
+        d.addCallbacks(made, failed).addBoth(done)
+
+    def discard(self) -> None:
+        """
+        Remove the files not taken, and make no more (blocking: when the
+        server stops).
+        """
+        self._stopped = True
+        ready, self._ready = self._ready, []
+        for path in ready:
+            _unlink(path)
+
+
+def _flushAndClose(f, directory: str | None) -> None:
+    """Put the message file, and its name in C{directory} if given, on disk."""
     try:
         f.flush()
         os.fsync(f.fileno())
     finally:
         f.close()
+    if directory is not None:
+        fsyncDir(directory)
 
 
 def _closeQuietly(f) -> None:
@@ -852,6 +954,7 @@ class SubmissionFactory(SMTPFactory):
         maxConnections: int = 100,
         timeout: float = 300,
         loginGrace: float = 10,
+        spoolAhead: int = 0,
     ) -> None:
         """
         @param portal: The cred portal (L{p2pmta.auth.makePortal}); its realm
@@ -868,6 +971,8 @@ class SubmissionFactory(SMTPFactory):
         @param maxConnections: See L{maxConnections}.
         @param timeout: See L{timeout}.
         @param loginGrace: See L{loginGrace}.
+        @param spoolAhead: How many empty spool files to keep made ahead of
+            time, in C{runBlocking} (0: each DATA command makes its own).
         """
         SMTPFactory.__init__(self, portal)
         if clock is None:
@@ -886,6 +991,24 @@ class SubmissionFactory(SMTPFactory):
         self.loginGrace = loginGrace
         # The open sessions, oldest first, with the time they connected.
         self._sessions: dict[SubmissionServer, float] = {}
+        self._spoolAhead = (
+            _SpoolAhead(submission.spoolDirectory, runBlocking, spoolAhead) if spoolAhead else None
+        )
+
+    def openSpoolFile(self):
+        """
+        The file a message arrives in.
+
+        @return: the file, open for writing, its path, and whether its name
+            is on disk already.
+        """
+        if self._spoolAhead is not None:
+            return self._spoolAhead.take()
+        return (*_openSpoolFile(self.submission.spoolDirectory), False)
+
+    def stopFactory(self) -> None:
+        if self._spoolAhead is not None:
+            self._spoolAhead.discard()
 
     @property
     def connections(self) -> int:

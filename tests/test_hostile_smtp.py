@@ -106,16 +106,19 @@ class HostileSubmission(FakeSubmission):
             lambda _: FakeSubmission.checkRecipient(self, address)
         )
 
-    def accept(self, sender, recipients, path):
+    def accept(self, sender, recipients, path, flushing, check):
         if self.acceptError is not None:
             return fail(self.acceptError)
+        return flushing.addCallback(lambda _: self._flushed(sender, recipients, path, check))
+
+    def _flushed(self, sender, recipients, path, check):
         if self.queue is not None:
             moved = os.path.join(self.queue, f"{len(self.accepted)}.eml")
             os.rename(path, moved)
             self.accepted.append((sender, list(recipients), moved))
             return succeed(f"id{len(self.accepted)}")
         if self.keep:
-            return FakeSubmission.accept(self, sender, recipients, path)
+            return FakeSubmission.accept(self, sender, recipients, path, succeed(None), check)
         h = hashlib.sha256()
         with open(path, "rb") as f:
             for _ in range(3):

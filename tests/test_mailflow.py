@@ -249,6 +249,50 @@ class MailFlowTests(TestCase):
         typ, data = await h.imap("bob", lambda c: fetchOne(c, uid, "(BODY[])"))
         self.assertEqual(stripAdded(data[0][1]), message)
 
+    async def _tornSpoolFile(self):
+        await self.peers("alice", "bob")
+        h = self.harness
+        alice = h.running["alice"]
+        alice.sender.process = lambda messageId: None
+        await h.send("alice", ["bob@demo"], makeMessage("alice@demo", ["bob@demo"], "torn"))
+        kept = makeMessage("alice@demo", ["bob@demo"], "kept whole")
+        await h.send("alice", ["bob@demo"], kept)
+        await h.stop("alice")
+        # A crash after the ledger's record and before the file was on
+        # disk: the file is there, but not as it was written (and no 250
+        # went out).
+        rows = await self.spooled(h)
+        with open(rows[0][1], "r+b") as f:
+            f.seek(-3, os.SEEK_END)
+            f.write(b"X\r\n")
+        await h.start("alice")
+        alice = h.running["alice"]
+        self.assertFalse(os.path.exists(rows[0][1]), "the torn file was kept")
+        [uid] = await h.listed("bob")
+        typ, data = await h.imap("bob", lambda c: fetchOne(c, uid, "(BODY[])"))
+        self.assertEqual(stripAdded(data[0][1]), kept)
+        self.assertEqual(
+            [row["id"] for row in await alice.ledger.query("SELECT id FROM outgoing")], [rows[1][0]]
+        )
+
+    async def spooled(self, h):
+        """The C{(id, spool file)} of alice's messages, oldest first (she is stopped)."""
+        import sqlite3
+
+        db = sqlite3.connect(os.path.join(h.root, "alice", "p2pmta.sqlite"))
+        try:
+            return db.execute("SELECT id, spool FROM outgoing ORDER BY created").fetchall()
+        finally:
+            db.close()
+
+    def test_tornSpoolFileForgotten(self):
+        """
+        A message recorded whose spool file a crash left torn (the file is
+        flushed while it is recorded, and it got no 250) is forgotten at the
+        next start and its file removed; the others go.
+        """
+        return ensureDeferred(self._tornSpoolFile())
+
     def test_recordWithoutSpoolFileForgotten(self):
         """
         A message recorded whose spool file a crash took (it got no 250)

@@ -4,10 +4,12 @@ driven over TCP on 127.0.0.1 by the stdlib C{smtplib}.
 """
 
 import base64
+import errno
 import os
 import smtplib
 import socket
 import ssl
+import zlib
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -75,15 +77,20 @@ class FakeSubmission:
             return d
         return succeed(None)
 
-    def accept(self, sender, recipients, path):
+    def accept(self, sender, recipients, path, flushing, check):
         assert os.path.basename(path).startswith(TEMP_PREFIX), path
         if self.failAccept:
             return fail(OSError("spool full"))
-        with open(path, "rb") as f:
-            data = f.read()
-        os.unlink(path)
-        self.accepted.append((sender, list(recipients), data))
-        return succeed("id%d" % (len(self.accepted),))
+
+        def flushed(_):
+            with open(path, "rb") as f:
+                data = f.read()
+            assert check == (len(data), zlib.crc32(data)), (check, len(data))
+            os.unlink(path)
+            self.accepted.append((sender, list(recipients), data))
+            return "id%d" % (len(self.accepted),)
+
+        return flushing.addCallback(flushed)
 
 
 class Avatar:
@@ -748,6 +755,70 @@ def expectedData(data: bytes, maxSize: int):
     if len(message) > maxSize:
         refusals.add(552)
     return (None, refusals) if refusals else (message, {250})
+
+
+class SpoolAheadTests(ServerMixin, SynchronousTestCase):
+    """
+    Spool files made ahead of time: their names are on disk already, so a
+    message's 250 waits for its file alone.
+    """
+
+    def setUp(self) -> None:
+        ServerMixin.setUp(self)
+        self.calls = []
+        self.diskFull = False
+
+        def recording(f, *args):
+            self.calls.append((f.__name__, args[1:]))
+            if self.diskFull and f.__name__ == "_makeSpoolFiles":
+                return fail(OSError(errno.ENOSPC, "No space left on device"))
+            return runNow(f, *args)
+
+        self.factory = SubmissionFactory(
+            self.portal, self.submission, hostname=b"test.p2pmta", clock=self.clock,
+            runBlocking=recording, spoolAhead=4,
+        )  # fmt: skip
+        self.proto, self.transport = self.connect()
+        self.login()
+
+    def test_madeAheadAndTaken(self) -> None:
+        """
+        The first DATA has four files made (the folder flushed once), and
+        takes one; later ones take the others, refilled in time; each is
+        stored byte for byte and flushed without its folder; those not
+        taken go when the server stops.
+        """
+        for n in range(6):
+            lines = self.send(b"MAIL FROM:<alice@demo>\r\nRCPT TO:<carol@demo>\r\nDATA\r\n")
+            self.assertEqual(codes(lines), [250, 250, 354])
+            if n == 0:
+                self.assertEqual(self.calls, [("_makeSpoolFiles", (4,))])
+                self.assertEqual(len(self.spoolNames()), 4)
+            self.assertEqual(codes(self.send(b"Subject: %d\r\n\r\nbody\r\n.\r\n" % n)), [250])
+        self.assertEqual(
+            [data.split(b"\r\n", 3)[3] for _, _, data in self.submission.accepted],
+            [b"Subject: %d\r\n\r\nbody\r\n" % n for n in range(6)],
+        )
+        flushes = [args for name, args in self.calls if name == "_flushAndClose"]
+        self.assertEqual(flushes, [(None,)] * 6)
+        # Refilled whenever half or fewer are left.
+        self.assertEqual([args for name, args in self.calls if name == "_makeSpoolFiles"], [(4,), (2,), (2,)])
+        self.assertEqual(len(self.spoolNames()), 2)
+        self.factory.stopFactory()
+        self.assertEqual(self.spoolNames(), [])
+
+    def test_cannotMakeAhead(self) -> None:
+        """
+        When no file can be made ahead (a full disk, say), each DATA makes
+        its own, and flushes its folder.
+        """
+        self.diskFull = True
+        self.send(b"MAIL FROM:<alice@demo>\r\nRCPT TO:<carol@demo>\r\nDATA\r\n")
+        self.assertEqual(codes(self.send(b"hi\r\n.\r\n")), [250])
+        self.assertEqual(
+            self.calls, [("_makeSpoolFiles", (4,)), ("_flushAndClose", (os.path.abspath(self.spool),))]
+        )
+        self.assertEqual(self.spoolNames(), [])
 
 
 class DataModelTests(ServerMixin, SynchronousTestCase):
