@@ -64,6 +64,10 @@ PULL_CONCURRENCY = MAX_DOWNLOADS_PER_CLIENT
 #: is then written once, as the plaintext, not also as the ciphertext.
 IN_MEMORY_PULL = 2 * 1024 * 1024
 
+#: Ciphertexts up to this size, with the session key their notice gave,
+#: are decrypted on the reactor thread (some 0.1 ms for 16 KiB).
+INLINE_DECRYPTION = 64 * 1024
+
 #: How many notices are remembered in memory as handled, so that values
 #: seen again (every poll, and floods) cost no ledger look-up.
 _KNOWN_NOTICES = 100_000
@@ -418,7 +422,13 @@ class Receiver:
             source = base + ".gpg"
         extra = authenticationResults(self.address, sender, row["reason"])
         try:
-            message = await peer.keyring.whileShared(self._openPulled, source, row, base, extra)
+            if row["session_key"] and isinstance(source, bytes) and len(source) <= INLINE_DECRYPTION:
+                # The notice's session key: AES and SHA-1 over a few KiB,
+                # no key of the keyring; quicker here than a thread's
+                # round trip.
+                message = self._openPulled(source, row, base, extra)
+            else:
+                message = await peer.keyring.whileShared(self._openPulled, source, row, base, extra)
         except DecryptionFailed as e:
             self.log.info("refused a message: {reason}", reason=str(e))
             raise
