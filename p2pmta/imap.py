@@ -76,6 +76,10 @@ MAX_MESSAGE_SIZE = 50 * 1024 * 1024
 #: How many bodies one FETCH asks for at once (those not held are pulled
 #: as many at once as the receiver pulls: see PULL_CONCURRENCY).
 BODY_CONCURRENCY = 8
+#: About how many bytes of bodies one FETCH holds at a time: it answers in
+#: windows of messages this big together (one at least), the next
+#: window's bodies had while one is sent.
+BODY_WINDOW = 16 * 1024 * 1024
 #: The largest header section APPEND accepts (the mail store keeps header
 #: sections in memory).
 MAX_APPEND_HEADER = 256 * 1024
@@ -978,28 +982,73 @@ class IMAPServer(protocol.Protocol, policies.TimeoutMixin):
         items = list(dict.fromkeys(imapfetch.parseFetch(args)))
         if uid and imapfetch.FetchItem("UID") not in items:
             items.insert(0, imapfetch.FetchItem("UID"))
-        store = self.store
-        files, structures, unavailable = {}, {}, None
-        if any(i.needsBody for i in items):
-            uids = [u for _, u, _ in live]
-            files, unavailable = await imapfetch.fetchBodies(
-                store, box.name, uids, BODY_CONCURRENCY
-            )
-            missing = [u for _, u, _ in live if u not in files]
-            if missing and all(store.record(box.name, u) is None for u in missing):
-                # Expunged by another session while their bodies were pulled.
-                unavailable, gone = None, True
-            live = [x for x in live if x[1] in files]
-            if any(i.needsStructure for i in items):
-                structures = await self.factory.structures.get(store, box.name, files)
-                for x in [x for x in live if x[1] not in structures]:
-                    live.remove(x)
-                    if store.record(box.name, x[1]) is None:
+        # Bodies go in windows: those of one are had while the one before
+        # is sent, and only two windows' worth are held at a time (pulled
+        # bodies may be held in memory).
+        windows = _windows(live, BODY_WINDOW) if any(i.needsBody for i in items) else [live]
+        unavailable = None
+        pending = Deferred.fromCoroutine(self._fetchWindow(box, windows[0], items))
+        try:
+            for n in range(len(windows)):
+                part, files, structures, failed, expunged = await pending
+                pending = None
+                if n + 1 < len(windows):
+                    pending = Deferred.fromCoroutine(self._fetchWindow(box, windows[n + 1], items))
+                gone = gone or expunged
+                unavailable = unavailable or failed
+                vanished = await self._sendWindow(box, part, items, files, structures)
+                for u in vanished:
+                    if self.store.record(box.name, u) is None:
                         gone = True
                     elif unavailable is None:
-                        unavailable = Failure(
-                            BodyUnavailable("the message file is missing")
-                        )
+                        unavailable = Failure(BodyUnavailable("the message file is missing"))
+        finally:
+            if pending is not None:
+                pending.addErrback(lambda _: None)  # the command is over
+        if unavailable is not None:
+            unavailable.raiseException()
+        if gone:
+            raise _No(b"[EXPUNGEISSUED] Some messages were expunged meanwhile")
+        return b"OK FETCH completed"
+
+    async def _fetchWindow(self, box, live: list, items: list):
+        """
+        The bodies and MIME structures the FETCH C{items} need of C{live}.
+
+        @return: C{(live, files, structures, unavailable, gone)}: the
+            messages still to answer, their bodies and structures (see
+            L{imapfetch.fetchBodies}), the first failure (or L{None}), and
+            whether some were expunged meanwhile.
+        """
+        store = self.store
+        files, structures, unavailable, gone = {}, {}, None, False
+        if not any(i.needsBody for i in items):
+            return live, files, structures, unavailable, gone
+        uids = [u for _, u, _ in live]
+        files, unavailable = await imapfetch.fetchBodies(store, box.name, uids, BODY_CONCURRENCY)
+        missing = [u for _, u, _ in live if u not in files]
+        if missing and all(store.record(box.name, u) is None for u in missing):
+            # Expunged by another session while their bodies were pulled.
+            unavailable, gone = None, True
+        live = [x for x in live if x[1] in files]
+        if any(i.needsStructure for i in items):
+            structures = await self.factory.structures.get(store, box.name, files)
+            for x in [x for x in live if x[1] not in structures]:
+                live.remove(x)
+                if store.record(box.name, x[1]) is None:
+                    gone = True
+                elif unavailable is None:
+                    unavailable = Failure(BodyUnavailable("the message file is missing"))
+        return live, files, structures, unavailable, gone
+
+    async def _sendWindow(self, box, live: list, items: list, files: dict, structures: dict) -> list:
+        """
+        Mark C{live} seen if C{items} say so, and send their FETCH
+        responses.
+
+        @return: the UIDs whose file could not be opened (left out).
+        """
+        store = self.store
         seen: set = set()
         if box.rw and any(i.setsSeen for i in items):
             unseen = [u for _, u, r in live if "\\Seen" not in r.flags]
@@ -1007,9 +1056,7 @@ class IMAPServer(protocol.Protocol, policies.TimeoutMixin):
                 seen = set(await store.setFlags(box.name, unseen, ["\\Seen"], "add"))
                 box.flagsReported(seen)
         vanished: list = []
-        pieces = imapfetch.fetchPieces(
-            store, box.name, live, items, files, structures, seen, vanished
-        )
+        pieces = imapfetch.fetchPieces(store, box.name, live, items, files, structures, seen, vanished)
         self._sender = imapfetch.PieceSender(
             self.transport,
             pieces,
@@ -1020,16 +1067,22 @@ class IMAPServer(protocol.Protocol, policies.TimeoutMixin):
             await self._sender.start()
         finally:
             self._sender = None
-        for u in vanished:
-            if store.record(box.name, u) is None:
-                gone = True
-            elif unavailable is None:
-                unavailable = Failure(BodyUnavailable("the message file is missing"))
-        if unavailable is not None:
-            unavailable.raiseException()
-        if gone:
-            raise _No(b"[EXPUNGEISSUED] Some messages were expunged meanwhile")
-        return b"OK FETCH completed"
+        return vanished
+
+
+def _windows(live: list, size: int) -> list:
+    """
+    C{live} (C{(seq, uid, record)}s) cut into runs of messages of at most
+    C{size} bytes together, or of one message; one empty run if none.
+    """
+    windows, current, total = [], [], 0
+    for x in live:
+        if current and total + x[2].size > size:
+            windows.append(current)
+            current, total = [], 0
+        current.append(x)
+        total += x[2].size
+    return [*windows, current]
 
 
 def _text(error: Exception) -> bytes:

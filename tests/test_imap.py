@@ -23,6 +23,7 @@ from zope.interface.verify import verifyObject
 from p2pmta.address import Address
 from p2pmta.auth import makePortal
 from p2pmta.errors import BodyUnavailable
+from p2pmta import imap
 from p2pmta.imap import Account, IMAPFactory, makeAccount
 from p2pmta.imapfetch import MAX_MIME_DEPTH, parseStructure
 from p2pmta.imapsearch import Args, BadCommand, parseSequenceSet, resolveSet
@@ -179,8 +180,8 @@ class IMAPServerTests(TestCase):
         written to a file.
         """
         self.fetched.append(record.uid)
-        if self.failNext:
-            self.failNext -= 1
+        if self.failNext or record.meta["n"] in getattr(self, "failFor", ()):
+            self.failNext = max(0, self.failNext - 1)
 
             def offline():
                 raise BodyUnavailable("sender offline")
@@ -413,6 +414,35 @@ class IMAPServerTests(TestCase):
         self.assertIn(b"FLAGS (\\Seen)", first[1][1])
         self.assertEqual(self.store.record("INBOX", 1).flags, {"\\Seen"})
         self.assertEqual(self.store.record("INBOX", 2).flags, frozenset())
+
+    @inlineCallbacks
+    def test_fetchInWindows(self):
+        """
+        A FETCH of more bodies than L{imap.BODY_WINDOW} holds answers each
+        message once, in order, marked seen; one that cannot be pulled, in
+        the second window, is left out and the command says NO
+        [UNAVAILABLE].
+        """
+        numbers = list(range(1, 36))
+        uids = yield self.announce(*numbers)
+        perWindow = 16
+        self.patch(imap, "BODY_WINDOW", perWindow * len(self.bodies[1]))
+        self.failFor = {perWindow + 2}
+
+        def session():
+            client = self.imap()
+            client.select("INBOX")
+            typ, data = client.uid("FETCH", "1:*", "(BODY[])")
+            return typ, data, client.untagged_responses.pop("FETCH", [])
+
+        typ, why, answer = yield self.inThread(session)
+        self.assertEqual(typ, "NO")
+        self.assertTrue(why[-1].startswith(b"[UNAVAILABLE]"), why)
+        got = [(int(item[0].split(b"UID ")[1].split()[0]), item[1]) for item in answer if isinstance(item, tuple)]
+        expected = [(u, self.bodies[n]) for u, n in zip(uids, numbers) if n not in self.failFor]
+        self.assertEqual(got, expected)
+        for u, n in zip(uids, numbers):
+            self.assertEqual(self.store.record("INBOX", u).flags, frozenset() if n in self.failFor else {"\\Seen"})
 
     @inlineCallbacks
     def test_unavailableThenLater(self):
@@ -1096,3 +1126,24 @@ class ParsingTests(SynchronousTestCase):
         with open(path, "wb"):
             pass
         self.assertEqual(parseStructure(path).ctype, "text/plain")
+
+
+class WindowsTests(SynchronousTestCase):
+    """
+    Tests for L{imap._windows}.
+    """
+
+    def test_cutBySize(self):
+        """
+        Messages go in runs of at most the size together; a bigger one goes
+        alone; no message at all is one empty run.
+        """
+
+        class Record:
+            def __init__(self, size):
+                self.size = size
+
+        live = [(n, n, Record(size)) for n, size in enumerate([5, 5, 5, 20, 1, 4], 1)]
+        cut = imap._windows(live, 10)
+        self.assertEqual([[x[0] for x in window] for window in cut], [[1, 2], [3], [4], [5, 6]])
+        self.assertEqual(imap._windows([], 10), [[]])
