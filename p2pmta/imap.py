@@ -986,12 +986,13 @@ class IMAPServer(protocol.Protocol, policies.TimeoutMixin):
         # is sent, and only two windows' worth are held at a time (pulled
         # bodies may be held in memory).
         windows = _windows(live, BODY_WINDOW) if any(i.needsBody for i in items) else [live]
-        unavailable = None
+        unavailable, inMemory = None, []
         pending = Deferred.fromCoroutine(self._fetchWindow(box, windows[0], items))
         try:
             for n in range(len(windows)):
                 part, files, structures, failed, expunged = await pending
                 pending = None
+                inMemory += [u for u, (body, _) in files.items() if isinstance(body, bytes)]
                 if n + 1 < len(windows):
                     pending = Deferred.fromCoroutine(self._fetchWindow(box, windows[n + 1], items))
                 gone = gone or expunged
@@ -1005,6 +1006,10 @@ class IMAPServer(protocol.Protocol, policies.TimeoutMixin):
         finally:
             if pending is not None:
                 pending.addErrback(lambda _: None)  # the command is over
+        # Bodies sent from memory are on disk before the OK: a crash before
+        # it leaves a client that retries, not one that thinks it has them
+        # while their senders were never told.
+        await self.store.written(box.name, inMemory)
         if unavailable is not None:
             unavailable.raiseException()
         if gone:

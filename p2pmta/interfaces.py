@@ -244,6 +244,14 @@ class IMailStore(Interface):
             L{p2pmta.errors.BodyUnavailable}.
         """
 
+    def written(mailbox: str, uids):
+        """
+        Wait until the bodies of C{uids} that L{body} gave as bytes are
+        written (or failed to be, in which case they are pulled again).
+
+        @return: a Deferred firing with L{None}.
+        """
+
     def setFlags(mailbox: str, uids, flags, mode: str):
         """
         Change flags: C{mode} is C{"set"}, C{"add"} or C{"remove"}.

@@ -37,7 +37,7 @@ import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 
-from twisted.internet.defer import Deferred, DeferredLock, fail, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, DeferredList, DeferredLock, fail, maybeDeferred, succeed
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -302,6 +302,7 @@ class MailStore:
         self._attaching: list = []  # (box, uid, path or bytes, Deferred) to attach
         self._pendingBodies: dict[tuple[str, int], bytes] = {}  # served while attached
         self._pendingBytes = 0
+        self._writeWaiters: dict[tuple[str, int], list[Deferred]] = {}
         self._attachScheduled = False
         self.bodyFetcher: Callable[[str, MessageRecord], Deferred] | None = None
         self.expungeHook: Callable[[str, list], Deferred] | None = None
@@ -1093,6 +1094,28 @@ class MailStore:
         self._pull(box, record).addBoth(self._pulled, key)
         return waiter
 
+    def written(self, mailbox: str, uids) -> Deferred:
+        """
+        Wait until the bodies of C{uids} that L{body} served from memory
+        are written (or have failed to be: then the next L{body} pulls
+        again).  A front end answers OK only then, so that a client told a
+        message was had never has it taken by a crash unnoticed.
+
+        @return: a Deferred firing with L{None}.
+        """
+        try:
+            name = self._box(mailbox).name
+        except NoSuchMailbox:
+            return succeed(None)
+        waiters = []
+        for uid in uids:
+            key = (name, uid)
+            if key in self._pendingBodies:
+                waiter: Deferred = Deferred()
+                self._writeWaiters.setdefault(key, []).append(waiter)
+                waiters.append(waiter)
+        return DeferredList(waiters).addCallback(lambda _: None)
+
     def _pull(self, box: _Box, record: MessageRecord) -> Deferred:
         fetcher = self.bodyFetcher
         if fetcher is None:
@@ -1153,6 +1176,8 @@ class MailStore:
         def settled(_, size: int) -> None:
             if self._pendingBodies.pop(key, None) is not None:
                 self._pendingBytes -= size
+            for waiter in self._writeWaiters.pop(key, []):
+                waiter.callback(None)
 
         return maybeDeferred(fetcher, box.name, record).addCallback(attach)
 

@@ -7,8 +7,10 @@ on 127.0.0.1 over a real L{MailStore}.
 import imaplib
 import os
 import re
+import select
 import socket
 import ssl
+import threading
 import time
 
 from twisted.internet import reactor
@@ -414,6 +416,43 @@ class IMAPServerTests(TestCase):
         self.assertIn(b"FLAGS (\\Seen)", first[1][1])
         self.assertEqual(self.store.record("INBOX", 1).flags, {"\\Seen"})
         self.assertEqual(self.store.record("INBOX", 2).flags, frozenset())
+
+    @inlineCallbacks
+    def test_okOnceWritten(self):
+        """
+        A body pulled into memory is sent at once, but FETCH says OK only
+        once the store has written it: a crash before leaves a client that
+        asks again.
+        """
+        [uid] = yield self.announce(1)
+        self.assertEqual(uid % 2, 1, "the fake puller returns odd UIDs' messages as bytes")
+        disk = threading.Event()
+        take = self.store._takeBytes
+
+        def slowDisk(data, headers):
+            disk.wait(10)
+            return take(data, headers)
+
+        self.store._takeBytes = slowDisk
+
+        def session():
+            client = self.raw()
+            client.command(b"S", b"SELECT INBOX")
+            client.send(b"F UID FETCH 1 (BODY.PEEK[])\r\n")
+            first = client.readLine()
+            client.file.read(int(re.search(rb"\{(\d+)\}$", first).group(1)))
+            client.readLine()
+            # Nothing else comes while the disk hangs (the OK would be the
+            # next thing sent, so nothing of it can be buffered yet).
+            early = select.select([client.sock], [], [], 0.3)[0]
+            held = self.store.record("INBOX", uid).held
+            disk.set()
+            return early, held, client.readLine()
+
+        early, held, tagged = yield self.inThread(session)
+        self.assertEqual((early, held), ([], False))
+        self.assertTrue(tagged.startswith(b"F OK"), tagged)
+        self.assertTrue(self.store.record("INBOX", uid).held)
 
     @inlineCallbacks
     def test_fetchInWindows(self):

@@ -243,8 +243,9 @@ class MailStoreTests(TestCase):
     def test_pulledBytesServedWhileWritten(self):
         """
         A message the fetcher returns as bytes is served at once, from
-        memory, while it is written; the sender is told (C{attachedHook})
-        only once it is on disk, after which its file serves it.
+        memory, while it is written; the sender is told (C{attachedHook}),
+        and C{written} fires, only once it is on disk, after which its file
+        serves it.
         """
         uid = yield self.store.deliver("INBOX", HEADERS, len(MESSAGE), {})
         stored = Deferred()
@@ -258,8 +259,13 @@ class MailStoreTests(TestCase):
             self.assertEqual(self.calls, [("INBOX", uid)])
             self.assertFalse(self.store.record("INBOX", uid).held)
             self.assertFalse(stored.called)
+            written = self.store.written("INBOX", [uid, uid + 1])
+            self.assertFalse(written.called)
         finally:
             self.counting.gate.set()
+        yield written
+        self.assertTrue(self.store.record("INBOX", uid).held)
+        self.assertTrue(self.store.written("INBOX", [uid]).called, "nothing left to wait for")
         record = yield stored
         self.assertTrue(record.held)
         path = yield self.store.body("INBOX", uid)
