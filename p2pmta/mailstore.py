@@ -30,7 +30,6 @@ import json
 import os
 import sqlite3
 import stat
-import tempfile
 import threading
 import time
 import uuid
@@ -46,7 +45,6 @@ from zope.interface import implementer
 from p2pmta.errors import BodyUnavailable, StoreError
 from p2pmta.fileutil import (
     CHUNK_SIZE,
-    TEMP_PREFIX,
     AtomicFile,
     ensureDir,
     fsyncDir,
@@ -526,12 +524,19 @@ class MailStore:
         if syncDir:
             fsyncDir(self._cur)
 
-    def _writeMessage(self, data: bytes) -> str:
+    def _writeMessage(self, data: bytes, sync: bool = True) -> str:
+        """
+        Write C{data} into the Maildir, through C{tmp/} (the file flushed).
+
+        @param sync: flush the folders too (pass L{False} when the caller
+            flushes C{cur/}, once for several files).
+        @return: its name in C{cur/}.
+        """
         name = self._newName()
         with AtomicFile(self._tmp, 0o600) as f:
             f.write(data)
-            f.commit(os.path.join(self._tmp, name))
-        self._intoMaildir(name, os.path.join(self._tmp, name))
+            f.commit(os.path.join(self._tmp, name), sync)
+        self._intoMaildir(name, os.path.join(self._tmp, name), sync)
         return name
 
     def _takeFile(
@@ -586,18 +591,7 @@ class MailStore:
         """
         if not data.startswith(headers):
             raise HeaderMismatch("the pulled message")
-        fd, temp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=self._tmp)  # mode 0600
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            name = self._newName()
-            os.rename(temp, os.path.join(self._cur, name))
-        except BaseException:
-            removeIfThere(temp)
-            raise
-        return name, len(data)
+        return self._writeMessage(data, sync=False), len(data)
 
     def _removeFiles(self, names: Iterable[str]) -> None:
         removeFromFolder(self._cur, names)

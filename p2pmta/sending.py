@@ -33,7 +33,7 @@ from zope.interface import implementer
 from p2pmta.address import Address
 from p2pmta.dht import NOTIFICATION_TTL, entry
 from p2pmta.errors import NotFound, P2PMTAError, ValueTooLarge
-from p2pmta.fileutil import CHUNK_SIZE, fsyncDir, removeIfThere
+from p2pmta.fileutil import CHUNK_SIZE, removeIfThere
 from p2pmta.interfaces import ISubmission
 from p2pmta.logs import logFailure
 from p2pmta.rounds import Coalescing

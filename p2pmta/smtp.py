@@ -789,8 +789,8 @@ def _makeSpoolFiles(directory: str, count: int) -> list[str]:
     paths = []
     try:
         for _ in range(count):
-            fd, path = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=directory)
-            os.close(fd)
+            f, path = _openSpoolFile(directory)
+            f.close()
             paths.append(path)
         fsyncDir(directory)
     except BaseException:
