@@ -896,7 +896,7 @@ class MailStore:
                     raise
             return results
 
-        def done(results: list) -> None:
+        def done(results: list):
             orphans = []
             for (box, record, _, d), result in zip(jobs, results):
                 if isinstance(result, Failure):
@@ -922,9 +922,11 @@ class MailStore:
                 box.put(replace(current, held=True, size=size), name)
                 d.callback(os.path.join(self._cur, name))
             if orphans:
-                self._write(self._removeFiles, orphans).addErrback(
+                # Still under the write lock: no later write sees them.
+                return self.runInThread(self._removeFiles, orphans).addErrback(
                     lambda f: self.log.failure("removing the bodies of expunged messages failed", f)
                 )
+            return None
 
         def failed(failure: Failure) -> None:
             for _, _, _, d in jobs:
