@@ -226,13 +226,23 @@ class MailFlowTests(TestCase):
         """A message accepted just before a stop is delivered after the restart, once."""
         return ensureDeferred(self._restart())
 
-    async def _lostSpoolName(self):
+    async def acceptedThenStopped(self, *messages: bytes):
+        """
+        alice takes C{messages} for bob (her pipeline held, so they stay
+        spooled), then stops.
+
+        @return: the harness.
+        """
         await self.peers("alice", "bob")
         h = self.harness
-        alice = h.running["alice"]
-        alice.sender.process = lambda messageId: None
-        await h.send("alice", ["bob@demo"], makeMessage("alice@demo", ["bob@demo"], "name lost"))
+        h.running["alice"].sender.process = lambda messageId: None
+        for message in messages:
+            await h.send("alice", ["bob@demo"], message)
         await h.stop("alice")
+        return h
+
+    async def _lostSpoolName(self):
+        h = await self.acceptedThenStopped(makeMessage("alice@demo", ["bob@demo"], "name lost"))
         # A crash after the ledger's record and before the folder's flush:
         # the file's name did not last (and no 250 went out).
         spool = os.path.join(h.root, "alice", "spool")
@@ -250,14 +260,8 @@ class MailFlowTests(TestCase):
         self.assertEqual(stripAdded(data[0][1]), message)
 
     async def _tornSpoolFile(self):
-        await self.peers("alice", "bob")
-        h = self.harness
-        alice = h.running["alice"]
-        alice.sender.process = lambda messageId: None
-        await h.send("alice", ["bob@demo"], makeMessage("alice@demo", ["bob@demo"], "torn"))
         kept = makeMessage("alice@demo", ["bob@demo"], "kept whole")
-        await h.send("alice", ["bob@demo"], kept)
-        await h.stop("alice")
+        h = await self.acceptedThenStopped(makeMessage("alice@demo", ["bob@demo"], "torn"), kept)
         # A crash after the ledger's record and before the file was on
         # disk: the file is there, but not as it was written (and no 250
         # went out).
