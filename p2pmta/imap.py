@@ -73,13 +73,14 @@ MAX_LINE = 64 * 1024
 MAX_COMMAND = 256 * 1024
 #: The default largest message APPEND accepts.
 MAX_MESSAGE_SIZE = 50 * 1024 * 1024
-#: How many bodies one FETCH asks for at once (those not held are pulled
-#: as many at once as the receiver pulls: see PULL_CONCURRENCY).
-BODY_CONCURRENCY = 8
 #: About how many bytes of bodies one FETCH holds at a time: it answers in
 #: windows of messages this big together (one at least), the next
-#: window's bodies had while one is sent.
+#: window's bodies had while one is sent.  The bodies of a window are all
+#: asked for at once: the receiver pulls small ones in batches, and bounds
+#: how many requests it makes at a time (see L{p2pmta.receiving}).
 BODY_WINDOW = 16 * 1024 * 1024
+#: The most messages in one window.
+BODY_WINDOW_MESSAGES = 256
 #: The largest header section APPEND accepts (the mail store keeps header
 #: sections in memory).
 MAX_APPEND_HEADER = 256 * 1024
@@ -985,7 +986,7 @@ class IMAPServer(protocol.Protocol, policies.TimeoutMixin):
         # Bodies go in windows: those of one are had while the one before
         # is sent, and only two windows' worth are held at a time (pulled
         # bodies may be held in memory).
-        windows = _windows(live, BODY_WINDOW) if any(i.needsBody for i in items) else [live]
+        windows = _windows(live, BODY_WINDOW, BODY_WINDOW_MESSAGES) if any(i.needsBody for i in items) else [live]
         unavailable, inMemory = None, []
         pending = Deferred.fromCoroutine(self._fetchWindow(box, windows[0], items))
         try:
@@ -1030,7 +1031,7 @@ class IMAPServer(protocol.Protocol, policies.TimeoutMixin):
         if not any(i.needsBody for i in items):
             return live, files, structures, unavailable, gone
         uids = [u for _, u, _ in live]
-        files, unavailable = await imapfetch.fetchBodies(store, box.name, uids, BODY_CONCURRENCY)
+        files, unavailable = await imapfetch.fetchBodies(store, box.name, uids, max(1, len(uids)))
         missing = [u for _, u, _ in live if u not in files]
         if missing and all(store.record(box.name, u) is None for u in missing):
             # Expunged by another session while their bodies were pulled.
@@ -1075,14 +1076,15 @@ class IMAPServer(protocol.Protocol, policies.TimeoutMixin):
         return vanished
 
 
-def _windows(live: list, size: int) -> list:
+def _windows(live: list, size: int, count: int) -> list:
     """
-    C{live} (C{(seq, uid, record)}s) cut into runs of messages of at most
-    C{size} bytes together, or of one message; one empty run if none.
+    C{live} (C{(seq, uid, record)}s) cut into runs of at most C{count}
+    messages of at most C{size} bytes together, or of one message; one
+    empty run if none.
     """
     windows, current, total = [], [], 0
     for x in live:
-        if current and total + x[2].size > size:
+        if current and (total + x[2].size > size or len(current) == count):
             windows.append(current)
             current, total = [], 0
         current.append(x)

@@ -38,7 +38,7 @@ from p2pmta.groups import UnknownGroup
 from p2pmta.httpclient import fetchBytes, fetchInto
 from p2pmta.logs import logFailure
 from p2pmta.rounds import Coalescing
-from p2pmta.web import MAX_DOWNLOADS_PER_CLIENT
+from p2pmta.web import MAX_DOWNLOADS_PER_CLIENT, MAX_PULL_BATCH
 from p2pmta.notification import (
     MAX_BATCH,
     BadNotification,
@@ -63,6 +63,11 @@ PULL_CONCURRENCY = MAX_DOWNLOADS_PER_CLIENT
 #: C{PULL_CONCURRENCY} at once, 16 MiB), not into a file: a 1 MB attachment
 #: is then written once, as the plaintext, not also as the ciphertext.
 IN_MEMORY_PULL = 2 * 1024 * 1024
+
+#: Ciphertexts up to this size are pulled in batches (see L{Receiver.fetchBody})
+#: of up to L{MAX_PULL_BATCH} ciphertexts and L{BATCH_BYTES} bytes.
+BATCH_ITEM = 256 * 1024
+BATCH_BYTES = 4 * 1024 * 1024
 
 #: Ciphertexts up to this size, with the session key their notice gave,
 #: are decrypted on the reactor thread (some 0.1 ms for 16 KiB).
@@ -105,6 +110,8 @@ class Receiver:
         )
         self.pullDirectory = os.path.join(peer.dataDir.path, "pulls")
         self._pulls = DeferredSemaphore(PULL_CONCURRENCY)
+        self._batchQueue: dict[str, list] = {}  # sender -> [(row, Deferred)] to pull in batches
+        self._batchScheduled = False
         self._pullDirectoryMade = False
         self._stored: list = []  # incoming hashes of bodies stored, to record
         self._wanted: dict[str, list] = {}  # incoming hashes to look up -> waiters
@@ -312,10 +319,93 @@ class Receiver:
         """
         The mail store's C{bodyFetcher}: pull, check, decrypt and return the
         complete message (see L{_openPulled}).
+
+        Small ciphertexts asked for in the same turn of the reactor (a FETCH
+        of many messages) are pulled from each sender in batches, one
+        request for many (see L{p2pmta.web._Batch}); what a batch does not
+        bring is pulled alone, from the sender or else its group.
         """
         key = record.meta.get("incoming")
         found = self._incomingRow(key) if key else succeed(None)
-        return found.addCallback(lambda row: self._pulls.run(lambda: Deferred.fromCoroutine(self._fetchBody(row))))
+        return found.addCallback(self._pullRow)
+
+    def _pullRow(self, row) -> Deferred:
+        if row is not None and row["ciphertext_size"] <= BATCH_ITEM:
+            d: Deferred = Deferred()
+            self._batchQueue.setdefault(row["sender"], []).append((row, d))
+            if not self._batchScheduled:
+                self._batchScheduled = True
+                self._peer.reactor.callLater(0, self._sendBatches)
+            return d
+        return self._pullAlone(row)
+
+    def _pullAlone(self, row) -> Deferred:
+        return self._pulls.run(lambda: Deferred.fromCoroutine(self._fetchBody(row)))
+
+    def _sendBatches(self) -> None:
+        queue, self._batchQueue = self._batchQueue, {}
+        self._batchScheduled = False
+        for items in queue.values():
+            batch: list = []
+            size = 0
+            for row, d in items:
+                if batch and (len(batch) == MAX_PULL_BATCH or size + row["ciphertext_size"] > BATCH_BYTES):
+                    self._sendBatch(batch)
+                    batch, size = [], 0
+                batch.append((row, d))
+                size += row["ciphertext_size"]
+            self._sendBatch(batch)
+
+    def _sendBatch(self, items: list) -> None:
+        if len(items) == 1:
+            row, d = items[0]
+            self._pullAlone(row).chainDeferred(d)
+            return
+        self._pulls.run(lambda: Deferred.fromCoroutine(self._pullBatch(items))).addErrback(
+            logFailure(self.log, "a batch pull failed")
+        )
+
+    async def _pullBatch(self, items: list) -> None:
+        """
+        Pull C{items} (C{(row, Deferred)}, all from one sender) in one
+        request to the sender's outbox.  Each Deferred fires as its
+        ciphertext arrives and is opened; those the answer does not bring
+        whole (not held there, a bad answer, the sender away) are then
+        pulled alone, without holding this batch's place.
+        """
+        peer = self._peer
+        started = time.monotonic()
+        sender = Address.parse(items[0][0]["sender"])
+        waiting: dict = {}
+        alone = []
+        for row, d in items:
+            if row["digest"] in waiting:
+                alone.append((row, d))
+            else:
+                waiting[row["digest"]] = (row, d)
+        url = None
+
+        def arrived(digest: str, ciphertext: bytes) -> None:
+            row, d = waiting.pop(digest)
+            if hashlib.sha256(ciphertext).hexdigest() != digest:
+                self.log.warn("{url} served bytes that do not match the notified hash", url=url)
+                alone.append((row, d))
+                return
+            Deferred.fromCoroutine(self._openedBatched(row, sender, ciphertext, url, started)).chainDeferred(d)
+
+        try:
+            try:
+                descriptor = await peer.directory.lookup(sender)
+                url = descriptor.link("outbox/batch")
+                reader = _BatchReader({digest: row["ciphertext_size"] for digest, (row, _) in waiting.items()}, arrived)
+                query = "?" + "&".join("d=" + digest for digest in waiting)
+                await fetchInto(peer.agent, url + query, reader.write, reader.maxSize, peer.reactor)
+                reader.end()
+            except (P2PMTAError, OSError) as e:
+                self.log.info("batch pull from {sender} fell short: {e}", sender=str(sender), e=e)
+        finally:
+            for row, d in alone + list(waiting.values()):
+                self._pullAlone(row).chainDeferred(d)
 
     def _incomingRow(self, key: str) -> Deferred:
         """
@@ -364,14 +454,22 @@ class Receiver:
         try:
             message = await self._pull(row, sender, base)
         except (P2PMTAError, OSError) as e:
-            self.log.warn("cannot pull {digest} from {sender}: {e}", digest=row["digest"], sender=str(sender), e=e)
             await peer.inThreads(lambda: [removeIfThere(base + suffix) for suffix in (".gpg", ".eml")])
-            if isinstance(e, BodyUnavailable):
-                raise
-            raise BodyUnavailable(str(e)) from None
+            raise self._unavailable(row, sender, e) from None
         # The receipt waits until the mail store holds the body (bodyStored):
         # on a full disk the sender must keep its copy.
         return message
+
+    def _unavailable(self, row, sender: Address, e: Exception) -> BodyUnavailable:
+        """Log why C{row}'s body could not be had: L{BodyUnavailable} to raise."""
+        self.log.warn("cannot pull {digest} from {sender}: {e}", digest=row["digest"], sender=str(sender), e=e)
+        return e if isinstance(e, BodyUnavailable) else BodyUnavailable(str(e))
+
+    async def _openedBatched(self, row, sender: Address, ciphertext: bytes, url: str, started: float):
+        try:
+            return await self._opened(row, sender, ciphertext, url, started)
+        except (P2PMTAError, OSError) as e:
+            raise self._unavailable(row, sender, e) from None
 
     def bodyStored(self, mailbox: str, record) -> None:
         """
@@ -420,6 +518,14 @@ class Receiver:
             finally:
                 await peer.inThreads(f.close)
             source = base + ".gpg"
+        return await self._opened(row, sender, source, url, started, base)
+
+    async def _opened(self, row, sender: Address, source, url: str, started: float, base: str = ""):
+        """
+        Decrypt and check the ciphertext C{source} (see L{_openPulled})
+        pulled from C{url}.
+        """
+        peer = self._peer
         extra = authenticationResults(self.address, sender, row["reason"])
         try:
             if row["session_key"] and isinstance(source, bytes) and len(source) <= INLINE_DECRYPTION:
@@ -630,6 +736,78 @@ class Receiver:
             "DELETE FROM incoming WHERE state IN ('bad', 'receipted', 'duplicate') AND received < ?", cutoff
         )
         await peer.ledger.query("DELETE FROM received_notices WHERE state IN ('bad', 'done') AND received < ?", cutoff)
+
+
+class _BatchReader:
+    """
+    Splits the answer to a batch pull (see L{p2pmta.web._Batch}) into its
+    ciphertexts, as it arrives, holding the framing to what was asked.
+
+    @ivar maxSize: the most bytes the answer may have.
+    """
+
+    _maxLine = 64 + 1 + 20 + 2
+
+    def __init__(self, expected: dict, arrived) -> None:
+        """
+        @param expected: C{{digest: size}} of the ciphertexts asked for.
+        @param arrived: called with (digest, ciphertext) for each one whole.
+        """
+        self._expected = dict(expected)
+        self._arrived = arrived
+        self._line = b""
+        self._digest: str | None = None
+        self._chunks: list = []
+        self._left = 0
+        self.maxSize = sum(expected.values()) + len(expected) * self._maxLine
+
+    def write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            if self._digest is None:
+                view = self._readLine(view)
+                continue
+            take = view[: self._left]
+            self._chunks.append(bytes(take))
+            self._left -= len(take)
+            view = view[len(take) :]
+            if not self._left:
+                self._finishItem()
+
+    def _readLine(self, view: memoryview) -> memoryview:
+        end = bytes(view[: self._maxLine]).find(b"\n")
+        if end < 0:
+            self._line += bytes(view)
+            if len(self._line) > self._maxLine:
+                raise FetchError("a batch answer has a line too long")
+            return view[len(view) :]
+        line, view = self._line + bytes(view[:end + 1]), view[end + 1 :]
+        self._line = b""
+        if len(line) > self._maxLine or not line.endswith(b"\r\n"):
+            raise FetchError("a batch answer has a malformed line")
+        digest, _, size = line[:-2].decode("ascii", "replace").partition(" ")
+        if digest not in self._expected:
+            raise FetchError("a batch answer holds what was not asked for")
+        expected = self._expected.pop(digest)
+        if size == "-":
+            return view
+        if size != str(expected):
+            raise FetchError("a batch answer's ciphertext has the wrong size")
+        self._digest, self._left = digest, expected
+        if not expected:
+            self._finishItem()
+        return view
+
+    def _finishItem(self) -> None:
+        digest, self._digest = self._digest, None
+        data = b"".join(self._chunks)
+        self._chunks = []
+        self._arrived(digest, data)
+
+    def end(self) -> None:
+        """The answer ended: it must have ended between two ciphertexts."""
+        if self._digest is not None or self._line:
+            raise FetchError("a batch answer was cut short")
 
 
 class _Beginning:

@@ -9,7 +9,11 @@ A peer serves exactly these, for C{GET} and C{HEAD}:
   - C{/outbox/msglist}: the digests held, as the JSON object
     C{{"messages": ["<digest>", ...]}} (sorted), C{application/json};
   - C{/outbox/<digest>}: the ciphertext named by that lowercase hex SHA-256,
-    C{application/octet-stream}, streamed, with byte ranges.
+    C{application/octet-stream}, streamed, with byte ranges;
+  - C{/outbox/batch?d=<digest>&d=<digest>...}: up to L{MAX_PULL_BATCH}
+    ciphertexts in one answer, C{application/x-p2pmta-batch} (see
+    L{_Batch}): a receiver opening many messages from one sender pays for
+    one request, not one each.
 
 Every other path is 404, a target that is not a path (C{*}, an absolute
 URL, C{xpubkey}) is 400 (and Twisted's parser answers 400 to some malformed
@@ -38,6 +42,7 @@ arguments of L{makeSite}):
 
 import ipaddress
 import json
+import os
 import re
 from collections.abc import Callable
 from io import BytesIO
@@ -84,6 +89,9 @@ ACCESS_LOG_NAMESPACE = "p2pmta.web.access"
 
 COMPLAINT_INTERVAL = 60.0
 """Seconds between two log lines about the same client hitting a limit."""
+
+MAX_PULL_BATCH = 64
+"""The most ciphertexts one C{/outbox/batch} request may ask for."""
 
 _ALLOWED_METHODS = (b"GET", b"HEAD")
 
@@ -140,6 +148,11 @@ _NOT_ALLOWED = _Error(
     405, b"Method not allowed.\n", [(b"allow", b", ".join(_ALLOWED_METHODS))]
 )
 _UNAVAILABLE = _Error(503, b"Temporarily unavailable.\n")
+_BAD_BATCH = _Error(
+    400,
+    b"Bad request: ask for 1 to %d distinct digests, as d=<digest>.\n"
+    % (MAX_PULL_BATCH,),
+)
 
 
 class _Node(Resource):
@@ -352,15 +365,146 @@ def _byteRange(header: bytes, size: int):
     return (start, min(end, size - 1))
 
 
+class _Batch(_Node):
+    """
+    C{/outbox/batch?d=<digest>&d=<digest>...}: the ciphertexts asked for, in
+    the order asked, as C{application/x-p2pmta-batch}.  For each digest the
+    answer holds the line C{<digest> <size>\\r\\n} and then the C{size} bytes
+    of that ciphertext, or, for one this outbox does not hold, the line
+    C{<digest> -\\r\\n}.  It is streamed (chunked), one file after the other.
+
+    A request asking for no digest, more than L{MAX_PULL_BATCH}, the same
+    one twice, or anything that is not a lowercase hex SHA-256 is answered
+    400; any other parameter is ignored.  One batch counts as one download
+    against its client's limit.  Should a file turn out shorter than it was
+    when its line was written, the connection is dropped: the client sees a
+    truncated answer, never a silently shorter ciphertext.
+    """
+
+    def __init__(self, outbox) -> None:
+        super().__init__()
+        self._outbox = outbox
+
+    def render_GET(self, request):
+        wanted = request.args.get(b"d", [])
+        if not 0 < len(wanted) <= MAX_PULL_BATCH or len(set(wanted)) != len(wanted):
+            return _BAD_BATCH.render(request)
+        digests = []
+        for name in wanted:
+            try:
+                digest = name.decode("ascii")
+            except UnicodeDecodeError:
+                return _BAD_BATCH.render(request)
+            if not isDigest(digest):
+                return _BAD_BATCH.render(request)
+            digests.append(digest)
+        request.setHeader(b"content-type", b"application/x-p2pmta-batch")
+        request.setHeader(b"x-content-type-options", b"nosniff")
+        request.setHeader(b"cache-control", b"no-store")
+        if request.method == b"HEAD":
+            return b""
+        _BatchProducer(request, self._outbox, digests).start()
+        return server.NOT_DONE_YET
+
+
+class _BatchProducer:
+    """
+    Writes a L{_Batch} answer as the client reads it: a pull producer, like
+    Twisted's L{static.NoRangeStaticProducer}, which writes about
+    L{bufferSize} bytes each time the transport asks for more (several
+    small ciphertexts at a time).
+    """
+
+    log = Logger()
+
+    bufferSize = 64 * 1024
+
+    def __init__(self, request, outbox, digests: list) -> None:
+        self.request = request
+        self._outbox = outbox
+        self._digests = digests
+        self._next = 0
+        self._file = None
+        self._left = 0
+
+    def start(self) -> None:
+        self.request.registerProducer(self, False)
+
+    def _open(self, digest: str):
+        """The open file of C{digest} and its size, or L{None}."""
+        path = self._outbox.path(digest)
+        if path is None:
+            return None
+        try:
+            f = open(path.path, "rb")
+        except OSError:
+            return None
+        try:
+            size = os.fstat(f.fileno()).st_size
+        except OSError:
+            f.close()
+            return None
+        return f, size
+
+    def resumeProducing(self) -> None:
+        if self.request is None:
+            return
+        out: list = []
+        room = self.bufferSize
+        while room > 0:
+            if self._file is None:
+                if self._next == len(self._digests):
+                    break
+                digest = self._digests[self._next]
+                self._next += 1
+                opened = self._open(digest)
+                if opened is None:
+                    out.append(b"%s -\r\n" % (digest.encode("ascii"),))
+                    continue
+                self._file, self._left = opened
+                out.append(b"%s %d\r\n" % (digest.encode("ascii"), self._left))
+            data = self._file.read(min(room, self._left)) if self._left else b""
+            if self._left and not data:
+                # Shorter than its line said: never let that pass as whole.
+                self.log.warn("a ciphertext shrank while it was served")
+                request = self.request
+                self.stopProducing()
+                request.transport.abortConnection()
+                return
+            out.append(data)
+            room -= len(data)
+            self._left -= len(data)
+            if not self._left:
+                self._file.close()
+                self._file = None
+        if out:
+            self.request.write(b"".join(out))
+        if self._file is None and self._next == len(self._digests):
+            request = self.request
+            self.request = None
+            request.unregisterProducer()
+            request.finish()
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        self.request = None
+
+
 class _Outbox(_Node):
     """
-    C{/outbox/}: the message list and the ciphertexts.
+    C{/outbox/}: the message list, the ciphertexts and batches of them.
     """
 
     def __init__(self, outbox) -> None:
         super().__init__()
         self._outbox = outbox
         self._messageList = _MessageList(outbox)
+        self._batch = _Batch(outbox)
 
     def getChild(self, name: bytes, request) -> Resource:
         if request.postpath:
@@ -368,6 +512,8 @@ class _Outbox(_Node):
             return _NOT_FOUND
         if name == b"msglist":
             return self._messageList
+        if name == b"batch":
+            return self._batch
         try:
             digest = name.decode("ascii")
         except UnicodeDecodeError:
@@ -668,7 +814,7 @@ class OutboxSite(server.Site):
             # be /pubkey: only paths (origin-form) are served.
             return _BAD_TARGET
         resource = super().getResourceFor(request)
-        if isinstance(resource, _Ciphertext):
+        if isinstance(resource, (_Ciphertext, _Batch)):
             return self._admit(request, resource)
         return resource
 

@@ -68,13 +68,21 @@ class AccessLog:
         if event.get("log_namespace") == ACCESS_LOG_NAMESPACE:
             self.lines.append(str(event.get("line", "")))
 
+    @staticmethod
+    def asked(line: str) -> list[str]:
+        """What one request line asks the outbox for: one name, or a batch's digests."""
+        target = line.split('"GET /outbox/', 1)[1].split()[0]
+        if target.startswith("batch?"):
+            return [part[2:] for part in target[len("batch?") :].split("&") if part.startswith("d=")]
+        return [target]
+
     def bodyRequests(self) -> list[str]:
-        """The requests of message bodies (not of msglists or notices)."""
+        """The requests of message bodies, alone or in batches (not of msglists or notices)."""
         messages = self._messages()
         return [
             line
             for line in self.lines
-            if '"GET /outbox/' in line and line.split('"GET /outbox/', 1)[1].split()[0] in messages
+            if '"GET /outbox/' in line and any(name in messages for name in self.asked(line))
         ]
 
 

@@ -1174,8 +1174,8 @@ class WindowsTests(SynchronousTestCase):
 
     def test_cutBySize(self):
         """
-        Messages go in runs of at most the size together; a bigger one goes
-        alone; no message at all is one empty run.
+        Messages go in runs of at most the size together and at most the
+        count; a bigger one goes alone; no message at all is one empty run.
         """
 
         class Record:
@@ -1183,6 +1183,8 @@ class WindowsTests(SynchronousTestCase):
                 self.size = size
 
         live = [(n, n, Record(size)) for n, size in enumerate([5, 5, 5, 20, 1, 4], 1)]
-        cut = imap._windows(live, 10)
+        cut = imap._windows(live, 10, 5)
         self.assertEqual([[x[0] for x in window] for window in cut], [[1, 2], [3], [4], [5, 6]])
-        self.assertEqual(imap._windows([], 10), [[]])
+        self.assertEqual(imap._windows([], 10, 5), [[]])
+        cut = imap._windows(live, 100, 2)
+        self.assertEqual([[x[0] for x in window] for window in cut], [[1, 2], [3, 4], [5, 6]])

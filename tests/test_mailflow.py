@@ -121,6 +121,52 @@ class MailFlowTests(TestCase):
         """
         return ensureDeferred(self._sendReceive())
 
+    async def _batchPull(self):
+        await self.peers("alice", "bob")
+        h = self.harness
+        sent = [makeMessage("alice@demo", ["bob@demo"], f"batch {n}", os.urandom(3000 + n)) for n in range(4)]
+        for message in sent:
+            await h.send("alice", ["bob@demo"], message)
+        listed = await h.listed("bob", 4)
+        digests = h.outboxDigests("alice")
+        self.assertEqual(len(digests), 4)
+        # One ciphertext is gone from alice's outbox (and she has no group):
+        # the batch says so, that one is asked for alone, and fails alone.
+        missing = digests[0]
+        await h.running["alice"].outbox.remove(missing)
+
+        def fetchAll(c):
+            c.select("INBOX")
+            typ, data = c.uid("FETCH", ",".join(map(str, listed)), "(BODY[])")
+            # A NO leaves the untagged FETCH responses where imaplib keeps them.
+            return typ, data, c.untagged_responses.pop("FETCH", [])
+
+        typ, data, fetched = await h.imap("bob", fetchAll)
+        self.assertEqual(typ, "NO")
+        self.assertIn(b"UNAVAILABLE", data[0])
+        bodies = [stripAdded(item[1]) for item in fetched if isinstance(item, tuple)]
+        self.assertEqual(len(bodies), 3)
+        self.assertTrue(all(body in sent for body in bodies))
+        requests = h.access.bodyRequests()
+        batches = [h.access.asked(line) for line in requests if "/outbox/batch?" in line]
+        self.assertEqual([sorted(asked) for asked in batches], [sorted(digests)], "one request for the four")
+        alone = [h.access.asked(line) for line in requests if "/outbox/batch?" not in line]
+        self.assertEqual(alone, [[missing]])
+        # Asked again, the three stored are served from the store, and the
+        # missing one is asked for alone again.
+        typ, _, fetched = await h.imap("bob", fetchAll)
+        self.assertEqual(typ, "NO")
+        self.assertEqual(len([item for item in fetched if isinstance(item, tuple)]), 3)
+        self.assertEqual(len(h.access.bodyRequests()), len(requests) + 1)
+
+    def test_batchPull(self):
+        """
+        Opening several of one sender's messages in one FETCH pulls them in
+        one request; what the batch does not bring is asked for alone, and
+        only that message is unavailable.
+        """
+        return ensureDeferred(self._batchPull())
+
     async def _twoRecipients(self):
         await self.peers("alice", "bob", "carol")
         h = self.harness

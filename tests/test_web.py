@@ -15,6 +15,7 @@ from twisted.internet import reactor
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import (
     Deferred,
+    ensureDeferred,
     fail,
     inlineCallbacks,
     succeed,
@@ -655,3 +656,181 @@ class ArbitraryPathTests(SynchronousTestCase):
             self.assertEqual(status, 200)
         else:
             self.assertIn(status, (400, 404), path)
+
+
+def _batchItems(body: bytes) -> list:
+    """Split a batch answer into C{(digest, bytes or None)}."""
+    items = []
+    while body:
+        line, _, body = body.partition(b"\r\n")
+        digest, size = line.split(b" ")
+        if size == b"-":
+            items.append((digest.decode(), None))
+        else:
+            n = int(size)
+            items.append((digest.decode(), body[:n]))
+            body = body[n:]
+    return items
+
+
+class BatchTests(_ServerMixin, TestCase):
+    """
+    C{/outbox/batch}: several ciphertexts in one answer.
+    """
+
+    def setUp(self) -> None:
+        self.startServer()
+
+    @inlineCallbacks
+    def test_batchCurl(self):
+        """
+        The ciphertexts come in the order asked, each after its digest and
+        size; one not held is named with C{-}; large ones are whole.
+        """
+        datas = [os.urandom(200_000), b"", os.urandom(10)]
+        digests = []
+        for data in datas:
+            digests.append((yield self.outbox.add(data)))
+        absent = _digest(b"not here")
+        asked = [digests[2], absent, digests[0], digests[1]]
+        query = "&".join("d=" + d for d in asked)
+        # --raw: the chunks as sent (curl would decode them; _parse does).
+        status, headers, body = yield self.curl("--raw", f"{self.base}/outbox/batch?{query}")
+        self.assertEqual(status, 200)
+        self.assertEqual(headers[b"content-type"], b"application/x-p2pmta-batch")
+        self.assertEqual(headers[b"x-content-type-options"], b"nosniff")
+        self.assertEqual(
+            _batchItems(body),
+            [(digests[2], datas[2]), (absent, None), (digests[0], datas[0]), (digests[1], b"")],
+        )
+
+    @inlineCallbacks
+    def test_badBatches(self):
+        """
+        No digest, too many, one twice, or one that is not a lowercase hex
+        SHA-256: 400, before any file is looked at.
+        """
+        from p2pmta.web import MAX_PULL_BATCH
+
+        digest = yield self.outbox.add(b"m")
+        many = "&".join("d=" + _digest(b"%d" % n) for n in range(MAX_PULL_BATCH + 1))
+        for query in [
+            "",
+            "?x=" + digest,
+            "?" + many,
+            f"?d={digest}&d={digest}",
+            f"?d={digest.upper()}",
+            f"?d={digest}&d=../../etc/passwd",
+            "?d=" + digest[:-1],
+            "?d=%ff",
+        ]:
+            status, _, body = yield self.rawGet(f"/outbox/batch{query}".encode())
+            self.assertEqual(status, 400, query)
+            self.assertTrue(body.startswith(b"Bad request: ask for 1 to"), body)
+        status, _, _ = yield self.rawGet(f"/outbox/batch/{digest}".encode())
+        self.assertEqual(status, 404)
+
+    @inlineCallbacks
+    def test_batchIsOneDownload(self):
+        """
+        A batch counts as one download against its client's limit, for as
+        long as it is being sent.
+        """
+        self.site.maxDownloadsPerClient = 1
+        digests = []
+        for n in range(3):
+            digests.append((yield self.outbox.add(os.urandom(4_000_000 + n))))
+        response = yield self.agent().request(
+            b"GET", f"{self.base}/outbox/batch?d={digests[0]}&d={digests[1]}".encode()
+        )
+        self.assertEqual(response.code, 200)
+        self.assertEqual(self.site.downloads, {"127.0.0.1": 1})
+        status, _, _ = yield self.rawGet(f"/outbox/{digests[2]}".encode())
+        self.assertEqual(status, 429)
+        body = yield readBody(response)
+        self.assertEqual([d for d, _ in _batchItems(body)], digests[:2])
+        self.assertEqual(self.site.downloads, {})
+
+    @inlineCallbacks
+    def test_readerThroughFetchInto(self):
+        """
+        The receiver's reader, fed by L{fetchInto} over a real connection,
+        gives each ciphertext whole as it arrives, and nothing for one the
+        outbox lacks.
+        """
+        from p2pmta.httpclient import fetchInto
+        from p2pmta.receiving import _BatchReader
+
+        datas = [os.urandom(n) for n in (70_000, 1, 130_000, 5)]
+        digests = []
+        for data in datas:
+            digests.append((yield self.outbox.add(data)))
+        absent = _digest(b"absent")
+        expected = {d: len(x) for d, x in zip(digests, datas)}
+        expected[absent] = 7
+        got = []
+        reader = _BatchReader(expected, lambda digest, data: got.append((digest, data)))
+        query = "&".join("d=" + d for d in [absent, *digests])
+        yield ensureDeferred(
+            fetchInto(self.agent(), f"{self.base}/outbox/batch?{query}", reader.write, reader.maxSize, reactor)
+        )
+        reader.end()
+        self.assertEqual(got, list(zip(digests, datas)))
+
+
+class BatchReaderTests(SynchronousTestCase):
+    """
+    The receiver's reading of a batch answer holds the server to what was
+    asked.
+    """
+
+    def setUp(self) -> None:
+        from p2pmta.receiving import _BatchReader
+
+        self.datas = [b"a" * 100, b"", b"\r\n-\r\n" * 10]
+        self.digests = [_digest(x) for x in self.datas]
+        self.expected = {d: len(x) for d, x in zip(self.digests, self.datas)}
+        self.got = []
+        self.reader = _BatchReader(self.expected, lambda d, x: self.got.append((d, x)))
+
+    def answer(self) -> bytes:
+        return b"".join(b"%s %d\r\n%s" % (d.encode(), len(x), x) for d, x in zip(self.digests, self.datas))
+
+    def test_anyCut(self):
+        """
+        However the answer is cut into reads, the same ciphertexts come out.
+        """
+        from p2pmta.receiving import _BatchReader
+
+        answer = self.answer()
+        for step in (1, 2, 3, 7, 64, 65, 66, 67, 68, 69, 100, len(answer)):
+            got = []
+            reader = _BatchReader(self.expected, lambda d, x: got.append((d, x)))
+            for i in range(0, len(answer), step):
+                reader.write(answer[i : i + step])
+            reader.end()
+            self.assertEqual(got, list(zip(self.digests, self.datas)), step)
+
+    def test_refused(self):
+        """
+        A digest not asked for (or twice), a wrong size, a line too long or
+        without CRLF, and an answer cut short are errors.
+        """
+        from p2pmta.errors import FetchError
+        from p2pmta.receiving import _BatchReader
+
+        d = self.digests[0]
+        for bad in [
+            b"%s 100\r\n" % (_digest(b"other").encode(),),
+            b"%s 99\r\n" % (d.encode(),),
+            b"%s +100\r\n" % (d.encode(),),
+            b"%s 100\n" % (d.encode(),),
+            b"x" * 200,
+            b"%s 100\r\n%s%s 100\r\n" % (d.encode(), b"a" * 100, d.encode()),
+        ]:
+            reader = _BatchReader(self.expected, lambda d, x: None)
+            self.assertRaises(FetchError, reader.write, bad)
+        for cut in [b"%s 100\r\naaa" % (d.encode(),), d.encode()[:10]]:
+            reader = _BatchReader(self.expected, lambda d, x: None)
+            reader.write(cut)
+            self.assertRaises(FetchError, reader.end)
