@@ -620,9 +620,15 @@ class _Candidate:
         """
         if self._inBody is None:
             try:
-                self._inBody = _fileContains(
-                    self.path, len(self.record.headers), self._needles
-                )
+                if callable(self.path):
+                    # Held in the mail store's database.
+                    self._inBody = _bytesContain(
+                        self.path(), len(self.record.headers), self._needles
+                    )
+                else:
+                    self._inBody = _fileContains(
+                        self.path, len(self.record.headers), self._needles
+                    )
             except OSError:
                 # Expunged while we searched.
                 self._inBody = set()
@@ -664,6 +670,12 @@ def _fileContains(path: str, start: int, needles) -> set:
             left -= hits
             tail = data[-overlap:] if overlap else b""
     return found
+
+
+def _bytesContain(data: bytes, start: int, needles) -> set:
+    """L{_fileContains} for a message held as L{bytes}."""
+    data = data[start:].lower()
+    return {n for n in needles if n in data}
 
 
 def _matchesText(msg: _Candidate, needle: bytes, headers: bool) -> bool:
@@ -753,7 +765,8 @@ def search(key, candidates: list, lastSeq: int, lastUid: int) -> SearchResult:
     C{TEXT} and C{BODY} on held messages): then run it in a thread.
 
     @param candidates: C{(seq, record, path)} for every message of the
-        session's view; C{path} is the held file or L{None}.
+        session's view; C{path} is the held file, a callable returning
+        the body held in the mail store's database, or L{None}.
     """
     key = _prepare(key, lastSeq, lastUid)
     needles = frozenset(_bodyNeedles(key, set()))
@@ -916,7 +929,7 @@ class SelectedMailbox:
         for seq, u in enumerate(self.uids, 1):
             record = self.store.record(self.name, u)
             if record is not None:
-                path = self.store.filePath(self.name, u) if record.held else None
+                path = self.store.bodySource(self.name, u) if record.held else None
                 candidates.append((seq, record, path))
         last = (len(self.uids), self.uids[-1] if self.uids else 0)
         if needsBody(query) or len(candidates) > 500:

@@ -79,7 +79,24 @@ CREATE TABLE IF NOT EXISTS mail_messages (
     meta TEXT NOT NULL,
     PRIMARY KEY (mailbox, uid)
 );
+CREATE TABLE IF NOT EXISTS mail_bodies (
+    mailbox TEXT NOT NULL,
+    uid INTEGER NOT NULL,
+    body BLOB NOT NULL,
+    PRIMARY KEY (mailbox, uid)
+);
 """
+
+#: Pulled bodies up to this size are kept in the database (the table
+#: C{mail_bodies}), not each in a file of its own: a group of them is one
+#: transaction and one flush, where a file each costs an inode, a flush and
+#: two renames (about 1 ms each on a file system that deleted many files
+#: lately).  Dovecot's dbox keeps many messages per file for the same reason.
+DATABASE_BODY = 256 * 1024
+
+#: The C{filename} of a message whose body is in C{mail_bodies}: no Maildir
+#: file is ever named so (see L{MailStore._newName}).
+IN_DATABASE = "(database)"
 
 
 class NoSuchMailbox(StoreError):
@@ -372,10 +389,35 @@ class MailStore:
 
     def filePath(self, mailbox: str, uid: int) -> str | None:
         """
-        @return: the path of the file of a held message, or L{None}.
+        @return: the path of the file of a held message, or L{None} (not
+            held, or held in the database: see L{bodySource}).
         """
         name = self._box(mailbox).files.get(uid)
+        return None if name is None or name == IN_DATABASE else os.path.join(self._cur, name)
+
+    def bodySource(self, mailbox: str, uid: int):
+        """
+        Where a held message is, for a reader in a thread: the path of its
+        file, or for one held in the database a callable returning its
+        L{bytes} (blocking; L{OSError} if it is gone meanwhile); L{None} if
+        it is not held.
+        """
+        box = self._box(mailbox)
+        name = box.files.get(uid)
+        if name == IN_DATABASE:
+            return lambda: self._readBody(box.name, uid)
         return None if name is None else os.path.join(self._cur, name)
+
+    def _readBody(self, mailbox: str, uid: int) -> bytes:
+        """The body of a message held in the database (blocking)."""
+        with self._dbLock:
+            db = self._db
+            if db is None:
+                raise StoreError("the mail store is closed")
+            row = db.execute("SELECT body FROM mail_bodies WHERE mailbox = ? AND uid = ?", (mailbox, uid)).fetchone()
+        if row is None:
+            raise FileNotFoundError(f"no body of {mailbox} {uid}")
+        return bytes(row[0])
 
     # -- opening ---------------------------------------------------------
 
@@ -411,11 +453,16 @@ class MailStore:
             "SELECT mailbox, uid, flags, internaldate, size, headers, filename, meta "
             "FROM mail_messages ORDER BY mailbox, uid"
         ).fetchall()
+        inDatabase = set(db.execute("SELECT mailbox, uid FROM mail_bodies"))
         missing = [
             (row[0], row[1])
             for row in rows
             if row[6] is not None
-            and not os.path.isfile(os.path.join(self._cur, row[6]))
+            and (
+                (row[0], row[1]) not in inDatabase
+                if row[6] == IN_DATABASE
+                else not os.path.isfile(os.path.join(self._cur, row[6]))
+            )
         ]
         if missing:
             with db:
@@ -585,29 +632,43 @@ class MailStore:
     def _takeBytes(self, data: bytes, headers: bytes) -> tuple[str, int]:
         """
         Write the message C{data} into the Maildir (through C{tmp/}, flushed)
-        if it starts with exactly C{headers}; C{cur/} is not flushed.
+        if it starts with exactly C{headers}; C{cur/} is not flushed.  One
+        of at most L{DATABASE_BODY} bytes is left to the caller to put in
+        the database.
 
-        @return: its name in C{cur/} and its size.
+        @return: its name in C{cur/} (or L{IN_DATABASE}) and its size.
         """
         if not data.startswith(headers):
             raise HeaderMismatch("the pulled message")
+        if len(data) <= DATABASE_BODY:
+            return IN_DATABASE, len(data)
         return self._writeMessage(data, sync=False), len(data)
 
     def _removeFiles(self, names: Iterable[str]) -> None:
-        removeFromFolder(self._cur, names)
+        removeFromFolder(self._cur, [name for name in names if name != IN_DATABASE])
 
     # -- adding messages --------------------------------------------------
 
     _INSERT = "INSERT INTO mail_messages VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+    _COPY_BODY = (
+        "INSERT OR REPLACE INTO mail_bodies (mailbox, uid, body)"
+        " SELECT ?, ?, body FROM mail_bodies WHERE mailbox = ? AND uid = ?"
+    )
+    # Only for a message still there: one expunged meanwhile leaves no body.
+    _PUT_BODY = (
+        "INSERT OR REPLACE INTO mail_bodies (mailbox, uid, body)"
+        " SELECT mailbox, uid, ? FROM mail_messages WHERE mailbox = ? AND uid = ?"
+    )
     _UIDNEXT = "UPDATE mail_mailboxes SET uidnext = ? WHERE name = ?"
 
-    def _insert(self, box: _Box, records: list, filenames: list, durable: bool = False) -> None:
+    def _insert(self, box: _Box, records: list, filenames: list, durable: bool = False, more=()) -> None:
         statements = [
             (self._INSERT, (box.name, r.uid, json.dumps(sorted(r.flags)), r.internalDate,
                             r.size, r.headers, name, json.dumps(r.meta)))
             for r, name in zip(records, filenames)
         ]  # fmt: skip
         statements.append((self._UIDNEXT, (records[-1].uid + 1, box.name)))
+        statements += more
         try:
             self._transaction(statements, durable)
         except BaseException:
@@ -757,11 +818,14 @@ class MailStore:
         uids = sorted(set(uids))
 
         def work(first: int, records: list, files: list):
-            copies, names = [], []
+            copies, names, bodies = [], [], []
             try:
                 for i, (record, filename) in enumerate(zip(records, files)):
                     name = None
-                    if filename is not None:
+                    if filename == IN_DATABASE:
+                        name = IN_DATABASE
+                        bodies.append((self._COPY_BODY, (dst.name, first + i, src.name, record.uid)))
+                    elif filename is not None:
                         name = self._newName()
                         old = os.path.join(self._cur, filename)
                         try:
@@ -777,7 +841,7 @@ class MailStore:
             except BaseException:
                 self._removeFiles(n for n in names if n is not None)
                 raise
-            self._insert(dst, copies, names, durable=True)
+            self._insert(dst, copies, names, durable=True, more=bodies)
             return copies, names
 
         def start():
@@ -881,16 +945,17 @@ class MailStore:
                     names.append(name)
             if names:
                 sql = "UPDATE mail_messages SET filename = ?, size = ? WHERE mailbox = ? AND uid = ?"
+                statements = []
+                for (box, record, source, _), result in zip(jobs, results):
+                    if isinstance(result, Failure):
+                        continue
+                    if result[0] == IN_DATABASE:
+                        statements.append((self._PUT_BODY, (source, box.name, record.uid)))
+                    statements.append((sql, (result[0], result[1], box.name, record.uid)))
                 try:
-                    fsyncDir(self._cur)
-                    self._transaction(
-                        [
-                            (sql, (result[0], result[1], box.name, record.uid))
-                            for (box, record, _, _), result in zip(jobs, results)
-                            if not isinstance(result, Failure)
-                        ],
-                        durable=True,
-                    )
+                    if any(name != IN_DATABASE for name in names):
+                        fsyncDir(self._cur)
+                    self._transaction(statements, durable=True)
                 except BaseException:
                     self._removeFiles(names)
                     raise
@@ -898,7 +963,7 @@ class MailStore:
 
         def done(results: list):
             orphans = []
-            for (box, record, _, d), result in zip(jobs, results):
+            for (box, record, source, d), result in zip(jobs, results):
                 if isinstance(result, Failure):
                     fail(result).addErrback(_diskFull).chainDeferred(d)
                     continue
@@ -920,7 +985,7 @@ class MailStore:
                         announced=record.size,
                     )
                 box.put(replace(current, held=True, size=size), name)
-                d.callback(os.path.join(self._cur, name))
+                d.callback(source if name == IN_DATABASE else os.path.join(self._cur, name))
             if orphans:
                 # Still under the write lock: no later write sees them.
                 return self.runInThread(self._removeFiles, orphans).addErrback(
@@ -1038,7 +1103,8 @@ class MailStore:
 
         def work(uids: list, names: list):
             sql = "DELETE FROM mail_messages WHERE mailbox = ? AND uid = ?"
-            self._transaction([(sql, (box.name, u)) for u in uids], durable=True)
+            bodies = "DELETE FROM mail_bodies WHERE mailbox = ? AND uid = ?"
+            self._transaction([(sql, (box.name, u)) for u in uids] + [(bodies, (box.name, u)) for u in uids], durable=True)
             self._removeFiles(names)
 
         def start():
@@ -1076,7 +1142,10 @@ class MailStore:
         if record is None:
             return fail(BodyUnavailable(f"no message {uid} in {box.name}"))
         if record.held:
-            return succeed(os.path.join(self._cur, box.files[uid]))
+            name = box.files[uid]
+            if name == IN_DATABASE:
+                return self.runInThread(self._readBody, box.name, uid).addErrback(self._bodyGone, box.name, uid)
+            return succeed(os.path.join(self._cur, name))
         key = (box.name, uid)
         pending = self._pendingBodies.get(key)
         if pending is not None:
@@ -1089,6 +1158,11 @@ class MailStore:
         self._fetching[key] = [waiter]
         self._pull(box, record).addBoth(self._pulled, key)
         return waiter
+
+    @staticmethod
+    def _bodyGone(failure: Failure, mailbox: str, uid: int):
+        failure.trap(FileNotFoundError)
+        raise BodyUnavailable(f"message {uid} of {mailbox} is gone")
 
     def written(self, mailbox: str, uids) -> Deferred:
         """

@@ -659,6 +659,19 @@ class IMAPServerTests(TestCase):
         self.assertEqual(results, [answer for _, answer in expected] + [b"2 3"])
         self.assertEqual(self.fetched, [])
 
+        def opened():
+            # Once opened, bodies are searched: UID 3's (pulled as bytes) is
+            # kept in the store's database, UID 2's in a file.
+            client = self.imap()
+            client.select("INBOX")
+            client.fetch("2:3", "(BODY[])")
+            return [client.search(None, *q)[1][0] for q in (("BODY", '"message 3"'), ("TEXT", '"body of MESSAGE"'))]
+
+        results = yield self.inThread(opened)
+        self.assertEqual(results, [b"3", b"2 3"])
+        self.assertIsNone(self.store.filePath("INBOX", 3))
+        self.assertIsNotNone(self.store.filePath("INBOX", 2))
+
     @inlineCallbacks
     def test_copy(self):
         """

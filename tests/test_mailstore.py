@@ -3,6 +3,7 @@ Tests for L{p2pmta.mailstore}.
 """
 
 import os
+import sqlite3
 import threading
 
 from hypothesis import given
@@ -20,6 +21,7 @@ from twisted.python.threadpool import ThreadPool
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
+from p2pmta import mailstore
 from p2pmta.errors import BodyUnavailable
 from p2pmta.interfaces import IMailStore
 from p2pmta.mailstore import (
@@ -268,12 +270,88 @@ class MailStoreTests(TestCase):
         self.assertTrue(self.store.written("INBOX", [uid]).called, "nothing left to wait for")
         record = yield stored
         self.assertTrue(record.held)
+        # Small: kept in the database, not in a file of its own.
+        again = yield self.store.body("INBOX", uid)
+        self.assertEqual(again, MESSAGE)
+        for sub in ("tmp", "cur"):
+            self.assertEqual(os.listdir(os.path.join(self.dir, "inbox", sub)), [])
+        self.assertIsNone(self.store.filePath("INBOX", uid))
+        yield self.reopen()
+        self.assertTrue(self.store.record("INBOX", uid).held)
+        again = yield self.store.body("INBOX", uid)
+        self.assertEqual(again, MESSAGE)
+
+    @inlineCallbacks
+    def test_largePulledBytesIntoFile(self):
+        """
+        Pulled bytes over L{mailstore.DATABASE_BODY} are written into a file
+        of their own, which serves them once written.
+        """
+        self.patch(mailstore, "DATABASE_BODY", len(MESSAGE) - 1)
+        uid = yield self.store.deliver("INBOX", HEADERS, len(MESSAGE), {})
+        self.store.bodyFetcher = self.fetcherReturning(MESSAGE)
+        first = yield self.store.body("INBOX", uid)
+        self.assertEqual(first, MESSAGE)
+        yield self.store.written("INBOX", [uid])
         path = yield self.store.body("INBOX", uid)
+        self.assertEqual(path, self.store.filePath("INBOX", uid))
         with open(path, "rb") as f:
             self.assertEqual(f.read(), MESSAGE)
         self.assertEqual(os.listdir(os.path.join(self.dir, "inbox", "tmp")), [])
-        yield self.reopen()
+
+    @inlineCallbacks
+    def pulledIntoDatabase(self) -> int:
+        """A message whose pulled body is in the database: its UID."""
+        uid = yield self.store.deliver("INBOX", HEADERS, len(MESSAGE), {})
+        self.store.bodyFetcher = self.fetcherReturning(MESSAGE)
+        yield self.store.body("INBOX", uid)
+        yield self.store.written("INBOX", [uid])
         self.assertTrue(self.store.record("INBOX", uid).held)
+        self.assertIsNone(self.store.filePath("INBOX", uid))
+        return uid
+
+    def bodyRows(self) -> list:
+        db = sqlite3.connect(os.path.join(self.dir, "p2pmta.sqlite"))
+        try:
+            return db.execute("SELECT mailbox, uid, length(body) FROM mail_bodies ORDER BY mailbox, uid").fetchall()
+        finally:
+            db.close()
+
+    @inlineCallbacks
+    def test_databaseBodyCopiedAndExpunged(self):
+        """
+        COPY of a body held in the database copies it; expunging either
+        message removes its body only.
+        """
+        uid = yield self.pulledIntoDatabase()
+        [(_, copied)] = yield self.store.copy("INBOX", [uid], "Sent")
+        body = yield self.store.body("Sent", copied)
+        self.assertEqual(body, MESSAGE)
+        self.assertEqual(self.bodyRows(), [("INBOX", uid, len(MESSAGE)), ("Sent", copied, len(MESSAGE))])
+        yield self.store.expunge("INBOX", [uid])
+        self.assertEqual(self.bodyRows(), [("Sent", copied, len(MESSAGE))])
+        yield self.reopen()
+        body = yield self.store.body("Sent", copied)
+        self.assertEqual(body, MESSAGE)
+
+    @inlineCallbacks
+    def test_databaseBodyLost(self):
+        """
+        A message whose row in C{mail_bodies} is gone (a damaged database)
+        is not held after a restart: the next open pulls it again.
+        """
+        uid = yield self.pulledIntoDatabase()
+        yield self.store.close()
+        db = sqlite3.connect(os.path.join(self.dir, "p2pmta.sqlite"))
+        with db:
+            db.execute("DELETE FROM mail_bodies")
+        db.close()
+        self.store = None
+        yield self.reopen()
+        self.assertFalse(self.store.record("INBOX", uid).held)
+        self.store.bodyFetcher = self.fetcherReturning(MESSAGE)
+        body = yield self.store.body("INBOX", uid)
+        self.assertEqual(body, MESSAGE)
 
     @inlineCallbacks
     def test_writeBehindBounded(self):
