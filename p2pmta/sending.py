@@ -126,9 +126,10 @@ class Sender:
     notifyDelay = 0.1
 
     #: In a burst (at least C{burst} messages waiting for their notices),
-    #: they wait C{burstDelay} more, once, for the rest of the burst: a
-    #: single message is told of after L{notifyDelay}; a thousand go in
-    #: a few large notices, not in one per pipeline batch.
+    #: they wait C{burstDelay} more, once, for the rest of the burst (or
+    #: less: until the pipeline has none left): a single message is told
+    #: of after L{notifyDelay}; a thousand go in a few large notices, not
+    #: in one per pipeline batch.
     burst = 8
     burstDelay = 0.2
 
@@ -149,6 +150,7 @@ class Sender:
         self._queue: dict[str, list[Deferred]] = {}  # message id -> waiters
         self._draining = False
         self._gathering = False  # in a burst: see gatherDelay
+        self._idleWaiters: list[Deferred] = []  # fired when the pipeline runs dry
         self._encoded: dict[str, dict] = {}  # live notice id -> its msglist entry
         self._preparing: set[str] = set()  # notices being stored and rung now
         self._lastKeyPrune = float("-inf")
@@ -270,6 +272,16 @@ class Sender:
         finally:
             self._draining = False
             self._gathering = False
+            waiters, self._idleWaiters = self._idleWaiters, []
+            for waiter in waiters:
+                if not waiter.called:
+                    waiter.callback(None)
+
+    def _idle(self, timeout: float) -> Deferred:
+        """A Deferred firing once the pipeline runs dry, or after C{timeout} seconds."""
+        d: Deferred = Deferred()
+        self._idleWaiters.append(d)
+        return d.addTimeout(timeout, self._peer.reactor, onTimeoutCancel=lambda result, timeout: None)
 
     async def _processBatch(self, ids: list) -> None:
         peer = self._peer
@@ -440,8 +452,9 @@ class Sender:
         )
         rows = await peer.ledger.query(pending)
         if self.burst <= len(rows) < MAX_BATCH and (self._queue or self._draining):
-            # More are on their way through the pipeline.
-            await deferLater(peer.reactor, self.burstDelay, lambda: None)
+            # More are on their way through the pipeline: wait for them, but
+            # not past the moment it has none left (the burst is over).
+            await self._idle(self.burstDelay)
             rows = await peer.ledger.query(pending)
         byRecipient: dict[str, list] = {}
         for row in rows:

@@ -12,6 +12,7 @@ from email.message import EmailMessage
 from email.policy import SMTP
 
 from twisted.internet.defer import ensureDeferred
+from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from p2pmta.address import Address
@@ -166,6 +167,35 @@ class MailFlowTests(TestCase):
         only that message is unavailable.
         """
         return ensureDeferred(self._batchPull())
+
+    async def _burstEnds(self):
+        await self.peers("alice", "bob")
+        h = self.harness
+        sender = h.running["alice"].sender
+        # Every notice in a burst waits for the rest of it, but only until
+        # the pipeline runs dry, never this long.
+        sender.burst, sender.burstDelay = 2, 120.0
+        messages = [makeMessage("alice@demo", ["bob@demo"], f"burst {n}", os.urandom(2000)) for n in range(30)]
+        port, config = h.port("alice", "smtp"), h.configs["alice"]
+
+        def submitAll():
+            with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+                client.login(str(config.address), config.password)
+                for message in messages:
+                    client.sendmail(str(config.address), ["bob@demo"], message)
+
+        await deferToThread(submitAll)
+        listed = await h.listed("bob", len(messages), timeout=20)
+        self.assertEqual(len(listed), len(messages))
+        notices = await h.running["alice"].ledger.query("SELECT id FROM notices")
+        self.assertLess(len(notices), len(messages) / 2, "the burst shared its notices")
+
+    def test_burstEndsWithPipeline(self):
+        """
+        A burst of messages goes out in shared notices, the last of them as
+        soon as the pipeline has none left to take.
+        """
+        return ensureDeferred(self._burstEnds())
 
     async def _twoRecipients(self):
         await self.peers("alice", "bob", "carol")
