@@ -319,6 +319,7 @@ class MailStore:
         self._pendingBytes = 0
         self._writeWaiters: dict[tuple[str, int], list[Deferred]] = {}
         self._attachScheduled = False
+        self._reading: list = []  # (mailbox, uid, Deferred): bodies to read from the database
         self.bodyFetcher: Callable[[str, MessageRecord], Deferred] | None = None
         self.expungeHook: Callable[[str, list], Deferred] | None = None
         self.attachedHook: Callable[[str, MessageRecord], object] | None = None
@@ -410,14 +411,47 @@ class MailStore:
 
     def _readBody(self, mailbox: str, uid: int) -> bytes:
         """The body of a message held in the database (blocking)."""
+        [body] = self._readBodies([(mailbox, uid)])
+        if body is None:
+            raise FileNotFoundError(f"no body of {mailbox} {uid}")
+        return body
+
+    def _readBodies(self, keys: list) -> list:
+        """The bodies of C{keys} held in the database, L{None} for one gone (blocking)."""
+        sql = "SELECT body FROM mail_bodies WHERE mailbox = ? AND uid = ?"
         with self._dbLock:
             db = self._db
             if db is None:
                 raise StoreError("the mail store is closed")
-            row = db.execute("SELECT body FROM mail_bodies WHERE mailbox = ? AND uid = ?", (mailbox, uid)).fetchone()
-        if row is None:
-            raise FileNotFoundError(f"no body of {mailbox} {uid}")
-        return bytes(row[0])
+            rows = [db.execute(sql, key).fetchone() for key in keys]
+        return [None if row is None else bytes(row[0]) for row in rows]
+
+    def _bodyFromDatabase(self, mailbox: str, uid: int) -> Deferred:
+        """
+        The body of a message held in the database: those asked for in one
+        turn of the reactor (a FETCH of many) are read in one thread call.
+        """
+        d: Deferred = Deferred()
+        self._reading.append((mailbox, uid, d))
+        if len(self._reading) == 1:
+            self._reactor.callLater(0, self._readQueued)
+        return d
+
+    def _readQueued(self) -> None:
+        queued, self._reading = self._reading, []
+
+        def read(bodies: list) -> None:
+            for (mailbox, uid, d), body in zip(queued, bodies):
+                if body is None:
+                    d.errback(BodyUnavailable(f"message {uid} of {mailbox} is gone"))
+                else:
+                    d.callback(body)
+
+        def failed(failure: Failure) -> None:
+            for _, _, d in queued:
+                d.errback(failure)
+
+        self.runInThread(self._readBodies, [(mailbox, uid) for mailbox, uid, _ in queued]).addCallbacks(read, failed)
 
     # -- opening ---------------------------------------------------------
 
@@ -1144,7 +1178,7 @@ class MailStore:
         if record.held:
             name = box.files[uid]
             if name == IN_DATABASE:
-                return self.runInThread(self._readBody, box.name, uid).addErrback(self._bodyGone, box.name, uid)
+                return self._bodyFromDatabase(box.name, uid)
             return succeed(os.path.join(self._cur, name))
         key = (box.name, uid)
         pending = self._pendingBodies.get(key)
@@ -1158,11 +1192,6 @@ class MailStore:
         self._fetching[key] = [waiter]
         self._pull(box, record).addBoth(self._pulled, key)
         return waiter
-
-    @staticmethod
-    def _bodyGone(failure: Failure, mailbox: str, uid: int):
-        failure.trap(FileNotFoundError)
-        raise BodyUnavailable(f"message {uid} of {mailbox} is gone")
 
     def written(self, mailbox: str, uids) -> Deferred:
         """

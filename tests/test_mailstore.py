@@ -47,6 +47,7 @@ class _CountingPool:
         self.threads: set = set()
         self.gate = threading.Event()  # cleared: work waits in its thread
         self.gate.set()
+        self.calls: list = []  # the names of the functions run
 
     def callInThreadWithCallback(self, onResult, f, *args, **kwargs):
         def work(*a, **kw):
@@ -54,6 +55,7 @@ class _CountingPool:
             self.gate.wait()
             return f(*a, **kw)
 
+        self.calls.append(getattr(f, "__name__", repr(f)))
         self._pool.callInThreadWithCallback(onResult, work, *args, **kwargs)
 
 
@@ -333,6 +335,28 @@ class MailStoreTests(TestCase):
         yield self.reopen()
         body = yield self.store.body("Sent", copied)
         self.assertEqual(body, MESSAGE)
+
+    @inlineCallbacks
+    def test_databaseBodiesReadTogether(self):
+        """
+        Bodies held in the database asked for in one turn of the reactor
+        are read in one thread call; one whose row is gone is unavailable.
+        """
+        uids = []
+        for _ in range(3):
+            uids.append((yield self.pulledIntoDatabase()))
+        # One body lost behind the store's back (a damaged database).
+        db = sqlite3.connect(os.path.join(self.dir, "p2pmta.sqlite"))
+        with db:
+            db.execute("DELETE FROM mail_bodies WHERE uid = ?", (uids[1],))
+        db.close()
+        self.counting.calls.clear()
+        wanted = [self.store.body("INBOX", u) for u in uids]
+        results = yield DeferredList(wanted, consumeErrors=True)
+        self.assertEqual([ok for ok, _ in results], [True, False, True])
+        self.assertEqual([results[0][1], results[2][1]], [MESSAGE, MESSAGE])
+        self.assertTrue(results[1][1].check(BodyUnavailable))
+        self.assertEqual(self.counting.calls, ["_readBodies"])
 
     @inlineCallbacks
     def test_databaseBodyLost(self):
