@@ -239,8 +239,9 @@ class IMailStore(Interface):
 
         @return: a Deferred firing with the path of a file holding the
             message's exact bytes, which never change for this UID (or with
-            those bytes themselves, for a message just pulled that is still
-            being written), or failing with
+            those bytes themselves: for a message just pulled that is still
+            being written, or one the store keeps in its database), or
+            failing with
             L{p2pmta.errors.BodyUnavailable}.
         """
 

@@ -1164,9 +1164,10 @@ class MailStore:
 
     def body(self, mailbox: str, uid: int) -> Deferred:
         """
-        C{IMailStore.body}: the path of the message's file; or, for one just
-        pulled and still being written (see L{writeBehindBytes}), its
-        L{bytes}.
+        C{IMailStore.body}: the path of the message's file; or its L{bytes},
+        for one just pulled and still being written (see
+        L{writeBehindBytes}) or one held in the database (see
+        L{DATABASE_BODY}).
         """
         try:
             box = self._box(mailbox)
