@@ -35,10 +35,11 @@ from p2pmta.errors import (
     UnknownPeer,
 )
 from p2pmta.groups import UnknownGroup
+from p2pmta.batch import MAX_PULL_BATCH, BatchReader
 from p2pmta.httpclient import fetchBytes, fetchInto
 from p2pmta.logs import logFailure
 from p2pmta.rounds import Coalescing
-from p2pmta.web import MAX_DOWNLOADS_PER_CLIENT, MAX_PULL_BATCH
+from p2pmta.web import MAX_DOWNLOADS_PER_CLIENT
 from p2pmta.notification import (
     MAX_BATCH,
     BadNotification,
@@ -397,7 +398,7 @@ class Receiver:
             try:
                 descriptor = await peer.directory.lookup(sender)
                 url = descriptor.link("outbox/batch")
-                reader = _BatchReader({digest: row["ciphertext_size"] for digest, (row, _) in waiting.items()}, arrived)
+                reader = BatchReader({digest: row["ciphertext_size"] for digest, (row, _) in waiting.items()}, arrived)
                 query = "?" + "&".join("d=" + digest for digest in waiting)
                 await fetchInto(peer.agent, url + query, reader.write, reader.maxSize, peer.reactor)
                 reader.end()
@@ -736,78 +737,6 @@ class Receiver:
             "DELETE FROM incoming WHERE state IN ('bad', 'receipted', 'duplicate') AND received < ?", cutoff
         )
         await peer.ledger.query("DELETE FROM received_notices WHERE state IN ('bad', 'done') AND received < ?", cutoff)
-
-
-class _BatchReader:
-    """
-    Splits the answer to a batch pull (see L{p2pmta.web._Batch}) into its
-    ciphertexts, as it arrives, holding the framing to what was asked.
-
-    @ivar maxSize: the most bytes the answer may have.
-    """
-
-    _maxLine = 64 + 1 + 20 + 2
-
-    def __init__(self, expected: dict, arrived) -> None:
-        """
-        @param expected: C{{digest: size}} of the ciphertexts asked for.
-        @param arrived: called with (digest, ciphertext) for each one whole.
-        """
-        self._expected = dict(expected)
-        self._arrived = arrived
-        self._line = b""
-        self._digest: str | None = None
-        self._chunks: list = []
-        self._left = 0
-        self.maxSize = sum(expected.values()) + len(expected) * self._maxLine
-
-    def write(self, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            if self._digest is None:
-                view = self._readLine(view)
-                continue
-            take = view[: self._left]
-            self._chunks.append(bytes(take))
-            self._left -= len(take)
-            view = view[len(take) :]
-            if not self._left:
-                self._finishItem()
-
-    def _readLine(self, view: memoryview) -> memoryview:
-        end = bytes(view[: self._maxLine]).find(b"\n")
-        if end < 0:
-            self._line += bytes(view)
-            if len(self._line) > self._maxLine:
-                raise FetchError("a batch answer has a line too long")
-            return view[len(view) :]
-        line, view = self._line + bytes(view[:end + 1]), view[end + 1 :]
-        self._line = b""
-        if len(line) > self._maxLine or not line.endswith(b"\r\n"):
-            raise FetchError("a batch answer has a malformed line")
-        digest, _, size = line[:-2].decode("ascii", "replace").partition(" ")
-        if digest not in self._expected:
-            raise FetchError("a batch answer holds what was not asked for")
-        expected = self._expected.pop(digest)
-        if size == "-":
-            return view
-        if size != str(expected):
-            raise FetchError("a batch answer's ciphertext has the wrong size")
-        self._digest, self._left = digest, expected
-        if not expected:
-            self._finishItem()
-        return view
-
-    def _finishItem(self) -> None:
-        digest, self._digest = self._digest, None
-        data = b"".join(self._chunks)
-        self._chunks = []
-        self._arrived(digest, data)
-
-    def end(self) -> None:
-        """The answer ended: it must have ended between two ciphertexts."""
-        if self._digest is not None or self._line:
-            raise FetchError("a batch answer was cut short")
 
 
 class _Beginning:

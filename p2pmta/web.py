@@ -42,7 +42,6 @@ arguments of L{makeSite}):
 
 import ipaddress
 import json
-import os
 import re
 from collections.abc import Callable
 from io import BytesIO
@@ -53,6 +52,7 @@ from twisted.logger import Logger
 from twisted.web import http, server, static
 from twisted.web.resource import Resource
 
+from p2pmta.batch import MAX_PULL_BATCH, BatchProducer
 from p2pmta.store import isDigest
 
 IDLE_TIMEOUT = 180
@@ -89,9 +89,6 @@ ACCESS_LOG_NAMESPACE = "p2pmta.web.access"
 
 COMPLAINT_INTERVAL = 60.0
 """Seconds between two log lines about the same client hitting a limit."""
-
-MAX_PULL_BATCH = 64
-"""The most ciphertexts one C{/outbox/batch} request may ask for."""
 
 _ALLOWED_METHODS = (b"GET", b"HEAD")
 
@@ -368,10 +365,8 @@ def _byteRange(header: bytes, size: int):
 class _Batch(_Node):
     """
     C{/outbox/batch?d=<digest>&d=<digest>...}: the ciphertexts asked for, in
-    the order asked, as C{application/x-p2pmta-batch}.  For each digest the
-    answer holds the line C{<digest> <size>\\r\\n} and then the C{size} bytes
-    of that ciphertext, or, for one this outbox does not hold, the line
-    C{<digest> -\\r\\n}.  It is streamed (chunked), one file after the other.
+    the order asked, as C{application/x-p2pmta-batch} (the format is
+    L{p2pmta.batch}'s), streamed (chunked) one file after the other.
 
     A request asking for no digest, more than L{MAX_PULL_BATCH}, the same
     one twice, or anything that is not a lowercase hex SHA-256 is answered
@@ -403,96 +398,8 @@ class _Batch(_Node):
         request.setHeader(b"cache-control", b"no-store")
         if request.method == b"HEAD":
             return b""
-        _BatchProducer(request, self._outbox, digests).start()
+        BatchProducer(request, self._outbox, digests).start()
         return server.NOT_DONE_YET
-
-
-class _BatchProducer:
-    """
-    Writes a L{_Batch} answer as the client reads it: a pull producer, like
-    Twisted's L{static.NoRangeStaticProducer}, which writes about
-    L{bufferSize} bytes each time the transport asks for more (several
-    small ciphertexts at a time).
-    """
-
-    log = Logger()
-
-    bufferSize = 64 * 1024
-
-    def __init__(self, request, outbox, digests: list) -> None:
-        self.request = request
-        self._outbox = outbox
-        self._digests = digests
-        self._next = 0
-        self._file = None
-        self._left = 0
-
-    def start(self) -> None:
-        self.request.registerProducer(self, False)
-
-    def _open(self, digest: str):
-        """The open file of C{digest} and its size, or L{None}."""
-        path = self._outbox.path(digest)
-        if path is None:
-            return None
-        try:
-            f = open(path.path, "rb")
-        except OSError:
-            return None
-        try:
-            size = os.fstat(f.fileno()).st_size
-        except OSError:
-            f.close()
-            return None
-        return f, size
-
-    def resumeProducing(self) -> None:
-        if self.request is None:
-            return
-        out: list = []
-        room = self.bufferSize
-        while room > 0:
-            if self._file is None:
-                if self._next == len(self._digests):
-                    break
-                digest = self._digests[self._next]
-                self._next += 1
-                opened = self._open(digest)
-                if opened is None:
-                    out.append(b"%s -\r\n" % (digest.encode("ascii"),))
-                    continue
-                self._file, self._left = opened
-                out.append(b"%s %d\r\n" % (digest.encode("ascii"), self._left))
-            data = self._file.read(min(room, self._left)) if self._left else b""
-            if self._left and not data:
-                # Shorter than its line said: never let that pass as whole.
-                self.log.warn("a ciphertext shrank while it was served")
-                request = self.request
-                self.stopProducing()
-                request.transport.abortConnection()
-                return
-            out.append(data)
-            room -= len(data)
-            self._left -= len(data)
-            if not self._left:
-                self._file.close()
-                self._file = None
-        if out:
-            self.request.write(b"".join(out))
-        if self._file is None and self._next == len(self._digests):
-            request = self.request
-            self.request = None
-            request.unregisterProducer()
-            request.finish()
-
-    def pauseProducing(self) -> None:
-        pass
-
-    def stopProducing(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-        self.request = None
 
 
 class _Outbox(_Node):

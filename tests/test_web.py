@@ -710,7 +710,7 @@ class BatchTests(_ServerMixin, TestCase):
         No digest, too many, one twice, or one that is not a lowercase hex
         SHA-256: 400, before any file is looked at.
         """
-        from p2pmta.web import MAX_PULL_BATCH
+        from p2pmta.batch import MAX_PULL_BATCH
 
         digest = yield self.outbox.add(b"m")
         many = "&".join("d=" + _digest(b"%d" % n) for n in range(MAX_PULL_BATCH + 1))
@@ -759,7 +759,7 @@ class BatchTests(_ServerMixin, TestCase):
         outbox lacks.
         """
         from p2pmta.httpclient import fetchInto
-        from p2pmta.receiving import _BatchReader
+        from p2pmta.batch import BatchReader
 
         datas = [os.urandom(n) for n in (70_000, 1, 130_000, 5)]
         digests = []
@@ -769,7 +769,7 @@ class BatchTests(_ServerMixin, TestCase):
         expected = {d: len(x) for d, x in zip(digests, datas)}
         expected[absent] = 7
         got = []
-        reader = _BatchReader(expected, lambda digest, data: got.append((digest, data)))
+        reader = BatchReader(expected, lambda digest, data: got.append((digest, data)))
         query = "&".join("d=" + d for d in [absent, *digests])
         yield ensureDeferred(
             fetchInto(self.agent(), f"{self.base}/outbox/batch?{query}", reader.write, reader.maxSize, reactor)
@@ -785,13 +785,13 @@ class BatchReaderTests(SynchronousTestCase):
     """
 
     def setUp(self) -> None:
-        from p2pmta.receiving import _BatchReader
+        from p2pmta.batch import BatchReader
 
         self.datas = [b"a" * 100, b"", b"\r\n-\r\n" * 10]
         self.digests = [_digest(x) for x in self.datas]
         self.expected = {d: len(x) for d, x in zip(self.digests, self.datas)}
         self.got = []
-        self.reader = _BatchReader(self.expected, lambda d, x: self.got.append((d, x)))
+        self.reader = BatchReader(self.expected, lambda d, x: self.got.append((d, x)))
 
     def answer(self) -> bytes:
         return b"".join(b"%s %d\r\n%s" % (d.encode(), len(x), x) for d, x in zip(self.digests, self.datas))
@@ -800,12 +800,12 @@ class BatchReaderTests(SynchronousTestCase):
         """
         However the answer is cut into reads, the same ciphertexts come out.
         """
-        from p2pmta.receiving import _BatchReader
+        from p2pmta.batch import BatchReader
 
         answer = self.answer()
         for step in (1, 2, 3, 7, 64, 65, 66, 67, 68, 69, 100, len(answer)):
             got = []
-            reader = _BatchReader(self.expected, lambda d, x: got.append((d, x)))
+            reader = BatchReader(self.expected, lambda d, x: got.append((d, x)))
             for i in range(0, len(answer), step):
                 reader.write(answer[i : i + step])
             reader.end()
@@ -817,7 +817,7 @@ class BatchReaderTests(SynchronousTestCase):
         without CRLF, and an answer cut short are errors.
         """
         from p2pmta.errors import FetchError
-        from p2pmta.receiving import _BatchReader
+        from p2pmta.batch import BatchReader
 
         d = self.digests[0]
         for bad in [
@@ -828,9 +828,9 @@ class BatchReaderTests(SynchronousTestCase):
             b"x" * 200,
             b"%s 100\r\n%s%s 100\r\n" % (d.encode(), b"a" * 100, d.encode()),
         ]:
-            reader = _BatchReader(self.expected, lambda d, x: None)
+            reader = BatchReader(self.expected, lambda d, x: None)
             self.assertRaises(FetchError, reader.write, bad)
         for cut in [b"%s 100\r\naaa" % (d.encode(),), d.encode()[:10]]:
-            reader = _BatchReader(self.expected, lambda d, x: None)
+            reader = BatchReader(self.expected, lambda d, x: None)
             reader.write(cut)
             self.assertRaises(FetchError, reader.end)
