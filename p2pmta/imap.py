@@ -999,11 +999,7 @@ class IMAPServer(protocol.Protocol, policies.TimeoutMixin):
                 gone = gone or expunged
                 unavailable = unavailable or failed
                 vanished = await self._sendWindow(box, part, items, files, structures)
-                for u in vanished:
-                    if self.store.record(box.name, u) is None:
-                        gone = True
-                    elif unavailable is None:
-                        unavailable = Failure(BodyUnavailable("the message file is missing"))
+                gone, unavailable = _leftOut(self.store, box.name, vanished, gone, unavailable)
         finally:
             if pending is not None:
                 pending.addErrback(lambda _: None)  # the command is over
@@ -1031,7 +1027,7 @@ class IMAPServer(protocol.Protocol, policies.TimeoutMixin):
         if not any(i.needsBody for i in items):
             return live, files, structures, unavailable, gone
         uids = [u for _, u, _ in live]
-        files, unavailable = await imapfetch.fetchBodies(store, box.name, uids, max(1, len(uids)))
+        files, unavailable = await imapfetch.fetchBodies(store, box.name, uids)
         missing = [u for _, u, _ in live if u not in files]
         if missing and all(store.record(box.name, u) is None for u in missing):
             # Expunged by another session while their bodies were pulled.
@@ -1039,12 +1035,9 @@ class IMAPServer(protocol.Protocol, policies.TimeoutMixin):
         live = [x for x in live if x[1] in files]
         if any(i.needsStructure for i in items):
             structures = await self.factory.structures.get(store, box.name, files)
-            for x in [x for x in live if x[1] not in structures]:
-                live.remove(x)
-                if store.record(box.name, x[1]) is None:
-                    gone = True
-                elif unavailable is None:
-                    unavailable = Failure(BodyUnavailable("the message file is missing"))
+            left = [x for x in live if x[1] not in structures]
+            live = [x for x in live if x[1] in structures]
+            gone, unavailable = _leftOut(store, box.name, [x[1] for x in left], gone, unavailable)
         return live, files, structures, unavailable, gone
 
     async def _sendWindow(self, box, live: list, items: list, files: dict, structures: dict) -> list:
@@ -1074,6 +1067,22 @@ class IMAPServer(protocol.Protocol, policies.TimeoutMixin):
         finally:
             self._sender = None
         return vanished
+
+
+def _leftOut(store, mailbox: str, uids, gone: bool, unavailable):
+    """
+    Account for messages left out of a FETCH for want of their file: one
+    expunged meanwhile makes C{gone} true, any other is the first failure
+    (C{unavailable}) if there is none yet.
+
+    @return: C{(gone, unavailable)}.
+    """
+    for u in uids:
+        if store.record(mailbox, u) is None:
+            gone = True
+        elif unavailable is None:
+            unavailable = Failure(BodyUnavailable("the message file is missing"))
+    return gone, unavailable
 
 
 def _windows(live: list, size: int, count: int) -> list:

@@ -32,7 +32,7 @@ from email.parser import BytesHeaderParser
 from email.policy import compat32
 from email.utils import collapse_rfc2231_value, getaddresses
 
-from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -707,18 +707,17 @@ class PieceSender:
 # -- the FETCH command's work ------------------------------------------------
 
 
-async def fetchBodies(store, mailbox: str, uids: list, concurrency: int):
+async def fetchBodies(store, mailbox: str, uids: list):
     """
-    Ask the store for the bodies of C{uids}, C{concurrency} at a time
-    (pulling those not held).
+    Ask the store for the bodies of C{uids}, all at once (pulling those not
+    held: the receiver bounds how many requests that makes at a time).
 
     @return: C{{uid: (path, size)}} of the bodies had (the path being the
         message's L{bytes} for one the store holds in memory), and the first
         failure (a L{BodyUnavailable}) or L{None}.
     """
-    limit = DeferredSemaphore(concurrency)
     results = await DeferredList(
-        [limit.run(store.body, mailbox, u) for u in uids], consumeErrors=True
+        [maybeDeferred(store.body, mailbox, u) for u in uids], consumeErrors=True
     )
     files, failure = {}, None
     for u, (ok, value) in zip(uids, results):
