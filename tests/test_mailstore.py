@@ -312,12 +312,17 @@ class MailStoreTests(TestCase):
         self.assertIsNone(self.store.filePath("INBOX", uid))
         return uid
 
-    def bodyRows(self) -> list:
+    def database(self, sql: str, *args) -> list:
+        """Run C{sql} on the store's database from outside the store."""
         db = sqlite3.connect(os.path.join(self.dir, "p2pmta.sqlite"))
         try:
-            return db.execute("SELECT mailbox, uid, length(body) FROM mail_bodies ORDER BY mailbox, uid").fetchall()
+            with db:
+                return db.execute(sql, args).fetchall()
         finally:
             db.close()
+
+    def bodyRows(self) -> list:
+        return self.database("SELECT mailbox, uid, length(body) FROM mail_bodies ORDER BY mailbox, uid")
 
     @inlineCallbacks
     def test_databaseBodyCopiedAndExpunged(self):
@@ -346,10 +351,7 @@ class MailStoreTests(TestCase):
         for _ in range(3):
             uids.append((yield self.pulledIntoDatabase()))
         # One body lost behind the store's back (a damaged database).
-        db = sqlite3.connect(os.path.join(self.dir, "p2pmta.sqlite"))
-        with db:
-            db.execute("DELETE FROM mail_bodies WHERE uid = ?", (uids[1],))
-        db.close()
+        self.database("DELETE FROM mail_bodies WHERE uid = ?", uids[1])
         self.counting.calls.clear()
         wanted = [self.store.body("INBOX", u) for u in uids]
         results = yield DeferredList(wanted, consumeErrors=True)
@@ -366,10 +368,7 @@ class MailStoreTests(TestCase):
         """
         uid = yield self.pulledIntoDatabase()
         yield self.store.close()
-        db = sqlite3.connect(os.path.join(self.dir, "p2pmta.sqlite"))
-        with db:
-            db.execute("DELETE FROM mail_bodies")
-        db.close()
+        self.database("DELETE FROM mail_bodies")
         self.store = None
         yield self.reopen()
         self.assertFalse(self.store.record("INBOX", uid).held)
