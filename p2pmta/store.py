@@ -24,9 +24,9 @@ from p2pmta.fileutil import (
     CHUNK_SIZE,
     TEMP_PREFIX,
     AtomicFile,
+    SpareFiles,
     ensureDir,
     fsyncDir,
-    removeFromFolder,
     removeTempFiles,
 )
 from p2pmta.interfaces import IOutbox
@@ -78,7 +78,8 @@ class Outbox:
     folder) and run in a threadpool; reads of the listing and of sizes are
     quick and run where they are called.  Only one L{Outbox} may use a folder
     at a time: constructing one removes the temporary files of earlier,
-    crashed runs.
+    crashed runs.  A removed ciphertext's file, emptied, holds a later one
+    if nobody had it open (see L{SpareFiles}).
 
     @ivar directory: The outbox folder (L{str}).
     """
@@ -87,6 +88,11 @@ class Outbox:
 
     dirMode = 0o700
     fileMode = 0o600
+
+    #: Removed ciphertexts kept, emptied, beside the outbox (in the folder
+    #: of its name and C{.spare}) to hold new ones (see L{SpareFiles}): at
+    #: most this many.
+    spareFiles = 2048
 
     def __init__(self, reactor, directory: str, threadpool) -> None:
         """
@@ -102,6 +108,7 @@ class Outbox:
         self._threadpool = threadpool
         self.directory = os.path.abspath(directory)
         ensureDir(self.directory, self.dirMode)
+        self._spares = SpareFiles(self.directory + ".spare", self.spareFiles)
         for name in removeTempFiles(self.directory):
             self.log.info(
                 "removed {name} left in the outbox {directory} by a crash",
@@ -129,7 +136,7 @@ class Outbox:
         digest = sha256Hex(data)
         target = self._pathOf(digest)
         if not self._isRegularFile(target):
-            with AtomicFile(self.directory, self.fileMode) as f:
+            with AtomicFile(self.directory, self.fileMode, self._spares) as f:
                 f.write(data)
                 f.commit(target)
         return digest
@@ -147,7 +154,7 @@ class Outbox:
             L{False} when calling L{syncFolder} once for several files).
         @return: the digest, the size and what C{produce} returned.
         """
-        with AtomicFile(self.directory, self.fileMode) as f:
+        with AtomicFile(self.directory, self.fileMode, self._spares) as f:
             sink = _HashingSink(f)
             result = produce(sink)
             digest = sink.hash.hexdigest()
@@ -267,7 +274,7 @@ class Outbox:
         return self._inThread(self._removeMany, digests)
 
     def _removeMany(self, digests) -> None:
-        removeFromFolder(self.directory, digests)
+        self._spares.retire(self._pathOf(digest) for digest in digests)
 
     # -- reading --------------------------------------------------------
 

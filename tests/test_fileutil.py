@@ -11,6 +11,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from p2pmta.fileutil import (
     TEMP_PREFIX,
     AtomicFile,
+    SpareFiles,
     atomicWrite,
     atomicWriteFrom,
     createSecretFile,
@@ -200,3 +201,116 @@ class DirTests(SynchronousTestCase):
         removed = removeTempFiles(path)
         self.assertEqual(sorted(removed), [TEMP_PREFIX + "abc", TEMP_PREFIX + "def"])
         self.assertEqual(sorted(os.listdir(path)), [".other", "keep"])
+
+
+class SpareFilesTests(SynchronousTestCase):
+    """
+    Tests for L{SpareFiles}: removed files kept, emptied, to hold new ones.
+    """
+
+    def setUp(self) -> None:
+        self.dir = os.path.abspath(self.mktemp())
+        os.mkdir(self.dir)
+        self.spareDir = self.dir + ".spare"
+        self.spares = SpareFiles(self.spareDir, 2)
+
+    def _file(self, name: str, data: bytes = b"ciphertext") -> str:
+        path = os.path.join(self.dir, name)
+        with open(path, "wb") as f:
+            f.write(data)
+        return path
+
+    def test_retiredFileHoldsTheNextOne(self) -> None:
+        """
+        A retired file leaves its folder; the next L{AtomicFile} written
+        with the spares is that file (its inode), emptied, then holds only
+        the new bytes.
+        """
+        old = self._file("a", b"x" * 5000)
+        inode = os.stat(old).st_ino
+        self.spares.retire([old])
+        self.assertEqual(os.listdir(self.dir), [])
+        self.assertEqual(len(self.spares), 1)
+        (spare,) = os.listdir(self.spareDir)
+        self.assertEqual(os.path.getsize(os.path.join(self.spareDir, spare)), 0)
+        target = os.path.join(self.dir, "b")
+        with AtomicFile(self.dir, 0o600, self.spares) as f:
+            f.write(b"new")
+            f.commit(target)
+        self.assertEqual(os.stat(target).st_ino, inode)
+        with open(target, "rb") as f:
+            self.assertEqual(f.read(), b"new")
+        self.assertEqual(_mode(target), 0o600)
+        self.assertEqual(os.listdir(self.dir), ["b"])
+        self.assertEqual(os.listdir(self.spareDir), [])
+        self.assertEqual(len(self.spares), 0)
+
+    def test_noSpareMakesAFile(self) -> None:
+        """
+        With no spare, L{AtomicFile} makes a file as without spares.
+        """
+        target = os.path.join(self.dir, "b")
+        with AtomicFile(self.dir, 0o600, self.spares) as f:
+            f.write(b"new")
+            f.commit(target)
+        with open(target, "rb") as f:
+            self.assertEqual(f.read(), b"new")
+
+    def test_abortedWriteGoes(self) -> None:
+        """
+        A spare taken for a write that is not committed is removed with it.
+        """
+        self.spares.retire([self._file("a")])
+        with AtomicFile(self.dir, 0o600, self.spares) as f:
+            f.write(b"half")
+        self.assertEqual(os.listdir(self.dir), [])
+        self.assertEqual(os.listdir(self.spareDir), [])
+
+    def test_openFileNotKept(self) -> None:
+        """
+        A file somebody still has open is unlinked, not kept: the reader
+        goes on reading all its bytes, and no later file reuses it.
+        """
+        path = self._file("a", b"y" * 100000)
+        with open(path, "rb") as reader:
+            reader.read(10)
+            self.spares.retire([path])
+            self.assertEqual(len(self.spares), 0)
+            self.assertEqual(os.listdir(self.dir), [])
+            self.assertEqual(os.listdir(self.spareDir), [])
+            self.assertEqual(reader.read(), b"y" * 99990)
+
+    def test_limit(self) -> None:
+        """
+        No more than C{limit} spares are kept: the rest are unlinked.
+        """
+        self.spares.retire([self._file(n) for n in "abc"])
+        self.assertEqual(len(self.spares), 2)
+        self.assertEqual(len(os.listdir(self.spareDir)), 2)
+        self.assertEqual(os.listdir(self.dir), [])
+
+    def test_goneAlready(self) -> None:
+        """
+        Retiring a file that is not there is not an error.
+        """
+        self.spares.retire([os.path.join(self.dir, "nothing")])
+        self.assertEqual(len(self.spares), 0)
+
+    def test_leftByAnEarlierRun(self) -> None:
+        """
+        Spares left by an earlier run (one not yet emptied, as after a
+        crash) are emptied and kept, up to the limit; what is not a file
+        is left alone.
+        """
+        os.mkdir(os.path.join(self.spareDir, "folder"))
+        for name in ("1", "2", "3"):
+            with open(os.path.join(self.spareDir, name), "wb") as f:
+                f.write(b"left")
+        spares = SpareFiles(self.spareDir, 2)
+        self.assertEqual(len(spares), 2)
+        names = sorted(os.listdir(self.spareDir))
+        self.assertEqual(len(names), 3)
+        self.assertIn("folder", names)
+        for name in names:
+            if name != "folder":
+                self.assertEqual(os.path.getsize(os.path.join(self.spareDir, name)), 0)

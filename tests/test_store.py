@@ -324,6 +324,55 @@ class OutboxTests(TestCase):
             self.assertEqual(self.outbox.path(digest).getContent(), blob)
 
 
+class OutboxSpareTests(SynchronousTestCase):
+    """
+    A removed ciphertext's file holds a later one (see
+    L{p2pmta.fileutil.SpareFiles}), unless it is being read.
+    """
+
+    def setUp(self) -> None:
+        self.dir = os.path.abspath(self.mktemp())
+        self.outbox = Outbox(_ImmediateReactor(), self.dir, _SyncPool())
+
+    def test_removedFileReused(self) -> None:
+        """
+        After C{remove}, the digest is no longer held, and the next
+        ciphertext stored (by C{add} or C{storeWith}) is written into the
+        removed one's inode, holding only its own bytes.
+        """
+        first = self.successResultOf(self.outbox.add(b"first" * 1000))
+        inode = os.stat(os.path.join(self.dir, first)).st_ino
+        self.successResultOf(self.outbox.remove(first))
+        self.assertIsNone(self.outbox.path(first))
+        self.assertEqual(self.outbox.digests(), [])
+        digest, size, _ = self.outbox.storeWith(lambda out: out.write(b"second"))
+        self.assertEqual(digest, _digest(b"second"))
+        self.assertEqual(os.stat(os.path.join(self.dir, digest)).st_ino, inode)
+        self.assertEqual(self.outbox.path(digest).getContent(), b"second")
+        self.assertEqual(os.listdir(self.dir), [digest])
+        # And again through add():
+        self.successResultOf(self.outbox.remove(digest))
+        third = self.successResultOf(self.outbox.add(b"third"))
+        self.assertEqual(os.stat(os.path.join(self.dir, third)).st_ino, inode)
+        self.assertEqual(self.outbox.path(third).getContent(), b"third")
+
+    def test_fileBeingServedNotReused(self) -> None:
+        """
+        A ciphertext removed while open (being served) keeps its bytes for
+        its reader, and its file is not reused.
+        """
+        data = os.urandom(200000)
+        digest = self.successResultOf(self.outbox.add(data))
+        path = os.path.join(self.dir, digest)
+        inode = os.stat(path).st_ino
+        with open(path, "rb") as reader:
+            head = reader.read(1000)
+            self.successResultOf(self.outbox.remove(digest))
+            other = self.successResultOf(self.outbox.add(b"other"))
+            self.assertNotEqual(os.stat(os.path.join(self.dir, other)).st_ino, inode)
+            self.assertEqual(head + reader.read(), data)
+
+
 class OutboxSyncTests(SynchronousTestCase):
     """
     Tests for L{Outbox} with a synchronous threadpool, for the checks that
