@@ -253,10 +253,10 @@ class SpareFiles:
     an allocation costs about a millisecond of kernel time.  An inode
     kept and reused costs neither.
 
-    A removed file joins the spares only if nobody has it open (a Linux
-    write lease is granted only then, see C{fcntl(2)}): a reader still on
-    it, such as a download, keeps its bytes, and the file is unlinked as
-    it would have been.  Nobody can open a spare afterwards: its name is
+    A removed file joins the spares only if it has no other name and nobody
+    has it open (a Linux write lease is granted only then, see
+    C{fcntl(2)}): a reader still on it, such as a download, keeps its
+    bytes, and the file is unlinked as it would have been.  Nobody can open a spare afterwards: its name is
     in a private folder.  Where leases are not to be had, files are
     unlinked as usual.
 
@@ -359,8 +359,9 @@ def _emptied(path: str) -> bool:
 
 def _emptiedIfUnused(path: str) -> bool:
     """
-    Empty the file C{path} if nobody else has it open (a write lease tells;
-    it is given back before emptying, which does not wait on it).
+    Empty the file C{path} if it has no other name and nobody else has it
+    open (a write lease tells; it is given back before emptying, which does
+    not wait on it).
 
     @return: whether it was emptied.
     """
@@ -369,6 +370,8 @@ def _emptiedIfUnused(path: str) -> bool:
     except OSError:
         return False
     try:
+        if os.fstat(fd).st_nlink != 1:
+            return False  # the same bytes under another name
         fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_WRLCK)
         fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
         os.ftruncate(fd, 0)

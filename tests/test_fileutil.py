@@ -280,6 +280,20 @@ class SpareFilesTests(SynchronousTestCase):
             self.assertEqual(os.listdir(self.spareDir), [])
             self.assertEqual(reader.read(), b"y" * 99990)
 
+    def test_linkedFileNotKept(self) -> None:
+        """
+        A file with another name is unlinked, not emptied: the other name
+        keeps its bytes.
+        """
+        path = self._file("a", b"kept")
+        other = os.path.join(self.mktemp())
+        os.link(path, other)
+        self.spares.retire([path])
+        self.assertEqual(len(self.spares), 0)
+        self.assertEqual(os.listdir(self.spareDir), [])
+        with open(other, "rb") as f:
+            self.assertEqual(f.read(), b"kept")
+
     def test_limit(self) -> None:
         """
         No more than C{limit} spares are kept: the rest are unlinked.
