@@ -306,6 +306,12 @@ class ISubmission(Interface):
             L{p2pmta.errors.UnknownPeer} or L{p2pmta.errors.CryptoError}.
         """
 
+    def sessions(count: int):
+        """
+        The SMTP server has C{count} sessions open now (told at each
+        change): with none, no message is on its way.
+        """
+
     def accept(sender, recipients, path: str, flushing, check):
         """
         Take over a complete message file at C{path} in L{spoolDirectory}

@@ -25,7 +25,6 @@ import uuid
 import zlib
 
 from twisted.internet.defer import Deferred, DeferredList
-from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -137,6 +136,7 @@ class Sender:
     #: batch waits this long for more of them: a single message goes at
     #: once, a burst in batches of tens, not of a few (each batch costs
     #: some ten thread calls and ledger statements whatever its size).
+    #: Not while no SMTP session is open: then none is on its way.
     gatherDelay = 0.05
 
     def __init__(self, peer, maxMessageSize: int) -> None:
@@ -150,6 +150,8 @@ class Sender:
         self._queue: dict[str, list[Deferred]] = {}  # message id -> waiters
         self._draining = False
         self._gathering = False  # in a burst: see gatherDelay
+        self._sessions = 0  # SMTP sessions open
+        self._gathered: Deferred | None = None  # the wait for a burst's next messages
         self._idleWaiters: list[Deferred] = []  # fired when the pipeline runs dry
         self._encoded: dict[str, dict] = {}  # live notice id -> its msglist entry
         self._preparing: set[str] = set()  # notices being stored and rung now
@@ -163,6 +165,11 @@ class Sender:
         return self._peer.config.address
 
     # ISubmission
+
+    def sessions(self, count: int) -> None:
+        self._sessions = count
+        if not count and self._gathered is not None and not self._gathered.called:
+            self._gathered.callback(None)
 
     def checkRecipient(self, address: Address) -> Deferred:
         return self._peer.directory.lookup(address).addCallback(lambda _: None)
@@ -256,10 +263,10 @@ class Sender:
     async def _drain(self) -> None:
         try:
             while self._queue:
-                if self._gathering and len(self._queue) < PIPELINE_BATCH:
+                if self._gathering and self._sessions and len(self._queue) < PIPELINE_BATCH:
                     # More came while the last batch went through: a burst,
                     # whose next messages share the next batch's work.
-                    await deferLater(self._peer.reactor, self.gatherDelay, lambda: None)
+                    await self._gather()
                 ids = list(self._queue)[:PIPELINE_BATCH]
                 waiters = [w for i in ids for w in self._queue.pop(i)]
                 try:
@@ -276,6 +283,15 @@ class Sender:
             for waiter in waiters:
                 if not waiter.called:
                     waiter.callback(None)
+
+    async def _gather(self) -> None:
+        """Wait L{gatherDelay}, or until no SMTP session is open."""
+        d = self._gathered = Deferred()
+        d.addTimeout(self.gatherDelay, self._peer.reactor, onTimeoutCancel=lambda result, timeout: None)
+        try:
+            await d
+        finally:
+            self._gathered = None
 
     def _idle(self, timeout: float) -> Deferred:
         """A Deferred firing once the pipeline runs dry, or after C{timeout} seconds."""

@@ -1019,9 +1019,11 @@ class SubmissionFactory(SMTPFactory):
 
     def opened(self, session: SubmissionServer) -> None:
         self._sessions[session] = self.clock.seconds()
+        self.submission.sessions(len(self._sessions))
 
     def closed(self, session: SubmissionServer) -> None:
-        self._sessions.pop(session, None)
+        if self._sessions.pop(session, None) is not None:
+            self.submission.sessions(len(self._sessions))
 
     def buildProtocol(self, addr) -> Protocol:
         if len(self._sessions) >= self.maxConnections and not self._evictOne():
@@ -1042,6 +1044,7 @@ class SubmissionFactory(SMTPFactory):
                 # It no longer counts, though its connection may take a
                 # moment to close.
                 del self._sessions[session]
+                self.submission.sessions(len(self._sessions))
                 session.evict()
                 return True
         return False

@@ -63,6 +63,10 @@ class FakeSubmission:
         self.checks: list = []
         self.pending = False
         self.failAccept = False
+        self.sessionCounts: list = []
+
+    def sessions(self, count: int) -> None:
+        self.sessionCounts.append(count)
 
     def checkRecipient(self, address):
         if address == UNKNOWN:
@@ -288,6 +292,25 @@ class SessionTests(ServerMixin, SynchronousTestCase):
         fourth, transport = self.connect()
         self.assertIsInstance(fourth, SubmissionServer)
         self.assertTrue(transport.value().startswith(b"220 "))
+
+    def test_sessionsTold(self) -> None:
+        """
+        The submission is told how many sessions are open at each change,
+        an eviction included: with none, no message is on its way.
+        """
+        self.assertEqual(self.submission.sessionCounts, [1])
+        second, _ = self.connect()
+        self.assertEqual(self.submission.sessionCounts, [1, 2])
+        second.connectionLost(None)
+        self.proto.connectionLost(None)
+        self.assertEqual(self.submission.sessionCounts, [1, 2, 1, 0])
+        self.factory.maxConnections = 1
+        self.factory.loginGrace = 0
+        first, _ = self.connect()
+        self.connect()  # evicts the first, which has not logged in
+        self.assertEqual(self.submission.sessionCounts, [1, 2, 1, 0, 1, 0, 1])
+        first.connectionLost(None)  # already not counted
+        self.assertEqual(self.submission.sessionCounts[-1], 1)
 
     def test_logoutOnDisconnect(self) -> None:
         """
