@@ -386,12 +386,15 @@ class Receiver:
                 waiting[row["digest"]] = (row, d)
         url = None
 
+        arrivals: list = []
+
         def arrived(digest: str, ciphertext: bytes) -> None:
             row, d = waiting.pop(digest)
             if hashlib.sha256(ciphertext).hexdigest() != digest:
                 self.log.warn("{url} served bytes that do not match the notified hash", url=url)
                 alone.append((row, d))
                 return
+            arrivals.append((digest, len(ciphertext)))
             Deferred.fromCoroutine(self._openedBatched(row, sender, ciphertext, url, started)).chainDeferred(d)
 
         try:
@@ -400,8 +403,21 @@ class Receiver:
                 url = descriptor.link("outbox/batch")
                 reader = BatchReader({digest: row["ciphertext_size"] for digest, (row, _) in waiting.items()}, arrived)
                 query = "?" + "&".join("d=" + digest for digest in waiting)
-                await fetchInto(peer.agent, url + query, reader.write, reader.maxSize, peer.reactor)
-                reader.end()
+                try:
+                    await fetchInto(peer.agent, url + query, reader.write, reader.maxSize, peer.reactor)
+                    reader.end()
+                finally:
+                    if arrivals:
+                        # One line for the batch: a line per message costs
+                        # about as much as opening it.
+                        self.log.info(
+                            "pulled {n} ciphertexts from {url} in one request: {size} bytes in {seconds:.3f}s ({digests})",
+                            n=len(arrivals),
+                            url=url,
+                            size=sum(size for _, size in arrivals),
+                            seconds=time.monotonic() - started,
+                            digests=" ".join(digest for digest, _ in arrivals),
+                        )
             except (P2PMTAError, OSError) as e:
                 self.log.info("batch pull from {sender} fell short: {e}", sender=str(sender), e=e)
         finally:
@@ -468,7 +484,7 @@ class Receiver:
 
     async def _openedBatched(self, row, sender: Address, ciphertext: bytes, url: str, started: float):
         try:
-            return await self._opened(row, sender, ciphertext, url, started)
+            return await self._opened(row, sender, ciphertext, url, started, logged=False)
         except (P2PMTAError, OSError) as e:
             raise self._unavailable(row, sender, e) from None
 
@@ -521,10 +537,10 @@ class Receiver:
             source = base + ".gpg"
         return await self._opened(row, sender, source, url, started, base)
 
-    async def _opened(self, row, sender: Address, source, url: str, started: float, base: str = ""):
+    async def _opened(self, row, sender: Address, source, url: str, started: float, base: str = "", logged=True):
         """
         Decrypt and check the ciphertext C{source} (see L{_openPulled})
-        pulled from C{url}.
+        pulled from C{url}; log it if C{logged} (a batch logs its own).
         """
         peer = self._peer
         extra = authenticationResults(self.address, sender, row["reason"])
@@ -539,6 +555,8 @@ class Receiver:
         except DecryptionFailed as e:
             self.log.info("refused a message: {reason}", reason=str(e))
             raise
+        if not logged:
+            return message
         self.log.info(
             "pulled {digest} from {url}: {size} bytes in {seconds:.3f}s",
             digest=row["digest"],

@@ -734,6 +734,7 @@ class SubmissionServer(ESMTP):
                 )
                 self.reply(451, "4.3.0 Error: queue file write error, try again later")
             return
+        self.reply(250, f"2.0.0 Ok: queued as {messageId}")
         self.log.info(
             "accepted {id} from {sender} for {n} recipients, {size} bytes",
             id=messageId,
@@ -741,7 +742,6 @@ class SubmissionServer(ESMTP):
             n=len(recipients),
             size=size,
         )
-        self.reply(250, f"2.0.0 Ok: queued as {messageId}")
 
 
 def _longestLine(raw: bytes, limit: int) -> bool:

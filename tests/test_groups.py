@@ -43,8 +43,11 @@ class PulledLog:
         self.urls = []
 
     def __call__(self, event):
-        if str(event.get("log_format", "")).startswith("pulled {digest} from {url}"):
+        format = str(event.get("log_format", ""))
+        if format.startswith("pulled {digest} from {url}"):
             self.urls.append(event["url"])
+        elif format.startswith("pulled {n} ciphertexts from {url}"):
+            self.urls += [event["url"]] * event["n"]
 
 
 class GroupTests(TestCase):

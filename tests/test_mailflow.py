@@ -13,6 +13,7 @@ from email.policy import SMTP
 
 from twisted.internet.defer import ensureDeferred
 from twisted.internet.threads import deferToThread
+from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from p2pmta.address import Address
@@ -135,6 +136,14 @@ class MailFlowTests(TestCase):
         # the batch says so, that one is asked for alone, and fails alone.
         missing = digests[0]
         await h.running["alice"].outbox.remove(missing)
+        pulled: list = []
+
+        def observe(event):
+            if str(event.get("log_format", "")).startswith("pulled "):
+                pulled.append(event)
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
 
         def fetchAll(c):
             c.select("INBOX")
@@ -153,6 +162,10 @@ class MailFlowTests(TestCase):
         self.assertEqual([sorted(asked) for asked in batches], [sorted(digests)], "one request for the four")
         alone = [h.access.asked(line) for line in requests if "/outbox/batch?" not in line]
         self.assertEqual(alone, [[missing]])
+        # One log line for the batch, naming the three it brought.
+        [batchLine] = pulled
+        self.assertEqual(batchLine["n"], 3)
+        self.assertEqual(sorted(batchLine["digests"].split()), sorted(digests[1:]))
         # Asked again, the three stored are served from the store, and the
         # missing one is asked for alone again.
         typ, _, fetched = await h.imap("bob", fetchAll)
