@@ -787,15 +787,19 @@ def fetchPieces(store, mailbox: str, live, items, files, structures, seen, vanis
 
     @param live: C{(seq, uid, record)} of each message.
     @param files: C{{uid: (path, size)}} of the bodies (see L{fetchBodies}).
-    @param seen: UIDs just marked C{\\Seen}, whose FLAGS must be sent.
+    @param seen: UIDs being marked C{\\Seen}, whose FLAGS (with it) must
+        be sent.
     @param vanished: A list the UIDs whose file could not be opened (and
         whose response was left out) are appended to.
     """
     for seq, u, record in live:
         record = store.record(mailbox, u) or record
         wanted = items
-        if u in seen and FetchItem("FLAGS") not in items:
-            wanted = [*items, FetchItem("FLAGS")]
+        if u in seen:
+            if "\\Seen" not in record.flags:
+                record = replace(record, flags=record.flags | {"\\Seen"})
+            if FetchItem("FLAGS") not in items:
+                wanted = [*items, FetchItem("FLAGS")]
         path, size = files.get(u, (None, record.size))
         handle = None
         if isinstance(path, bytes):

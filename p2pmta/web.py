@@ -475,6 +475,11 @@ class _Channel(http.HTTPChannel):
 
     def connectionMade(self) -> None:
         super().connectionMade()
+        noDelay = getattr(self.transport, "setTcpNoDelay", None)
+        if noDelay is not None:
+            # An answer's last bytes must not wait for the client's
+            # delayed ACK (Nagle).
+            noDelay(True)
         self.site._connected(self)
         self._counted = True
 

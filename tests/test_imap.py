@@ -14,7 +14,7 @@ import threading
 import time
 
 from twisted.internet import reactor
-from twisted.internet.defer import inlineCallbacks, succeed
+from twisted.internet.defer import Deferred, fail, inlineCallbacks, succeed
 from twisted.internet.task import deferLater
 from twisted.internet.threads import blockingCallFromThread, deferToThread
 from twisted.mail.imap4 import IAccount, IMailboxInfo, ISearchableMailbox
@@ -29,7 +29,7 @@ from p2pmta import imap
 from p2pmta.imap import Account, IMAPFactory, makeAccount
 from p2pmta.imapfetch import MAX_MIME_DEPTH, parseStructure
 from p2pmta.imapsearch import Args, BadCommand, parseSequenceSet, resolveSet
-from p2pmta.mailstore import MailStore
+from p2pmta.mailstore import DiskFull, MailStore
 
 USER, PASSWORD = "alice@demo", "secret"
 
@@ -391,6 +391,61 @@ class IMAPServerTests(TestCase):
             b"Received: from a by b\r\nReceived: from c by d\r\nSubject: Hello 1\r\n\r\n",
         )
         self.assertIn(b"X-CaSe: Kept", first[1])
+
+    @inlineCallbacks
+    def test_noDelay(self):
+        """
+        IMAP connections have TCP_NODELAY: a tagged reply sent after the
+        data it ends does not wait for the client's delayed ACK.
+        """
+        client = yield self.inThread(self.raw, False)
+        self.assertTrue(client.greeting.startswith(b"* OK"))
+        [server] = self.servers
+        handle = server.transport.getHandle()
+        self.assertTrue(handle.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+
+    @inlineCallbacks
+    def test_seenStoredBeforeOK(self):
+        """
+        The responses of a FETCH that sets \\Seen go while the flag is
+        stored, showing it; the OK waits until it is stored, and a failure
+        to store it makes the command NO.
+        """
+        yield self.announce(1, 2)
+        gates = []
+        real = self.store.setFlags
+
+        def setFlags(*args):
+            gate = Deferred()
+            gates.append(gate)
+            return gate.addCallback(lambda _: real(*args))
+
+        self.store.setFlags = setFlags
+        client = yield self.inThread(self.raw)
+        yield self.inThread(client.command, b"s", b"SELECT INBOX")
+
+        def untilResponse(tag):
+            client.send(tag + b" FETCH 1 (BODY[])\r\n")
+            line = client.readLine()
+            m = re.search(rb"\{(\d+)\}$", line)
+            return line + client.file.read(int(m.group(1))) + client.readLine()
+
+        response = yield self.inThread(untilResponse, b"f")
+        self.assertIn(b"FLAGS (\\Seen)", response)
+        self.assertIn(self.bodies[1], response)
+        while not gates:
+            yield deferLater(reactor, 0.01, lambda: None)
+        self.assertEqual(self.store.record("INBOX", 1).flags, frozenset())
+        gates[0].callback(None)
+        [ok] = yield self.inThread(client.response, b"f")
+        self.assertTrue(ok.startswith(b"f OK"), ok)
+        self.assertEqual(self.store.record("INBOX", 1).flags, {"\\Seen"})
+        # Storing the flag fails: the body still comes, the command is NO.
+        self.store.setFlags = lambda *args: fail(DiskFull("no room"))
+        lines = yield self.inThread(client.command, b"g", b"FETCH 2 (BODY[])")
+        self.assertIn(self.bodies[2], lines[0])
+        self.assertTrue(lines[-1].startswith(b"g NO"), lines[-1])
+        self.assertEqual(self.store.record("INBOX", 2).flags, frozenset())
 
     @inlineCallbacks
     def test_bodyPulledOnceExactAndSeen(self):

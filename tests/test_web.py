@@ -146,7 +146,7 @@ class _ServerMixin:
         if logPath == "lines":
             logPath = self.lines.append
         self.site = makeSite(self.outbox, publicKey, logPath=logPath)
-        factory = _Tracking(self.site)
+        factory = self.tracking = _Tracking(self.site)
         port = reactor.listenTCP(0, factory, interface="127.0.0.1")
         self.addCleanup(factory.closeAll)
         self.addCleanup(port.stopListening)
@@ -192,6 +192,20 @@ class ServeTests(_ServerMixin, TestCase):
 
     def setUp(self) -> None:
         self.startServer()
+
+    @inlineCallbacks
+    def test_noDelay(self):
+        """
+        Connections to the outbox have TCP_NODELAY: an answer's last bytes
+        do not wait for the client's delayed ACK.
+        """
+        sock = socket.create_connection(("127.0.0.1", self.port))
+        self.addCleanup(sock.close)
+        while not self.tracking.protocols:
+            yield deferLater(reactor, 0.01, lambda: None)
+        [wrapper] = self.tracking.protocols
+        handle = wrapper.transport.getHandle()
+        self.assertTrue(handle.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
 
     @inlineCallbacks
     def test_pubkey(self):
