@@ -12,8 +12,8 @@ L{removeTempFiles}.
 """
 
 import fcntl
-import itertools
 import os
+import secrets
 import stat
 import tempfile
 import threading
@@ -256,9 +256,9 @@ class SpareFiles:
     A removed file joins the spares only if it has no other name and nobody
     has it open (a Linux write lease is granted only then, see
     C{fcntl(2)}): a reader still on it, such as a download, keeps its
-    bytes, and the file is unlinked as it would have been.  Nobody can open a spare afterwards: its name is
-    in a private folder.  Where leases are not to be had, files are
-    unlinked as usual.
+    bytes, and the file is unlinked as it would have been.  Nobody can
+    open a spare afterwards: its name is in a private folder.  Where leases
+    are not to be had, files are unlinked as usual.
 
     @ivar folder: The private folder the spares are kept in.
     """
@@ -274,7 +274,6 @@ class SpareFiles:
         self.folder = folder
         self.limit = limit
         self._lock = threading.Lock()
-        self._names = itertools.count()
         ensureDir(folder, 0o700)
         self._spares: list[str] = []
         for name in os.listdir(folder):
@@ -302,7 +301,7 @@ class SpareFiles:
         for path in paths:
             with self._lock:
                 room = len(self._spares) + len(moved) < self.limit
-            spare = os.path.join(self.folder, "%d-%d" % (os.getpid(), next(self._names)))
+            spare = os.path.join(self.folder, secrets.token_hex(8))
             try:
                 if room:
                     os.rename(path, spare)
@@ -330,7 +329,7 @@ class SpareFiles:
                 if not self._spares:
                     return None
                 spare = self._spares.pop()
-            temp = os.path.join(directory, TEMP_PREFIX + "spare-%d-%d" % (os.getpid(), next(self._names)))
+            temp = os.path.join(directory, TEMP_PREFIX + "spare-" + secrets.token_hex(8))
             try:
                 os.rename(spare, temp)
             except FileNotFoundError:
