@@ -398,29 +398,26 @@ class Receiver:
             Deferred.fromCoroutine(self._openedBatched(row, sender, ciphertext, url, started)).chainDeferred(d)
 
         try:
-            try:
-                descriptor = await peer.directory.lookup(sender)
-                url = descriptor.link("outbox/batch")
-                reader = BatchReader({digest: row["ciphertext_size"] for digest, (row, _) in waiting.items()}, arrived)
-                query = "?" + "&".join("d=" + digest for digest in waiting)
-                try:
-                    await fetchInto(peer.agent, url + query, reader.write, reader.maxSize, peer.reactor)
-                    reader.end()
-                finally:
-                    if arrivals:
-                        # One line for the batch: a line per message costs
-                        # about as much as opening it.
-                        self.log.info(
-                            "pulled {n} ciphertexts from {url} in one request: {size} bytes in {seconds:.3f}s ({digests})",
-                            n=len(arrivals),
-                            url=url,
-                            size=sum(size for _, size in arrivals),
-                            seconds=time.monotonic() - started,
-                            digests=" ".join(digest for digest, _ in arrivals),
-                        )
-            except (P2PMTAError, OSError) as e:
-                self.log.info("batch pull from {sender} fell short: {e}", sender=str(sender), e=e)
+            descriptor = await peer.directory.lookup(sender)
+            url = descriptor.link("outbox/batch")
+            reader = BatchReader({digest: row["ciphertext_size"] for digest, (row, _) in waiting.items()}, arrived)
+            query = "?" + "&".join("d=" + digest for digest in waiting)
+            await fetchInto(peer.agent, url + query, reader.write, reader.maxSize, peer.reactor)
+            reader.end()
+        except (P2PMTAError, OSError) as e:
+            self.log.info("batch pull from {sender} fell short: {e}", sender=str(sender), e=e)
         finally:
+            if arrivals:
+                # One line for the batch: a line per message costs about as
+                # much as opening it.
+                self.log.info(
+                    "pulled {n} ciphertexts from {url} in one request: {size} bytes in {seconds:.3f}s ({digests})",
+                    n=len(arrivals),
+                    url=url,
+                    size=sum(size for _, size in arrivals),
+                    seconds=time.monotonic() - started,
+                    digests=" ".join(digest for digest, _ in arrivals),
+                )
             for row, d in alone + list(waiting.values()):
                 self._pullAlone(row).chainDeferred(d)
 
