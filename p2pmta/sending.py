@@ -151,7 +151,7 @@ class Sender:
         self._draining = False
         self._gathering = False  # in a burst: see gatherDelay
         self._sessions = 0  # SMTP sessions open
-        self._gathered: Deferred | None = None  # the wait for a burst's next messages
+        self._gatherWaiters: list[Deferred] = []  # fired when no SMTP session is open
         self._idleWaiters: list[Deferred] = []  # fired when the pipeline runs dry
         self._encoded: dict[str, dict] = {}  # live notice id -> its msglist entry
         self._preparing: set[str] = set()  # notices being stored and rung now
@@ -168,8 +168,8 @@ class Sender:
 
     def sessions(self, count: int) -> None:
         self._sessions = count
-        if not count and self._gathered is not None and not self._gathered.called:
-            self._gathered.callback(None)
+        if not count:
+            self._wake(self._gatherWaiters)
 
     def checkRecipient(self, address: Address) -> Deferred:
         return self._peer.directory.lookup(address).addCallback(lambda _: None)
@@ -266,7 +266,7 @@ class Sender:
                 if self._gathering and self._sessions and len(self._queue) < PIPELINE_BATCH:
                     # More came while the last batch went through: a burst,
                     # whose next messages share the next batch's work.
-                    await self._gather()
+                    await self._wait(self._gatherWaiters, self.gatherDelay)
                 ids = list(self._queue)[:PIPELINE_BATCH]
                 waiters = [w for i in ids for w in self._queue.pop(i)]
                 try:
@@ -279,25 +279,30 @@ class Sender:
         finally:
             self._draining = False
             self._gathering = False
-            waiters, self._idleWaiters = self._idleWaiters, []
-            for waiter in waiters:
-                if not waiter.called:
-                    waiter.callback(None)
+            self._wake(self._idleWaiters)
 
-    async def _gather(self) -> None:
-        """Wait L{gatherDelay}, or until no SMTP session is open."""
-        d = self._gathered = Deferred()
-        d.addTimeout(self.gatherDelay, self._peer.reactor, onTimeoutCancel=lambda result, timeout: None)
-        try:
-            await d
-        finally:
-            self._gathered = None
-
-    def _idle(self, timeout: float) -> Deferred:
-        """A Deferred firing once the pipeline runs dry, or after C{timeout} seconds."""
+    def _wait(self, waiters: list, timeout: float) -> Deferred:
+        """
+        A Deferred firing after C{timeout} seconds, or sooner when
+        L{_wake} is called with C{waiters}; it leaves C{waiters} once fired.
+        """
         d: Deferred = Deferred()
-        self._idleWaiters.append(d)
-        return d.addTimeout(timeout, self._peer.reactor, onTimeoutCancel=lambda result, timeout: None)
+        waiters.append(d)
+
+        def left(result):
+            if d in waiters:
+                waiters.remove(d)
+            return result
+
+        d.addTimeout(timeout, self._peer.reactor, onTimeoutCancel=lambda result, timeout: None)
+        return d.addBoth(left)
+
+    @staticmethod
+    def _wake(waiters: list) -> None:
+        """Fire the waits of C{waiters} (see L{_wait}) now."""
+        for waiter in list(waiters):
+            if not waiter.called:
+                waiter.callback(None)
 
     async def _processBatch(self, ids: list) -> None:
         peer = self._peer
@@ -470,7 +475,7 @@ class Sender:
         if self.burst <= len(rows) < MAX_BATCH and (self._queue or self._draining):
             # More are on their way through the pipeline: wait for them, but
             # not past the moment it has none left (the burst is over).
-            await self._idle(self.burstDelay)
+            await self._wait(self._idleWaiters, self.burstDelay)
             rows = await peer.ledger.query(pending)
         byRecipient: dict[str, list] = {}
         for row in rows:

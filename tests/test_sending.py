@@ -52,6 +52,7 @@ class GatherTests(SynchronousTestCase):
         self.assertEqual(self.batches, [["a"]])
         self.clock.advance(self.sender.gatherDelay * 0.2)
         self.assertEqual(self.batches, [["a"], ["b", "c"]])
+        self.assertEqual(self.sender._gatherWaiters, [], "a wait over leaves no trace")
 
     def test_sessionsGoneEndWait(self) -> None:
         """
@@ -64,6 +65,7 @@ class GatherTests(SynchronousTestCase):
         self.sender.sessions(0)
         self.assertEqual(self.batches, [["a"], ["b", "c"]])
         self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertEqual(self.sender._gatherWaiters, [])
 
     def test_noSessionNoWait(self) -> None:
         """
