@@ -230,6 +230,20 @@ class MailFlowTests(TestCase):
             return not h.outboxDigests("alice")
 
         await eventually(emptied)
+        # Its file, emptied, waits among the outbox's spares, and the next
+        # ciphertext is written into one of them.
+        outbox = h.running["alice"].outbox
+        spares = outbox.directory + ".spare"
+        kept = {os.stat(os.path.join(spares, name)).st_ino for name in os.listdir(spares)}
+        self.assertTrue(kept)
+        await h.send("alice", ["bob@demo"], makeMessage("alice@demo", ["bob@demo"], "next", os.urandom(5000)))
+
+        async def stored():
+            return h.outboxDigests("alice")
+
+        await eventually(stored)
+        [digest] = h.outboxDigests("alice")
+        self.assertIn(os.stat(os.path.join(outbox.directory, digest)).st_ino, kept)
 
     def test_twoRecipientsShareOneCiphertext(self):
         """Two recipients pull one ciphertext, which stays until both have read it."""
