@@ -295,7 +295,7 @@ class Peer(MultiService):
         self.groups = GroupDirectory(self.reactor, self.dht, self.keyring, self.directory)
 
         site = makeSite(
-            ServedOutbox(self.outbox, self.replicas, lambda: self.sender.notifications() if self.sender else []),
+            ServedOutbox(self.outbox, self.replicas, lambda: self.sender.notices.notifications() if self.sender else []),
             self.keyring.publicKey,
             reactor=self.reactor,
             maxConnectionsPerClient=config.httpMaxConnectionsPerClient or None,

@@ -245,7 +245,7 @@ class GarbageCollectionTests(TestCase):
         self.assertEqual(await h.imap("alice", lambda c: uids(c, "Outbox")), [])
         rows = await alice.ledger.query("SELECT state FROM deliveries")
         self.assertEqual([r["state"] for r in rows], ["expired"])
-        self.assertEqual(alice.sender.notifications(), [], "an expired notice is no longer re-published")
+        self.assertEqual(alice.sender.notices.notifications(), [], "an expired notice is no longer re-published")
 
     def test_ciphertextGoesWhenNotificationsExpire(self):
         """A ciphertext nobody fetched leaves the outbox once its notifications expired, not before."""

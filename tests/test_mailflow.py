@@ -187,7 +187,7 @@ class MailFlowTests(TestCase):
         sender = h.running["alice"].sender
         # Every notice in a burst waits for the rest of it, but only until
         # the pipeline runs dry, never this long.
-        sender.burst, sender.burstDelay = 2, 120.0
+        sender.notices.burst, sender.notices.burstDelay = 2, 120.0
         messages = [makeMessage("alice@demo", ["bob@demo"], f"burst {n}", os.urandom(2000)) for n in range(30)]
         port, config = h.port("alice", "smtp"), h.configs["alice"]
 
