@@ -323,7 +323,7 @@ class Receiver:
 
         Small ciphertexts asked for in the same turn of the reactor (a FETCH
         of many messages) are pulled from each sender in batches, one
-        request for many (see L{p2pmta.web._Batch}); what a batch does not
+        request for many (see L{p2pmta.webtree.Batch}); what a batch does not
         bring is pulled alone, from the sender or else its group.
         """
         key = record.meta.get("incoming")

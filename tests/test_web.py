@@ -1,5 +1,6 @@
 """
-Tests for L{p2pmta.web}: the public outbox over real HTTP on 127.0.0.1.
+Tests for L{p2pmta.web} and L{p2pmta.webtree}: the public outbox over real
+HTTP on 127.0.0.1.
 """
 
 import hashlib
