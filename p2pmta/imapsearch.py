@@ -5,7 +5,8 @@ selected mailbox, and SEARCH over the mail store.
 
 L{Args} reads the arguments of one command: text and literals as the
 server's reader collected them.  Every syntax error raises L{BadCommand}, which
-the server answers with one tagged BAD.
+the server answers with one tagged BAD; a command that fails raises L{No},
+answered with a tagged NO.
 
 SEARCH is evaluated here over L{p2pmta.mailstore.MessageRecord}s, never by
 Twisted's broken one.  Header keys use the stored header section.  C{TEXT}
@@ -59,6 +60,12 @@ class BadCommand(Exception):
 
 class TooComplex(Exception):
     """The command is well formed but asks for more work than allowed."""
+
+
+class No(Exception):
+    """
+    Answer the command C{NO}, with this text.
+    """
 
 
 class Literal(bytes):

@@ -45,7 +45,8 @@ from p2pmta.httpclient import makeAgent
 from p2pmta.store import Outbox
 from p2pmta.web import makeSite
 from p2pmta.auth import makePortal
-from p2pmta.imap import Account, IMAPFactory
+from p2pmta.imap import IMAPFactory
+from p2pmta.imapaccount import Account
 from p2pmta.groups import GroupDirectory, GroupPublisher
 from p2pmta.ledger import Ledger
 from p2pmta.replication import Replicator, ServedOutbox

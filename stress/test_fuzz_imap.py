@@ -30,7 +30,7 @@ from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from p2pmta.errors import BodyUnavailable
-from p2pmta.imap import MAX_COMMAND, MAX_LINE
+from p2pmta.imapreader import MAX_COMMAND, MAX_LINE
 from tests.test_hostile_imap import (
     MALFORMED,
     Session,

@@ -39,11 +39,12 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
-from p2pmta import imap
 from p2pmta.address import Address
 from p2pmta.auth import makePortal
-from p2pmta.imap import MAX_LINE, Account, IMAPFactory
+from p2pmta.imap import IMAPFactory
+from p2pmta.imapaccount import Account
 from p2pmta.imapfetch import MAX_MIME_DEPTH, MAX_MIME_PARTS, describe
+from p2pmta.imapreader import MAX_COMMAND, MAX_LINE
 from p2pmta.imapsearch import (
     MAX_SEARCH_KEYS,
     MAX_TEXT_KEYS,
@@ -159,7 +160,7 @@ def tagged(lines: list, tag: bytes) -> list:
 
 class Session:
     """
-    One L{imap.IMAPServer} over a L{PumpingTransport}.
+    One L{IMAPServer} over a L{PumpingTransport}.
     """
 
     def __init__(self, store, login=True, select=None, tlsOptions=None, **kwargs):
@@ -505,7 +506,7 @@ class LineLengthTests(SynchronousTestCase):
         chunk = b"x" * 65536
         for _ in range(256):
             session.proto.dataReceived(chunk)
-            peak = max(peak, len(session.proto._buffer))
+            peak = max(peak, len(session.proto._reader.buffer))
         self.assertEqual(session.output(), [])
         session.feed(b"\r\nc NOOP\r\n")
         self.assertEqual(
@@ -611,7 +612,7 @@ class LiteralLimitTests(SynchronousTestCase):
                     b"b OK NOOP completed",
                 ],
             )
-            self.assertEqual(session.proto._buffer, b"")
+            self.assertEqual(session.proto._reader.buffer, b"")
         self.assertEqual(snapshot(self.store), self.before)
 
     def test_nonSynchronizingOtherCommand(self):
@@ -620,7 +621,7 @@ class LiteralLimitTests(SynchronousTestCase):
         C{BAD [TOOBIG]}, skipped the same way.
         """
         session = self.session(login=False)
-        size = imap.MAX_COMMAND + 1
+        size = MAX_COMMAND + 1
         session.feed(
             b"a LOGIN {%d+}\r\n" % size + b"p" * size + b" x\r\nb NOOP\r\n", 65536
         )
@@ -1262,7 +1263,7 @@ class TCPTests(TCPServerMixin, TestCase):
 
         def dataReceived(data):
             received(data)
-            peaks.append(len(proto._buffer))
+            peaks.append(len(proto._reader.buffer))
 
         proto.dataReceived = dataReceived
 

@@ -1,7 +1,8 @@
 """
-Tests for L{p2pmta.imap}, L{p2pmta.imapfetch} and L{p2pmta.imapsearch}:
-the stdlib C{imaplib} (in a thread) and raw sockets against a real server
-on 127.0.0.1 over a real L{MailStore}.
+Tests for L{p2pmta.imap}, L{p2pmta.imapreader}, L{p2pmta.imapselected},
+L{p2pmta.imapfetch} and L{p2pmta.imapsearch}: the stdlib C{imaplib} (in a
+thread) and raw sockets against a real server on 127.0.0.1 over a real
+L{MailStore}.
 """
 
 import imaplib
@@ -17,16 +18,16 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, fail, inlineCallbacks, succeed
 from twisted.internet.task import deferLater
 from twisted.internet.threads import blockingCallFromThread, deferToThread
-from twisted.mail.imap4 import IAccount, IMailboxInfo, ISearchableMailbox
+from twisted.mail.imap4 import IAccount
 from twisted.python.threadpool import ThreadPool
 from twisted.trial.unittest import SynchronousTestCase, TestCase
-from zope.interface.verify import verifyObject
 
 from p2pmta.address import Address
 from p2pmta.auth import makePortal
 from p2pmta.errors import BodyUnavailable
-from p2pmta import imap
-from p2pmta.imap import Account, IMAPFactory, makeAccount
+from p2pmta import imapselected
+from p2pmta.imap import IMAPFactory
+from p2pmta.imapaccount import Account
 from p2pmta.imapfetch import MAX_MIME_DEPTH, parseStructure
 from p2pmta.imapsearch import Args, BadCommand, parseSequenceSet, resolveSet
 from p2pmta.mailstore import DiskFull, MailStore
@@ -512,7 +513,7 @@ class IMAPServerTests(TestCase):
     @inlineCallbacks
     def test_fetchInWindows(self):
         """
-        A FETCH of more bodies than L{imap.BODY_WINDOW} holds answers each
+        A FETCH of more bodies than L{imapselected.BODY_WINDOW} holds answers each
         message once, in order, marked seen; one that cannot be pulled, in
         the second window, is left out and the command says NO
         [UNAVAILABLE].
@@ -520,7 +521,7 @@ class IMAPServerTests(TestCase):
         numbers = list(range(1, 36))
         uids = yield self.announce(*numbers)
         perWindow = 16
-        self.patch(imap, "BODY_WINDOW", perWindow * len(self.bodies[1]))
+        self.patch(imapselected, "BODY_WINDOW", perWindow * len(self.bodies[1]))
         self.failFor = {perWindow + 2}
 
         def session():
@@ -1157,42 +1158,6 @@ class IMAPServerTests(TestCase):
         self.assertEqual(self.store.messages("Outbox"), [])
 
 
-class AccountTests(TestCase):
-    """
-    Tests for L{Account} and its mailboxes.
-    """
-
-    @inlineCallbacks
-    def test_interfaces(self):
-        """
-        L{Account} provides C{IAccount}; selected mailboxes provide
-        C{IMailboxInfo} and C{ISearchableMailbox}.
-        """
-        pool = ThreadPool(minthreads=1, maxthreads=2)
-        pool.start()
-        self.addCleanup(pool.stop)
-        d = self.mktemp()
-        os.makedirs(d)
-        store = MailStore(reactor, os.path.join(d, "db"), os.path.join(d, "md"), pool)
-        yield store.open()
-        self.addCleanup(store.close)
-        account = makeAccount(store)
-        self.assertIsInstance(account, Account)
-        self.assertTrue(verifyObject(IAccount, account))
-        box = account.select("inbox")
-        self.addCleanup(box.close)
-        self.assertTrue(verifyObject(IMailboxInfo, box))
-        self.assertTrue(verifyObject(ISearchableMailbox, box))
-        self.assertIsNone(account.select("Trash"))
-        self.assertEqual(
-            [n for n, _ in account.listMailboxes("", "*")], ["INBOX", "Sent", "Outbox"]
-        )
-        self.assertEqual(
-            account.listMailboxes("", "Sent")[0][1].attributes,
-            ["\\HasNoChildren", "\\Sent"],
-        )
-
-
 class ParsingTests(SynchronousTestCase):
     """
     Tests for the argument parsers.
@@ -1233,26 +1198,3 @@ class ParsingTests(SynchronousTestCase):
         with open(path, "wb"):
             pass
         self.assertEqual(parseStructure(path).ctype, "text/plain")
-
-
-class WindowsTests(SynchronousTestCase):
-    """
-    Tests for L{imap._windows}.
-    """
-
-    def test_cutBySize(self):
-        """
-        Messages go in runs of at most the size together and at most the
-        count; a bigger one goes alone; no message at all is one empty run.
-        """
-
-        class Record:
-            def __init__(self, size):
-                self.size = size
-
-        live = [(n, n, Record(size)) for n, size in enumerate([5, 5, 5, 20, 1, 4], 1)]
-        cut = imap._windows(live, 10, 5)
-        self.assertEqual([[x[0] for x in window] for window in cut], [[1, 2], [3], [4], [5, 6]])
-        self.assertEqual(imap._windows([], 10, 5), [[]])
-        cut = imap._windows(live, 100, 2)
-        self.assertEqual([[x[0] for x in window] for window in cut], [[1, 2], [3, 4], [5, 6]])
