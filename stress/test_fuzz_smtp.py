@@ -33,9 +33,10 @@ from twisted.internet.testing import StringTransport
 from twisted.mail.smtp import IMessageDelivery
 from twisted.trial.unittest import SynchronousTestCase
 
-from p2pmta import smtp
+from p2pmta import spool
 from p2pmta.auth import makePortal
-from p2pmta.smtp import TEMP_PREFIX, SubmissionFactory
+from p2pmta.smtp import SubmissionFactory
+from p2pmta.spool import TEMP_PREFIX
 from tests.test_hostile_smtp import Disk, spoolOpener
 from tests.test_smtp import (
     ALICE,
@@ -452,7 +453,7 @@ class FuzzTests(SynchronousTestCase):
         self.root = self.mktemp()
         os.makedirs(self.root)
         self.disk = Disk()
-        self.patch(smtp, "_openSpoolFile", spoolOpener(self.disk))
+        self.patch(spool, "openSpoolFile", spoolOpener(self.disk))
 
     @settings(
         max_examples=max(1, int(4000 * SCALE)),

@@ -35,10 +35,11 @@ from twisted.mail.smtp import IMessageDelivery
 from twisted.protocols.policies import WrappingFactory
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
-from p2pmta import smtp
+from p2pmta import spool
 from p2pmta.address import Address
 from p2pmta.auth import makePortal
-from p2pmta.smtp import TEMP_PREFIX, SubmissionFactory
+from p2pmta.smtp import SubmissionFactory
+from p2pmta.spool import TEMP_PREFIX
 from p2pmta.tls import loadOrCreateCertificate
 from tests.test_smtp import (
     ALICE,
@@ -155,7 +156,7 @@ class _SpoolRaw(io.FileIO):
 
 def spoolOpener(disk: Disk):
     """
-    A replacement for L{smtp._openSpoolFile}: buffered files on C{disk},
+    A replacement for L{spool.openSpoolFile}: buffered files on C{disk},
     so that a full disk shows when a buffer is flushed, as it does for real.
     """
 
@@ -441,7 +442,7 @@ class RecipientLimitTests(HostileMixin, SynchronousTestCase):
 
 class HeaderTests(HostileMixin, SynchronousTestCase):
     """
-    Case 6: odd headers; the policy is in L{smtp.SubmissionServer}'s docstring.
+    Case 6: odd headers; the policy is in L{smtpsession.SubmissionServer}'s docstring.
     """
 
     maxMessageSize = 50 * 1024 * 1024
@@ -770,7 +771,7 @@ class DiskFullTests(HostileMixin, SynchronousTestCase):
     def setUp(self) -> None:
         HostileMixin.setUp(self)
         self.disk = Disk()
-        self.patch(smtp, "_openSpoolFile", spoolOpener(self.disk))
+        self.patch(spool, "openSpoolFile", spoolOpener(self.disk))
         self.login()
         self.assertEqual(
             codes(self.send(ENVELOPE + GOOD + b".\r\n")), [250, 250, 354, 250]

@@ -30,7 +30,9 @@ from p2pmta.address import Address
 from p2pmta.auth import makePortal
 from p2pmta.errors import CryptoError, UnknownPeer
 from p2pmta.interfaces import ISubmission
-from p2pmta.smtp import TEMP_PREFIX, SubmissionFactory, SubmissionServer, _longestLine
+from p2pmta.smtp import SubmissionFactory
+from p2pmta.smtpsession import SubmissionServer
+from p2pmta.spool import TEMP_PREFIX
 from p2pmta.tls import loadOrCreateCertificate
 
 ALICE = Address.parse("alice@demo")
@@ -822,7 +824,7 @@ class SpoolAheadTests(ServerMixin, SynchronousTestCase):
             [data.split(b"\r\n", 3)[3] for _, _, data in self.submission.accepted],
             [b"Subject: %d\r\n\r\nbody\r\n" % n for n in range(6)],
         )
-        flushes = [args for name, args in self.calls if name == "_flushAndClose"]
+        flushes = [args for name, args in self.calls if name == "flushAndClose"]
         self.assertEqual(flushes, [(None,)] * 6)
         # Refilled whenever half or fewer are left.
         self.assertEqual([args for name, args in self.calls if name == "_makeSpoolFiles"], [(4,), (2,), (2,)])
@@ -839,7 +841,7 @@ class SpoolAheadTests(ServerMixin, SynchronousTestCase):
         self.send(b"MAIL FROM:<alice@demo>\r\nRCPT TO:<carol@demo>\r\nDATA\r\n")
         self.assertEqual(codes(self.send(b"hi\r\n.\r\n")), [250])
         self.assertEqual(
-            self.calls, [("_makeSpoolFiles", (4,)), ("_flushAndClose", (os.path.abspath(self.spool),))]
+            self.calls, [("_makeSpoolFiles", (4,)), ("flushAndClose", (os.path.abspath(self.spool),))]
         )
         self.assertEqual(self.spoolNames(), [])
 
@@ -1143,28 +1145,3 @@ class TCPTests(TestCase):
         received = yield deferToThread(inject)
         yield self.factory.lost
         self.assertEqual(received, b"221 2.0.0 Bye\r\n")
-
-
-class LongestLineTests(SynchronousTestCase):
-    """
-    L{_longestLine} finds a line over the limit without splitting the block
-    into lines: it must agree with splitting.
-    """
-
-    @settings(max_examples=500, deadline=None)
-    @given(
-        limit=st.integers(0, 40),
-        lengths=st.lists(st.integers(0, 130), min_size=1, max_size=12),
-    )
-    def test_agreesWithSplitting(self, limit, lengths):
-        raw = b"".join(b"x" * n + b"\r\n" for n in lengths)
-        self.assertEqual(_longestLine(raw, limit), max(lengths) > limit)
-
-    def test_longLineInLargeBlock(self):
-        """One line of 999 octets among 19,000 short ones is found."""
-        lines = [b"A" * 76] * 19_000
-        lines[12_345] = b"B" * 999
-        raw = b"".join(line + b"\r\n" for line in lines)
-        self.assertTrue(_longestLine(raw, 998))
-        lines[12_345] = b"B" * 998
-        self.assertFalse(_longestLine(b"".join(line + b"\r\n" for line in lines), 998))
