@@ -3,6 +3,11 @@
 One exception tree for p2pmta.  Each docstring is the sentence a user sees.
 """
 
+import errno
+import sqlite3
+
+from twisted.python.failure import Failure
+
 
 class P2PMTAError(Exception):
     """Something went wrong in p2pmta."""
@@ -67,6 +72,38 @@ class DecryptionFailed(CryptoError):
 
 class StoreError(P2PMTAError):
     """The peer's data directory could not be used."""
+
+
+class NoSuchMailbox(StoreError):
+    """There is no mailbox of that name."""
+
+
+class DiskFull(StoreError):
+    """The disk holding the mail store is full."""
+
+
+def translateDiskFull(failure: Failure):
+    """
+    Translate a full disk or quota (C{ENOSPC}, C{EDQUOT}, SQLite's
+    C{SQLITE_FULL}) into L{DiskFull}; pass other failures on.
+    """
+    e = failure.value
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        raise DiskFull(e.strerror or str(e)) from e
+    if isinstance(e, sqlite3.Error) and (
+        getattr(e, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+        or "disk is full" in str(e)
+    ):
+        raise DiskFull(str(e)) from e
+    return failure
+
+
+class NoSuchMessage(StoreError):
+    """There is no message with that UID in the mailbox."""
+
+
+class HeaderMismatch(StoreError):
+    """The message does not start with the header section it was announced with."""
 
 
 class BadDescriptor(P2PMTAError):

@@ -62,12 +62,12 @@ from twisted.protocols import policies
 from twisted.python.failure import Failure
 
 from p2pmta import imapfetch, imapsearch
-from p2pmta.errors import BodyUnavailable
+from p2pmta.errors import BodyUnavailable, DiskFull, NoSuchMailbox
 from p2pmta.imapaccount import Account, MailboxInfo, makeAccount
 from p2pmta.imapreader import MAX_COMMAND, MAX_LINE, STATES, TAG, CommandReader
 from p2pmta.imapsearch import Args, BadCommand, No, SelectedMailbox, TooComplex
 from p2pmta.imapselected import SelectedCommands
-from p2pmta.mailstore import DiskFull, NoSuchMailbox, splitHeaders
+from p2pmta.mailindex import splitHeaders
 
 # Account, MailboxInfo and makeAccount (p2pmta.imapaccount), MAX_COMMAND
 # and MAX_LINE (p2pmta.imapreader) are importable from here too.

@@ -20,7 +20,7 @@ from zope.interface import implementer
 
 from p2pmta import imapsearch
 from p2pmta.imapsearch import SelectedMailbox
-from p2pmta.mailstore import NoSuchMailbox
+from p2pmta.errors import NoSuchMailbox
 
 
 @implementer(IMailboxInfo)

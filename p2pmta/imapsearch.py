@@ -8,7 +8,7 @@ server's reader collected them.  Every syntax error raises L{BadCommand}, which
 the server answers with one tagged BAD; a command that fails raises L{No},
 answered with a tagged NO.
 
-SEARCH is evaluated here over L{p2pmta.mailstore.MessageRecord}s, never by
+SEARCH is evaluated here over L{p2pmta.mailindex.MessageRecord}s, never by
 Twisted's broken one.  Header keys use the stored header section.  C{TEXT}
 and C{BODY} read the message file when it is held; for a message whose body
 is not here yet they search its header section only: a search never pulls a
@@ -41,7 +41,7 @@ from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.mail.imap4 import IMailboxInfo, ISearchableMailbox
 from zope.interface import implementer
 
-from p2pmta.mailstore import MessageRecord
+from p2pmta.mailindex import MessageRecord
 
 _UTC = datetime.timezone.utc  # noqa: UP017 - Python 3.10 has no datetime.UTC
 

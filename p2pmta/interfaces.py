@@ -226,11 +226,11 @@ class IMailStore(Interface):
     def messages(mailbox: str):
         """
         @return: the messages of C{mailbox}, as a list of
-            L{p2pmta.mailstore.MessageRecord}, in UID order.
+            L{p2pmta.mailindex.MessageRecord}, in UID order.
         """
 
     def record(mailbox: str, uid: int):
-        """@return: one L{p2pmta.mailstore.MessageRecord}, or L{None}."""
+        """@return: one L{p2pmta.mailindex.MessageRecord}, or L{None}."""
 
     def body(mailbox: str, uid: int):
         """

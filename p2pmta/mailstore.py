@@ -21,246 +21,58 @@ A received message may be shown before its body is here: L{MailStore.deliver}
 without a body file records the exact header section and the size given by
 the send notification.  L{MailStore.body} pulls the body through
 L{MailStore.bodyFetcher} when a client first needs it.
+
+L{MailStore} resolves mailbox names, runs the writes one at a time and
+tells the listeners; it holds the parts that do the rest: the index
+(L{p2pmta.mailindex}), the SQLite tables (L{p2pmta.maildb}), the Maildir
+(L{p2pmta.maildir}), and the bodies read, pulled and attached
+(L{p2pmta.mailbodies}).
 """
 
 from __future__ import annotations
 
-import errno
 import json
 import os
-import sqlite3
-import stat
-import threading
 import time
-import uuid
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
-from twisted.internet.defer import Deferred, DeferredList, DeferredLock, fail, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, DeferredLock, fail, maybeDeferred, succeed
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from p2pmta.errors import BodyUnavailable, StoreError
-from p2pmta.fileutil import (
-    CHUNK_SIZE,
-    AtomicFile,
-    ensureDir,
-    fsyncDir,
-    removeFromFolder,
-    removeIfThere,
-    removeTempFiles,
+from p2pmta.errors import (
+    DiskFull,
+    HeaderMismatch,
+    NoSuchMailbox,
+    NoSuchMessage,
+    translateDiskFull,
 )
 from p2pmta.interfaces import IMailStore
+from p2pmta.mailbodies import MessageBodies
+from p2pmta.maildb import MailDatabase
+from p2pmta.maildir import IN_DATABASE, Maildir
+from p2pmta.mailindex import MailboxIndex, MessageRecord, splitHeaders
+
+__all__ = [
+    "DEFAULT_MAILBOXES",
+    "WRITE_BEHIND_BYTES",
+    "DiskFull",
+    "HeaderMismatch",
+    "MailStore",
+    "MessageRecord",
+    "NoSuchMailbox",
+    "NoSuchMessage",
+    "splitHeaders",
+]
 
 #: The mailboxes every store has, with their SPECIAL-USE attributes.
 DEFAULT_MAILBOXES = (("INBOX", ()), ("Sent", ("\\Sent",)), ("Outbox", ()))
 
-#: The suffix of our Maildir file names (Maildir "info" with no flags: flags
-#: live in SQLite).  A crash between writing a file and committing its row
-#: may leave a file no row names; it is kept, never deleted at start.
-_MAILDIR_SUFFIX = ".p2pmta:2,"
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS mail_mailboxes (
-    name TEXT PRIMARY KEY,
-    uidvalidity INTEGER NOT NULL,
-    uidnext INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS mail_messages (
-    mailbox TEXT NOT NULL,
-    uid INTEGER NOT NULL,
-    flags TEXT NOT NULL,
-    internaldate REAL NOT NULL,
-    size INTEGER NOT NULL,
-    headers BLOB NOT NULL,
-    filename TEXT,
-    meta TEXT NOT NULL,
-    PRIMARY KEY (mailbox, uid)
-);
-CREATE TABLE IF NOT EXISTS mail_bodies (
-    mailbox TEXT NOT NULL,
-    uid INTEGER NOT NULL,
-    body BLOB NOT NULL,
-    PRIMARY KEY (mailbox, uid)
-);
-"""
-
-#: Pulled bodies up to this size are kept in the database (the table
-#: C{mail_bodies}), not each in a file of its own: a group of them is one
-#: transaction and one flush, where a file each costs an inode, a flush and
-#: two renames (about 1 ms each on a file system that deleted many files
-#: lately).  Dovecot's dbox keeps many messages per file for the same reason.
-DATABASE_BODY = 256 * 1024
-
-#: The C{filename} of a message whose body is in C{mail_bodies}: no Maildir
-#: file is ever named so (see L{MailStore._newName}).
-IN_DATABASE = "(database)"
-
-
-class NoSuchMailbox(StoreError):
-    """There is no mailbox of that name."""
-
-
-class DiskFull(StoreError):
-    """The disk holding the mail store is full."""
-
-
-def _diskFull(failure: Failure):
-    """
-    Translate a full disk or quota (C{ENOSPC}, C{EDQUOT}, SQLite's
-    C{SQLITE_FULL}) into L{DiskFull}; pass other failures on.
-    """
-    e = failure.value
-    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-        raise DiskFull(e.strerror or str(e)) from e
-    if isinstance(e, sqlite3.Error) and (
-        getattr(e, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
-        or "disk is full" in str(e)
-    ):
-        raise DiskFull(str(e)) from e
-    return failure
-
-
-class NoSuchMessage(StoreError):
-    """There is no message with that UID in the mailbox."""
-
-
-class HeaderMismatch(StoreError):
-    """The message does not start with the header section it was announced with."""
-
-
 #: How many bytes of pulled messages may be served from memory while they
 #: are written to the Maildir; beyond that a reader waits for the disk.
 WRITE_BEHIND_BYTES = 32 * 1024 * 1024
-
-
-@dataclass(frozen=True)
-class MessageRecord:
-    """
-    What the index knows of one message.
-
-    @ivar uid: Its IMAP UID in its mailbox.
-    @ivar flags: Its flags (a L{frozenset} of L{str}, e.g. C{"\\\\Seen"}).
-    @ivar internalDate: Its IMAP INTERNALDATE, seconds since the epoch.
-    @ivar size: Its RFC822.SIZE in bytes.
-    @ivar headers: Its exact header section, the blank line included.
-    @ivar held: Whether its whole file is here.
-    @ivar meta: The core's own data about it (JSON-able L{dict}); do not
-        mutate it, use L{MailStore.updateMeta}.
-    """
-
-    uid: int
-    flags: frozenset
-    internalDate: float
-    size: int
-    headers: bytes
-    held: bool
-    meta: dict = field(default_factory=dict, hash=False)
-
-
-def splitHeaders(message: bytes) -> bytes:
-    """
-    @return: the header section of C{message}, up to and including the
-        blank line that ends it (or all of C{message} if it has none).
-    """
-    if message.startswith(b"\r\n"):
-        return b"\r\n"
-    if message.startswith(b"\n"):
-        return b"\n"
-    ends = [i for i in (message.find(b"\r\n\r\n"), message.find(b"\n\n")) if i >= 0]
-    if not ends:
-        return message
-    end = min(ends)
-    return message[: end + (4 if message[end : end + 4] == b"\r\n\r\n" else 2)]
-
-
-class _Box:
-    """
-    The index of one mailbox.
-    """
-
-    def __init__(self, name: str, attributes, uidValidity: int, uidNext: int) -> None:
-        self.name = name
-        self.attributes = list(attributes)
-        self.uidValidity = uidValidity
-        self.uidNext = uidNext
-        self.records: dict[int, MessageRecord] = {}
-        self.files: dict[int, str] = {}
-        self.uids: list[int] = []
-        # meta key -> value -> UIDs, for the keys looked up so far
-        self._byMeta: dict[str, dict] = {}
-
-    def put(self, record: MessageRecord, filename: str | None) -> None:
-        old = self.records.get(record.uid)
-        if old is None:
-            self.uids.append(record.uid)
-            if len(self.uids) > 1 and self.uids[-2] > record.uid:
-                self.uids.sort()
-        self.records[record.uid] = record
-        if old is None or old.meta is not record.meta:
-            self._unindex(old)
-            self._index(record)
-        if filename is None:
-            self.files.pop(record.uid, None)
-        else:
-            self.files[record.uid] = filename
-
-    def remove(self, uids: Iterable[int]) -> None:
-        gone = set()
-        for uid in uids:
-            self._unindex(self.records.pop(uid, None))
-            self.files.pop(uid, None)
-            gone.add(uid)
-        self.uids = [u for u in self.uids if u not in gone]
-
-    def findAll(self, key: str, values) -> dict:
-        """
-        @return: C{{value: [records, in UID order]}} for those of C{values}
-            some record's C{meta[key]} equals.
-        """
-        index = self._byMeta.get(key)
-        if index is None:
-            index = self._byMeta[key] = {}
-            for uid in self.uids:
-                _add(index, self.records[uid].meta, key, uid)
-        found = {}
-        for value in values:
-            try:
-                uids = index.get(value)
-            except TypeError:  # unhashable: no meta value equals it
-                continue
-            if uids:
-                found[value] = [self.records[u] for u in sorted(uids)]
-        return found
-
-    def _index(self, record: MessageRecord) -> None:
-        for key, index in self._byMeta.items():
-            _add(index, record.meta, key, record.uid)
-
-    def _unindex(self, record: MessageRecord | None) -> None:
-        if record is None:
-            return
-        for key, index in self._byMeta.items():
-            try:
-                uids = index.get(record.meta.get(key))
-            except TypeError:
-                continue
-            if uids is not None:
-                uids.discard(record.uid)
-                if not uids:
-                    del index[record.meta[key]]
-
-
-def _add(index: dict, meta: dict, key: str, uid: int) -> None:
-    """Index C{uid} under C{meta[key]}, if it has a hashable one."""
-    if key not in meta:
-        return
-    try:
-        index.setdefault(meta[key], set()).add(uid)
-    except TypeError:
-        pass
 
 
 @implementer(IMailStore)
@@ -302,24 +114,15 @@ class MailStore:
             work.
         """
         self._reactor = reactor
-        self._databasePath = os.path.abspath(databasePath)
+        self._database = MailDatabase(os.path.abspath(databasePath))
         self._maildir = os.path.abspath(maildirPath)
-        self._tmp = os.path.join(self._maildir, "tmp")
-        self._cur = os.path.join(self._maildir, "cur")
+        self._files = Maildir(self._maildir)
         self._threadpool = threadpool
-        self._db: sqlite3.Connection | None = None
-        self._dbLock = threading.Lock()
         self._writeLock = DeferredLock()
-        self._boxes: dict[str, _Box] = {}
+        self._boxes: dict[str, MailboxIndex] = {}
         self._listeners: dict[str, list] = {}
-        self._fetching: dict[tuple[str, int], list[Deferred]] = {}
         self._expunging: set[tuple[str, int]] = set()
-        self._attaching: list = []  # (box, uid, path or bytes, Deferred) to attach
-        self._pendingBodies: dict[tuple[str, int], bytes] = {}  # served while attached
-        self._pendingBytes = 0
-        self._writeWaiters: dict[tuple[str, int], list[Deferred]] = {}
-        self._attachScheduled = False
-        self._reading: list = []  # (mailbox, uid, Deferred): bodies to read from the database
+        self._bodies = MessageBodies(self, reactor, self._database, self._files, self._writeLock)
         self.bodyFetcher: Callable[[str, MessageRecord], Deferred] | None = None
         self.expungeHook: Callable[[str, list], Deferred] | None = None
         self.attachedHook: Callable[[str, MessageRecord], object] | None = None
@@ -339,7 +142,7 @@ class MailStore:
         Run C{f(*args)}, which writes, in the threadpool; a full disk (or
         quota) fails it with L{DiskFull}.
         """
-        return self.runInThread(f, *args).addErrback(_diskFull)
+        return self.runInThread(f, *args).addErrback(translateDiskFull)
 
     def _write(self, f, *args) -> Deferred:
         """
@@ -348,31 +151,7 @@ class MailStore:
         """
         return self._writeLock.run(self.runInThread, f, *args)
 
-    def _transaction(self, statements: Iterable[tuple[str, tuple]], durable: bool = False) -> None:
-        """
-        Run C{statements} in one transaction (in a thread).
-
-        @param durable: have the commit on disk, not just in the OS, when
-            this returns (C{synchronous=FULL} for this commit): for what a
-            client is told is safe.  Any commit survives a killed peer; one
-            that is not durable may be lost with the later ones to a power
-            cut, the database staying consistent.
-        """
-        with self._dbLock:
-            db = self._db
-            if db is None:
-                raise StoreError("the mail store is closed")
-            if durable:
-                db.execute("PRAGMA synchronous=FULL")
-            try:
-                with db:
-                    for sql, params in statements:
-                        db.execute(sql, params)
-            finally:
-                if durable:
-                    db.execute("PRAGMA synchronous=NORMAL")
-
-    def _box(self, mailbox: str) -> _Box:
+    def _box(self, mailbox: str) -> MailboxIndex:
         if isinstance(mailbox, str) and mailbox.upper() == "INBOX":
             mailbox = "INBOX"
         box = self._boxes.get(mailbox)
@@ -394,7 +173,7 @@ class MailStore:
             held, or held in the database: see L{bodySource}).
         """
         name = self._box(mailbox).files.get(uid)
-        return None if name is None or name == IN_DATABASE else os.path.join(self._cur, name)
+        return None if name is None or name == IN_DATABASE else self._files.filePath(name)
 
     def bodySource(self, mailbox: str, uid: int):
         """
@@ -406,52 +185,8 @@ class MailStore:
         box = self._box(mailbox)
         name = box.files.get(uid)
         if name == IN_DATABASE:
-            return lambda: self._readBody(box.name, uid)
-        return None if name is None else os.path.join(self._cur, name)
-
-    def _readBody(self, mailbox: str, uid: int) -> bytes:
-        """The body of a message held in the database (blocking)."""
-        [body] = self._readBodies([(mailbox, uid)])
-        if body is None:
-            raise FileNotFoundError(f"no body of {mailbox} {uid}")
-        return body
-
-    def _readBodies(self, keys: list) -> list:
-        """The bodies of C{keys} held in the database, L{None} for one gone (blocking)."""
-        sql = "SELECT body FROM mail_bodies WHERE mailbox = ? AND uid = ?"
-        with self._dbLock:
-            db = self._db
-            if db is None:
-                raise StoreError("the mail store is closed")
-            rows = [db.execute(sql, key).fetchone() for key in keys]
-        return [None if row is None else bytes(row[0]) for row in rows]
-
-    def _bodyFromDatabase(self, mailbox: str, uid: int) -> Deferred:
-        """
-        The body of a message held in the database: those asked for in one
-        turn of the reactor (a FETCH of many) are read in one thread call.
-        """
-        d: Deferred = Deferred()
-        self._reading.append((mailbox, uid, d))
-        if len(self._reading) == 1:
-            self._reactor.callLater(0, self._readQueued)
-        return d
-
-    def _readQueued(self) -> None:
-        queued, self._reading = self._reading, []
-
-        def read(bodies: list) -> None:
-            for (mailbox, uid, d), body in zip(queued, bodies):
-                if body is None:
-                    d.errback(BodyUnavailable(f"message {uid} of {mailbox} is gone"))
-                else:
-                    d.callback(body)
-
-        def failed(failure: Failure) -> None:
-            for _, _, d in queued:
-                d.errback(failure)
-
-        self.runInThread(self._readBodies, [(mailbox, uid) for mailbox, uid, _ in queued]).addCallbacks(read, failed)
+            return lambda: self._database.readBody(box.name, uid)
+        return None if name is None else self._files.filePath(name)
 
     # -- opening ---------------------------------------------------------
 
@@ -464,55 +199,14 @@ class MailStore:
         return self._write(self._open).addCallback(self._opened)
 
     def _open(self):
-        for sub in ("tmp", "new", "cur"):
-            ensureDir(os.path.join(self._maildir, sub), 0o700)
-        removeTempFiles(self._tmp)
-        db = sqlite3.connect(
-            self._databasePath, check_same_thread=False, isolation_level=None
-        )
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=NORMAL")
-        db.executescript(_SCHEMA)
-        db.isolation_level = ""
-        with db:
-            now = int(time.time())
-            for name, _ in DEFAULT_MAILBOXES:
-                db.execute(
-                    "INSERT OR IGNORE INTO mail_mailboxes VALUES (?, ?, 1)", (name, now)
-                )
-        boxes = db.execute(
-            "SELECT name, uidvalidity, uidnext FROM mail_mailboxes"
-        ).fetchall()
-        rows = db.execute(
-            "SELECT mailbox, uid, flags, internaldate, size, headers, filename, meta "
-            "FROM mail_messages ORDER BY mailbox, uid"
-        ).fetchall()
-        inDatabase = set(db.execute("SELECT mailbox, uid FROM mail_bodies"))
-        missing = [
-            (row[0], row[1])
-            for row in rows
-            if row[6] is not None
-            and (
-                (row[0], row[1]) not in inDatabase
-                if row[6] == IN_DATABASE
-                else not os.path.isfile(os.path.join(self._cur, row[6]))
-            )
-        ]
-        if missing:
-            with db:
-                db.executemany(
-                    "UPDATE mail_messages SET filename = NULL "
-                    "WHERE mailbox = ? AND uid = ?",
-                    missing,
-                )
-        self._db = db
-        return boxes, rows, set(missing)
+        self._files.create()
+        return self._database.open([name for name, _ in DEFAULT_MAILBOXES], self._files.holds)
 
     def _opened(self, result):
         boxes, rows, missing = result
         known = {name: (validity, uidNext) for name, validity, uidNext in boxes}
         for name, attributes in DEFAULT_MAILBOXES:
-            self._boxes[name] = _Box(name, attributes, *known[name])
+            self._boxes[name] = MailboxIndex(name, attributes, *known[name])
         for mailbox, uid, flags, date, size, headers, filename, meta in rows:
             box = self._boxes.get(mailbox)
             if box is None:
@@ -537,13 +231,7 @@ class MailStore:
         """
         Close the database once the writes under way are done.
         """
-        return self._write(self._close)
-
-    def _close(self) -> None:
-        with self._dbLock:
-            if self._db is not None:
-                self._db.close()
-                self._db = None
+        return self._write(self._database.close)
 
     # -- IMailStore reads -----------------------------------------------
 
@@ -592,95 +280,6 @@ class MailStore:
         if listener in listeners:
             listeners.remove(listener)
 
-    # -- writing files ----------------------------------------------------
-
-    def _newName(self) -> str:
-        return f"{int(time.time())}.{uuid.uuid4().hex}{_MAILDIR_SUFFIX}"
-
-    def _intoMaildir(self, name: str, tempPath: str, syncDir: bool = True) -> None:
-        """
-        Rename the fsynced C{tempPath} (in C{tmp/}) to C{cur/name}.
-        """
-        os.replace(tempPath, os.path.join(self._cur, name))
-        if syncDir:
-            fsyncDir(self._cur)
-
-    def _writeMessage(self, data: bytes, sync: bool = True) -> str:
-        """
-        Write C{data} into the Maildir, through C{tmp/} (the file flushed).
-
-        @param sync: flush the folders too (pass L{False} when the caller
-            flushes C{cur/}, once for several files).
-        @return: its name in C{cur/}.
-        """
-        name = self._newName()
-        with AtomicFile(self._tmp, 0o600) as f:
-            f.write(data)
-            f.commit(os.path.join(self._tmp, name), sync)
-        self._intoMaildir(name, os.path.join(self._tmp, name), sync)
-        return name
-
-    def _takeFile(
-        self, path: str, headers: bytes, syncDir: bool = True, syncFile: bool = True
-    ) -> tuple[str, int]:
-        """
-        Move the file at C{path} into the Maildir if it starts with exactly
-        C{headers}.  On failure it is left at C{path}.
-
-        @param syncDir: fsync C{cur/} (pass L{False} when the caller does,
-            once for several files).
-        @param syncFile: fsync the file (pass L{False} for one the caller
-            has flushed to disk already).
-        @return: its name in C{cur/} and its size.
-        """
-        with open(path, "rb") as f:
-            if f.read(len(headers)) != headers:
-                raise HeaderMismatch(path)
-            st = os.fstat(f.fileno())
-            if stat.S_IMODE(st.st_mode) != 0o600:
-                os.fchmod(f.fileno(), 0o600)
-            if syncFile:
-                os.fsync(f.fileno())
-        name = self._newName()
-        # The file is whole already: straight into cur/, not through tmp/.
-        try:
-            os.rename(path, os.path.join(self._cur, name))
-        except OSError:
-            temp = os.path.join(self._tmp, name)
-            with open(path, "rb") as source, AtomicFile(self._tmp, 0o600) as f:
-                while chunk := source.read(CHUNK_SIZE):
-                    f.write(chunk)
-                f.commit(temp)
-            size = os.stat(temp).st_size
-            try:
-                self._intoMaildir(name, temp, syncDir)
-            except BaseException:
-                os.unlink(temp)
-                raise
-            os.unlink(path)
-            return name, size
-        if syncDir:
-            fsyncDir(self._cur)
-        return name, st.st_size
-
-    def _takeBytes(self, data: bytes, headers: bytes) -> tuple[str, int]:
-        """
-        Write the message C{data} into the Maildir (through C{tmp/}, flushed)
-        if it starts with exactly C{headers}; C{cur/} is not flushed.  One
-        of at most L{DATABASE_BODY} bytes is left to the caller to put in
-        the database.
-
-        @return: its name in C{cur/} (or L{IN_DATABASE}) and its size.
-        """
-        if not data.startswith(headers):
-            raise HeaderMismatch("the pulled message")
-        if len(data) <= DATABASE_BODY:
-            return IN_DATABASE, len(data)
-        return self._writeMessage(data, sync=False), len(data)
-
-    def _removeFiles(self, names: Iterable[str]) -> None:
-        removeFromFolder(self._cur, [name for name in names if name != IN_DATABASE])
-
     # -- adding messages --------------------------------------------------
 
     _INSERT = "INSERT INTO mail_messages VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
@@ -688,14 +287,9 @@ class MailStore:
         "INSERT OR REPLACE INTO mail_bodies (mailbox, uid, body)"
         " SELECT ?, ?, body FROM mail_bodies WHERE mailbox = ? AND uid = ?"
     )
-    # Only for a message still there: one expunged meanwhile leaves no body.
-    _PUT_BODY = (
-        "INSERT OR REPLACE INTO mail_bodies (mailbox, uid, body)"
-        " SELECT mailbox, uid, ? FROM mail_messages WHERE mailbox = ? AND uid = ?"
-    )
     _UIDNEXT = "UPDATE mail_mailboxes SET uidnext = ? WHERE name = ?"
 
-    def _insert(self, box: _Box, records: list, filenames: list, durable: bool = False, more=()) -> None:
+    def _insert(self, box: MailboxIndex, records: list, filenames: list, durable: bool = False, more=()) -> None:
         statements = [
             (self._INSERT, (box.name, r.uid, json.dumps(sorted(r.flags)), r.internalDate,
                             r.size, r.headers, name, json.dumps(r.meta)))
@@ -704,12 +298,12 @@ class MailStore:
         statements.append((self._UIDNEXT, (records[-1].uid + 1, box.name)))
         statements += more
         try:
-            self._transaction(statements, durable)
+            self._database.transaction(statements, durable)
         except BaseException:
-            self._removeFiles(f for f in filenames if f is not None)
+            self._files.removeFiles(f for f in filenames if f is not None)
             raise
 
-    def _added(self, box: _Box, records: list, filenames: list) -> list:
+    def _added(self, box: MailboxIndex, records: list, filenames: list) -> list:
         for record, filename in zip(records, filenames):
             box.put(record, filename)
         box.uidNext = max(box.uidNext, records[-1].uid + 1)
@@ -721,7 +315,7 @@ class MailStore:
         Add one message; C{makeFile()} (run in the threadpool) puts its file
         in C{cur/} and returns its name (or L{None}) and its size.
 
-        @param durable: see L{_transaction}.
+        @param durable: see L{MailDatabase.transaction}.
         """
         try:
             box = self._box(mailbox)
@@ -767,7 +361,7 @@ class MailStore:
         def makeFile():
             if bodyPath is None:
                 return None, int(size)
-            return self._takeFile(os.fspath(bodyPath), bytes(headers))
+            return self._files.takeFile(os.fspath(bodyPath), bytes(headers))
 
         return self._addOne(mailbox, headers, flags, date, meta, makeFile)
 
@@ -809,14 +403,14 @@ class MailStore:
                 for offset, (headers, size, meta, bodyPath, flags, when, synced) in enumerate(prepared):
                     name = None
                     if bodyPath is not None:
-                        name, size = self._takeFile(bodyPath, headers, syncDir=False, syncFile=not synced)
+                        name, size = self._files.takeFile(bodyPath, headers, syncDir=False, syncFile=not synced)
                     names.append(name)
                     records.append(MessageRecord(first + offset, flags, when, size, headers, name is not None, meta))
                 if any(name is not None for name in names):
-                    fsyncDir(self._cur)
+                    self._files.sync()
                 self._insert(box, records, names)
             except BaseException:
-                self._removeFiles(name for name in names if name is not None)
+                self._files.removeFiles(name for name in names if name is not None)
                 raise
             return records, names
 
@@ -833,7 +427,7 @@ class MailStore:
         message = bytes(message)
         return self._addOne(
             mailbox, splitHeaders(message), flags, date, {},
-            lambda: (self._writeMessage(message), len(message)), durable=True,
+            lambda: (self._files.writeMessage(message), len(message)), durable=True,
         )  # fmt: skip
 
     def copy(self, source: str, uids: Iterable[int], destination: str) -> Deferred:
@@ -860,20 +454,14 @@ class MailStore:
                         name = IN_DATABASE
                         bodies.append((self._COPY_BODY, (dst.name, first + i, src.name, record.uid)))
                     elif filename is not None:
-                        name = self._newName()
-                        old = os.path.join(self._cur, filename)
-                        try:
-                            os.link(old, os.path.join(self._cur, name))
-                        except OSError:
-                            with open(old, "rb") as f:
-                                self._writeMessageFrom(f, name)
+                        name = self._files.copyFile(filename)
                     names.append(name)
                     copies.append(
                         replace(record, uid=first + i, meta=dict(record.meta))
                     )
-                fsyncDir(self._cur)
+                self._files.sync()
             except BaseException:
-                self._removeFiles(n for n in names if n is not None)
+                self._files.removeFiles(n for n in names if n is not None)
                 raise
             self._insert(dst, copies, names, durable=True, more=bodies)
             return copies, names
@@ -890,13 +478,6 @@ class MailStore:
             return d
 
         return self._writeLock.run(start)
-
-    def _writeMessageFrom(self, source, name: str) -> None:
-        with AtomicFile(self._tmp, 0o600) as f:
-            while chunk := source.read(CHUNK_SIZE):
-                f.write(chunk)
-            f.commit(os.path.join(self._tmp, name))
-        self._intoMaildir(name, os.path.join(self._tmp, name))
 
     # -- changing messages ------------------------------------------------
 
@@ -919,7 +500,7 @@ class MailStore:
             box = self._box(mailbox)
         except Exception:
             return fail()
-        return self._queueAttach(box, uid, os.fsdecode(path))
+        return self._bodies.attach(box, uid, os.fsdecode(path))
 
     def attachData(self, mailbox: str, uid: int, data: bytes) -> Deferred:
         """
@@ -933,105 +514,7 @@ class MailStore:
             box = self._box(mailbox)
         except Exception:
             return fail()
-        return self._queueAttach(box, uid, bytes(data))
-
-    def _queueAttach(self, box: _Box, uid: int, source) -> Deferred:
-        d: Deferred = Deferred()
-        self._attaching.append((box, uid, source, d))
-        if not self._attachScheduled:
-            self._attachScheduled = True
-            self._writeLock.run(self._attachQueued)
-        return d
-
-    def _attachQueued(self) -> Deferred:
-        """
-        Attach the bodies queued by L{attachBody} and L{attachData} so far,
-        in one thread call
-        (under the write lock).
-        """
-        self._attachScheduled = False
-        queued, self._attaching = self._attaching, []
-        jobs, taken = [], set()
-        for box, uid, path, d in queued:
-            record = box.records.get(uid)
-            if record is None:
-                d.errback(NoSuchMessage(f"{box.name} {uid}"))
-            elif record.held or (box.name, uid) in taken:
-                d.errback(StoreError(f"{box.name} {uid} already has its body"))
-            else:
-                taken.add((box.name, uid))
-                jobs.append((box, record, path, d))
-        if not jobs:
-            return succeed(None)
-
-        def work() -> list:
-            results, names = [], []
-            for box, record, source, _ in jobs:
-                try:
-                    if isinstance(source, bytes):
-                        name, size = self._takeBytes(source, record.headers)
-                    else:
-                        name, size = self._takeFile(source, record.headers, syncDir=False)
-                except Exception:
-                    results.append(Failure())
-                else:
-                    results.append((name, size))
-                    names.append(name)
-            if names:
-                sql = "UPDATE mail_messages SET filename = ?, size = ? WHERE mailbox = ? AND uid = ?"
-                statements = []
-                for (box, record, source, _), result in zip(jobs, results):
-                    if isinstance(result, Failure):
-                        continue
-                    if result[0] == IN_DATABASE:
-                        statements.append((self._PUT_BODY, (source, box.name, record.uid)))
-                    statements.append((sql, (result[0], result[1], box.name, record.uid)))
-                try:
-                    if any(name != IN_DATABASE for name in names):
-                        fsyncDir(self._cur)
-                    self._transaction(statements, durable=True)
-                except BaseException:
-                    self._removeFiles(names)
-                    raise
-            return results
-
-        def done(results: list):
-            orphans = []
-            for (box, record, source, d), result in zip(jobs, results):
-                if isinstance(result, Failure):
-                    fail(result).addErrback(_diskFull).chainDeferred(d)
-                    continue
-                name, size = result
-                current = box.records.get(record.uid)
-                if current is None:
-                    # Expunged while its body was moved in (the expunge
-                    # took the lock first, but left the index after this
-                    # began): its file goes too, and it stays expunged.
-                    orphans.append(name)
-                    d.errback(NoSuchMessage(f"{box.name} {record.uid}"))
-                    continue
-                if size != record.size:
-                    self.log.warn(
-                        "message {uid} in {mailbox} is {size} bytes, {announced} announced",
-                        uid=record.uid,
-                        mailbox=box.name,
-                        size=size,
-                        announced=record.size,
-                    )
-                box.put(replace(current, held=True, size=size), name)
-                d.callback(source if name == IN_DATABASE else os.path.join(self._cur, name))
-            if orphans:
-                # Still under the write lock: no later write sees them.
-                return self.runInThread(self._removeFiles, orphans).addErrback(
-                    lambda f: self.log.failure("removing the bodies of expunged messages failed", f)
-                )
-            return None
-
-        def failed(failure: Failure) -> None:
-            for _, _, _, d in jobs:
-                d.errback(failure)
-
-        return self._change(work).addCallbacks(done, failed)
+        return self._bodies.attach(box, uid, bytes(data))
 
     def updateMeta(self, mailbox: str, uid: int, meta: dict) -> Deferred:
         """
@@ -1052,7 +535,7 @@ class MailStore:
             new = {**record.meta, **meta}
             sql = "UPDATE mail_messages SET meta = ? WHERE mailbox = ? AND uid = ?"
             d = self._change(
-                self._transaction, [(sql, (json.dumps(new), box.name, uid))]
+                self._database.transaction, [(sql, (json.dumps(new), box.name, uid))]
             )
 
             def done(_):
@@ -1105,7 +588,7 @@ class MailStore:
                 self._notify(box.name, "flags", list(changed))
                 return result
 
-            return self._change(self._transaction, statements).addCallback(done)
+            return self._change(self._database.transaction, statements).addCallback(done)
 
         return self._writeLock.run(start)
 
@@ -1138,8 +621,8 @@ class MailStore:
         def work(uids: list, names: list):
             sql = "DELETE FROM mail_messages WHERE mailbox = ? AND uid = ?"
             bodies = "DELETE FROM mail_bodies WHERE mailbox = ? AND uid = ?"
-            self._transaction([(sql, (box.name, u)) for u in uids] + [(bodies, (box.name, u)) for u in uids], durable=True)
-            self._removeFiles(names)
+            self._database.transaction([(sql, (box.name, u)) for u in uids] + [(bodies, (box.name, u)) for u in uids], durable=True)
+            self._files.removeFiles(names)
 
         def start():
             uids = [r.uid for r in records if r.uid in box.records]
@@ -1167,32 +650,13 @@ class MailStore:
         C{IMailStore.body}: the path of the message's file; or its L{bytes},
         for one just pulled and still being written (see
         L{writeBehindBytes}) or one held in the database (see
-        L{DATABASE_BODY}).
+        L{p2pmta.maildir.DATABASE_BODY}).
         """
         try:
             box = self._box(mailbox)
         except Exception:
             return fail()
-        record = box.records.get(uid)
-        if record is None:
-            return fail(BodyUnavailable(f"no message {uid} in {box.name}"))
-        if record.held:
-            name = box.files[uid]
-            if name == IN_DATABASE:
-                return self._bodyFromDatabase(box.name, uid)
-            return succeed(os.path.join(self._cur, name))
-        key = (box.name, uid)
-        pending = self._pendingBodies.get(key)
-        if pending is not None:
-            return succeed(pending)
-        waiter: Deferred = Deferred()
-        waiters = self._fetching.get(key)
-        if waiters is not None:
-            waiters.append(waiter)
-            return waiter
-        self._fetching[key] = [waiter]
-        self._pull(box, record).addBoth(self._pulled, key)
-        return waiter
+        return self._bodies.body(box, uid)
 
     def written(self, mailbox: str, uids) -> Deferred:
         """
@@ -1207,99 +671,4 @@ class MailStore:
             name = self._box(mailbox).name
         except NoSuchMailbox:
             return succeed(None)
-        waiters = []
-        for uid in uids:
-            key = (name, uid)
-            if key in self._pendingBodies:
-                waiter: Deferred = Deferred()
-                self._writeWaiters.setdefault(key, []).append(waiter)
-                waiters.append(waiter)
-        return DeferredList(waiters).addCallback(lambda _: None)
-
-    def _pull(self, box: _Box, record: MessageRecord) -> Deferred:
-        fetcher = self.bodyFetcher
-        if fetcher is None:
-            return fail(BodyUnavailable("nothing can pull message bodies"))
-        key = (box.name, record.uid)
-
-        def attach(pulled):
-            if not isinstance(pulled, bytes):
-                path = os.fsdecode(pulled)
-                d = self.attachBody(box.name, record.uid, path)
-                return d.addCallbacks(attached, refused, errbackArgs=(path,))
-            if not pulled.startswith(record.headers):
-                return refused(Failure(HeaderMismatch("the pulled message")))
-            d = self.attachData(box.name, record.uid, pulled)
-            if self._pendingBytes + len(pulled) > self.writeBehindBytes:
-                return d.addCallbacks(attached, refused).addCallback(lambda _: pulled)
-            # Served from memory while it is written: the sender is told
-            # (attachedHook) only once it is on disk.
-            self._pendingBodies[key] = pulled
-            self._pendingBytes += len(pulled)
-            d.addCallbacks(attached, unwritten)
-            d.addBoth(settled, len(pulled))
-            return pulled
-
-        def refused(f: Failure, path: str | None = None):
-            if path is not None:
-                removeIfThere(path)
-            if f.check(HeaderMismatch):
-                self.log.warn(
-                    "pulled message {uid} in {mailbox} does not match its notification",
-                    uid=record.uid,
-                    mailbox=box.name,
-                )
-                raise BodyUnavailable("the message pulled does not match its notification")
-            if f.check(NoSuchMessage):
-                raise BodyUnavailable("the message was expunged")
-            return f
-
-        def attached(stored: str) -> str:
-            hook = self.attachedHook
-            if hook is not None:
-                try:
-                    hook(box.name, record)
-                except Exception:
-                    self.log.failure("the attached hook failed for {uid}", uid=record.uid)
-            return stored
-
-        def unwritten(f: Failure) -> None:
-            # Its reader has the message already; the next one pulls again.
-            if not f.check(NoSuchMessage):
-                self.log.warn(
-                    "could not store the body of message {uid} of {mailbox}: {why}",
-                    uid=record.uid,
-                    mailbox=box.name,
-                    why=f.getErrorMessage(),
-                )
-
-        def settled(_, size: int) -> None:
-            if self._pendingBodies.pop(key, None) is not None:
-                self._pendingBytes -= size
-            for waiter in self._writeWaiters.pop(key, []):
-                waiter.callback(None)
-
-        return maybeDeferred(fetcher, box.name, record).addCallback(attach)
-
-    def _pulled(self, result, key) -> None:
-        waiters = self._fetching.pop(key, [])
-        if isinstance(result, Failure) and result.check(DiskFull):
-            self.log.warn(
-                "no room to store the body of message {uid} of {mailbox}",
-                uid=key[1],
-                mailbox=key[0],
-            )
-            result = Failure(BodyUnavailable(str(result.value)))
-        if isinstance(result, Failure) and not result.check(BodyUnavailable):
-            self.log.failure(
-                "pulling message {uid} of {mailbox} failed",
-                result,
-                uid=key[1],
-                mailbox=key[0],
-            )
-            result = Failure(BodyUnavailable(str(result.value)))
-        for waiter in waiters:
-            if isinstance(result, Failure):
-                waiter.errback(result)
-            else:
-                waiter.callback(result)
+        return self._bodies.written(name, uids)

@@ -737,12 +737,12 @@ class DiskFullTests(SynchronousTestCase):
         space}, UIDNEXT unchanged, nothing logged as a bug; later APPEND
         works and gets the next UID.
         """
-        real = self.store._writeMessage
+        real = self.store._files.writeMessage
 
         def full(data):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-        self.store._writeMessage = full
+        self.store._files.writeMessage = full
         files = self.files()
         self.assertEqual(
             self.append(b"a", 3), [b"a NO [OVERQUOTA] Not enough disk space"]
@@ -750,7 +750,7 @@ class DiskFullTests(SynchronousTestCase):
         self.assertEqual(self.store.uidNext("INBOX"), 3)
         self.assertEqual(snapshot(self.store), self.before)
         self.assertEqual(self.files(), files)
-        self.store._writeMessage = real
+        self.store._files.writeMessage = real
         lines = self.append(b"b", 3)
         self.assertTrue(
             lines[-1].startswith(
@@ -780,19 +780,19 @@ class DiskFullTests(SynchronousTestCase):
         told = []
         store.bodyFetcher = pull
         store.attachedHook = lambda mailbox, record: told.append(record.uid)
-        real = store._transaction
+        real = store._database.transaction
 
         def full(statements, durable=False):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
         self.session.command(b"n", b"NOOP")
-        store._transaction = full
+        store._database.transaction = full
         files = self.files()
         lines = self.session.command(b"a", b"UID FETCH 3 (BODY.PEEK[])")
         self.assertTrue(lines[-1].startswith(b"a NO [UNAVAILABLE]"), lines)
         self.assertIn(b"disk holding the mail store is full", lines[-1])
         self.assertEqual((told, self.files()), ([], files))
-        store._transaction = real
+        store._database.transaction = real
         lines = self.session.command(b"b", b"UID FETCH 3 (BODY.PEEK[])")
         self.assertIn(data, lines[-2])
         self.assertEqual(told, [3])
@@ -803,12 +803,12 @@ class DiskFullTests(SynchronousTestCase):
         SQLite's "database or disk is full" fails APPEND and STORE the same
         way; the file written for the APPEND is removed.
         """
-        real = self.store._transaction
+        real = self.store._database.transaction
 
         def full(statements, durable=False):
             raise sqlite3.OperationalError("database or disk is full")
 
-        self.store._transaction = full
+        self.store._database.transaction = full
         files = self.files()
         self.assertEqual(
             self.append(b"a", 3), [b"a NO [OVERQUOTA] Not enough disk space"]
@@ -819,7 +819,7 @@ class DiskFullTests(SynchronousTestCase):
         )
         self.assertEqual(self.files(), files)
         self.assertEqual(snapshot(self.store), self.before)
-        self.store._transaction = real
+        self.store._database.transaction = real
         self.assertTrue(self.append(b"c", 3)[-1].startswith(b"c OK [APPENDUID"))
         lines = self.session.command(b"d", b"STORE 1:2 +FLAGS (\\Flagged)")
         self.assertEqual(lines[-1], b"d OK STORE completed")

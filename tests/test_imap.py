@@ -24,13 +24,13 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from p2pmta.address import Address
 from p2pmta.auth import makePortal
-from p2pmta.errors import BodyUnavailable
+from p2pmta.errors import BodyUnavailable, DiskFull
 from p2pmta import imapselected
 from p2pmta.imap import IMAPFactory
 from p2pmta.imapaccount import Account
 from p2pmta.imapfetch import MAX_MIME_DEPTH, parseStructure
 from p2pmta.imapsearch import Args, BadCommand, parseSequenceSet, resolveSet
-from p2pmta.mailstore import DiskFull, MailStore
+from p2pmta.mailstore import MailStore
 
 USER, PASSWORD = "alice@demo", "secret"
 
@@ -483,13 +483,13 @@ class IMAPServerTests(TestCase):
         [uid] = yield self.announce(1)
         self.assertEqual(uid % 2, 1, "the fake puller returns odd UIDs' messages as bytes")
         disk = threading.Event()
-        take = self.store._takeBytes
+        take = self.store._files.takeBytes
 
         def slowDisk(data, headers):
             disk.wait(10)
             return take(data, headers)
 
-        self.store._takeBytes = slowDisk
+        self.store._files.takeBytes = slowDisk
 
         def session():
             client = self.raw()
