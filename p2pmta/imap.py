@@ -61,12 +61,13 @@ from twisted.mail.imap4 import IAccount
 from twisted.protocols import policies
 from twisted.python.failure import Failure
 
-from p2pmta import imapfetch, imapsearch
+from p2pmta import imapfetch, imapsyntax
 from p2pmta.errors import BodyUnavailable, DiskFull, NoSuchMailbox
 from p2pmta.imapaccount import Account, MailboxInfo, makeAccount
 from p2pmta.imapreader import MAX_COMMAND, MAX_LINE, STATES, TAG, CommandReader
-from p2pmta.imapsearch import Args, BadCommand, No, SelectedMailbox, TooComplex
+from p2pmta.imapmailbox import SelectedMailbox
 from p2pmta.imapselected import SelectedCommands
+from p2pmta.imapsyntax import Args, BadCommand, No, TooComplex
 from p2pmta.mailindex import splitHeaders
 
 # Account, MailboxInfo and makeAccount (p2pmta.imapaccount), MAX_COMMAND
@@ -458,9 +459,9 @@ class IMAPServer(protocol.Protocol, policies.TimeoutMixin, SelectedCommands):
 
     async def do_LIST(self, args: Args, uid: bool, command: bytes = b"LIST") -> bytes:
         args.sp()
-        ref = imapsearch.decodeMailbox(args.astring(), pattern=True)
+        ref = imapsyntax.decodeMailbox(args.astring(), pattern=True)
         args.sp()
-        pattern = imapsearch.decodeMailbox(args.listMailbox(), pattern=True)
+        pattern = imapsyntax.decodeMailbox(args.listMailbox(), pattern=True)
         args.end()
         if not pattern:
             self._send(b"* " + command + b' (\\Noselect) "/" ""')
@@ -515,7 +516,7 @@ class IMAPServer(protocol.Protocol, policies.TimeoutMixin, SelectedCommands):
         if args.peek() == b"(":
             flags = args.flagList()
             args.sp()
-        date = imapsearch.parseDateTime(args)
+        date = imapsyntax.parseDateTime(args)
         if date is not None:
             args.sp()
         if args.peek() is not None:

@@ -3,7 +3,7 @@
 The IMAP avatar of the peer's one user: an L{Account} over the mail store's
 fixed mailboxes (Twisted's L{twisted.mail.imap4.IAccount}, which the cred
 realm hands out), and the L{MailboxInfo} LIST shows of each.  Selecting a
-mailbox gives the session its own L{p2pmta.imapsearch.SelectedMailbox}.
+mailbox gives the session its own L{p2pmta.imapmailbox.SelectedMailbox}.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from twisted.mail.imap4 import (
 )
 from zope.interface import implementer
 
-from p2pmta import imapsearch
-from p2pmta.imapsearch import SelectedMailbox
+from p2pmta import imapsyntax
+from p2pmta.imapmailbox import SelectedMailbox
 from p2pmta.errors import NoSuchMailbox
 
 
@@ -35,7 +35,7 @@ class MailboxInfo:
         self.attributes = ["\\HasNoChildren", *attributes]
 
     def getFlags(self) -> list:
-        return list(imapsearch.SYSTEM_FLAGS)
+        return list(imapsyntax.SYSTEM_FLAGS)
 
     def getHierarchicalDelimiter(self) -> str:
         return "/"

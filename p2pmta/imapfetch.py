@@ -37,7 +37,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from p2pmta.errors import BodyUnavailable
-from p2pmta.imapsearch import Args, BadCommand, flagList
+from p2pmta.imapsyntax import Args, BadCommand, flagList
 
 _log = Logger()
 

@@ -19,8 +19,8 @@ import re
 
 from twisted.internet.defer import Deferred
 
-from p2pmta import imapsearch
-from p2pmta.imapsearch import BadCommand
+from p2pmta import imapsyntax
+from p2pmta.imapsyntax import BadCommand
 
 #: The longest command line accepted (without its CRLF).
 MAX_LINE = 64 * 1024
@@ -51,7 +51,7 @@ STATES = {
 class CommandReader:
     """
     Reads one session's commands: lines, and literals as
-    L{imapsearch.Literal}s, into the parts L{imapsearch.Args} reads.
+    L{imapsyntax.Literal}s, into the parts L{imapsyntax.Args} reads.
 
     The reader calls back into its session: C{_execute(parts)} with each
     whole command, C{_send(line)} for what it answers itself (BAD, the
@@ -122,7 +122,7 @@ class CommandReader:
                 self._literalLeft -= len(chunk)
                 if not self._literalLeft:
                     self._parts.append(
-                        imapsearch.Literal(b"".join(self._literalChunks))
+                        imapsyntax.Literal(b"".join(self._literalChunks))
                     )
                     self._literalChunks = []
                 continue
@@ -228,7 +228,7 @@ class CommandReader:
             session._send(b"+ Ready for literal data")
         self._literalLeft = size
         if not size:
-            self._parts.append(imapsearch.Literal(b""))
+            self._parts.append(imapsyntax.Literal(b""))
 
     def _refusal(self, line: bytes) -> bytes | None:
         """

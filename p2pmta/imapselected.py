@@ -6,7 +6,7 @@ FETCH, which work on the session's selected mailbox.  L{SelectedCommands}
 is mixed into L{p2pmta.imap.IMAPServer}, which reads and runs them.
 
 Messages named by sequence number are resolved against the session's own
-view (L{p2pmta.imapsearch.SelectedMailbox}); one expunged by another
+view (L{p2pmta.imapmailbox.SelectedMailbox}); one expunged by another
 session meanwhile makes the command end C{NO [EXPUNGEISSUED]}.  FETCH
 answers in windows of messages of about L{BODY_WINDOW} bytes together: the
 bodies of one window are had (and pulled, if need be) while the one before
@@ -20,9 +20,10 @@ import re
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
-from p2pmta import imapfetch, imapsearch
+from p2pmta import imapfetch, imapsearch, imapsyntax
 from p2pmta.errors import BodyUnavailable
-from p2pmta.imapsearch import Args, BadCommand, No, SelectedMailbox
+from p2pmta.imapmailbox import SelectedMailbox
+from p2pmta.imapsyntax import Args, BadCommand, No
 
 #: About how many bytes of bodies one FETCH holds at a time: it answers in
 #: windows of messages this big together (one at least), the next
@@ -148,7 +149,7 @@ class SelectedCommands:
                     extra = b" UID %d" % u if uid else b""
                     self._send(
                         b"* %d FETCH (FLAGS %s%s)"
-                        % (seq, imapsearch.flagList(result[u]), extra)
+                        % (seq, imapsyntax.flagList(result[u]), extra)
                     )
         if gone:
             raise No(b"[EXPUNGEISSUED] Some messages were expunged meanwhile")
@@ -171,8 +172,8 @@ class SelectedCommands:
             return b"OK COPY completed"
         return b"OK [COPYUID %d %s %s] COPY completed" % (
             store.uidValidity(destination),
-            imapsearch.formatSet(a for a, _ in pairs),
-            imapsearch.formatSet(b for _, b in pairs),
+            imapsyntax.formatSet(a for a, _ in pairs),
+            imapsyntax.formatSet(b for _, b in pairs),
         )
 
     async def do_FETCH(self, args: Args, uid: bool) -> bytes:

@@ -1,8 +1,8 @@
 """
 Tests for L{p2pmta.imap}, L{p2pmta.imapreader}, L{p2pmta.imapselected},
-L{p2pmta.imapfetch} and L{p2pmta.imapsearch}: the stdlib C{imaplib} (in a
-thread) and raw sockets against a real server on 127.0.0.1 over a real
-L{MailStore}.
+L{p2pmta.imapfetch}, L{p2pmta.imapsearch} and L{p2pmta.imapmailbox}: the
+stdlib C{imaplib} (in a thread) and raw sockets against a real server on
+127.0.0.1 over a real L{MailStore}.
 """
 
 import imaplib
@@ -29,7 +29,6 @@ from p2pmta import imapselected
 from p2pmta.imap import IMAPFactory
 from p2pmta.imapaccount import Account
 from p2pmta.imapfetch import MAX_MIME_DEPTH, parseStructure
-from p2pmta.imapsearch import Args, BadCommand, parseSequenceSet, resolveSet
 from p2pmta.mailstore import MailStore
 
 USER, PASSWORD = "alice@demo", "secret"
@@ -1162,33 +1161,6 @@ class ParsingTests(SynchronousTestCase):
     """
     Tests for the argument parsers.
     """
-
-    def test_sequenceSets(self):
-        """
-        Sequence sets are resolved against the ids held only, clamped.
-        """
-        ids = [3, 7, 9]
-        self.assertEqual(
-            resolveSet(parseSequenceSet(b"1:99999999999999999999"), ids), ids
-        )
-        self.assertEqual(resolveSet(parseSequenceSet(b"*"), ids), [9])
-        self.assertEqual(resolveSet(parseSequenceSet(b"8:4"), ids), [7])
-        self.assertEqual(resolveSet(parseSequenceSet(b"100:*"), ids), [9])
-        self.assertEqual(resolveSet(parseSequenceSet(b"1,9"), range(1, 4)), [1])
-        for bad in (b"0", b"1:0", b"a", b"1,", b"1::2", b""):
-            self.assertRaises(BadCommand, parseSequenceSet, bad)
-
-    def test_quotedAndLiteral(self):
-        """
-        Quoted strings unescape; literals are read as they were collected.
-        """
-        from p2pmta.imapsearch import Literal
-
-        args = Args([b'"a \\"b\\" \\\\c" ', Literal(b"lit\r\neral"), b""])
-        self.assertEqual(args.astring(), b'a "b" \\c')
-        args.sp()
-        self.assertEqual(args.astring(), b"lit\r\neral")
-        args.end()
 
     def test_structureOfEmptyFile(self):
         """
