@@ -98,7 +98,7 @@ _BY_SEQUENCE = (b"FETCH", b"STORE", b"SEARCH", b"COPY")
 
 
 def mailboxName(name: str) -> bytes:
-    return imapfetch.quote(name.encode("imap4-utf-7"))
+    return imapsyntax.quote(name.encode("imap4-utf-7"))
 
 
 class IMAPServer(protocol.Protocol, policies.TimeoutMixin, SelectedCommands):

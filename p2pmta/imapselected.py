@@ -20,7 +20,7 @@ import re
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
-from p2pmta import imapfetch, imapsearch, imapsyntax
+from p2pmta import imapfetch, imapsearch, imapsyntax, piecesender
 from p2pmta.errors import BodyUnavailable
 from p2pmta.imapmailbox import SelectedMailbox
 from p2pmta.imapsyntax import Args, BadCommand, No
@@ -46,7 +46,7 @@ class SelectedCommands:
     C{_checkMailbox}, leave the Selected state with C{_deselect}, and
     stream FETCH responses to its C{transport} while it can write (not
     C{_outputFull} nor C{_closed}; C{_close} if writing fails), through a
-    L{imapfetch.PieceSender} it keeps as C{_sender}.
+    L{piecesender.PieceSender} it keeps as C{_sender}.
     """
 
     def _requireSelected(self) -> SelectedMailbox:
@@ -260,7 +260,7 @@ class SelectedCommands:
                 seen = set(unseen)
         vanished: list = []
         pieces = imapfetch.fetchPieces(store, box.name, live, items, files, structures, seen, vanished)
-        self._sender = imapfetch.PieceSender(
+        self._sender = piecesender.PieceSender(
             self.transport,
             pieces,
             canWrite=lambda: not (self._outputFull or self._closed),

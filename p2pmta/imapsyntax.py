@@ -1,7 +1,8 @@
 # -*- test-case-name: tests.test_imapsyntax,tests.test_imap -*-
 """
 The IMAP syntax (RFC 3501 section 9) a session reads and writes: the
-arguments of commands, and the flag lists and sequence sets of its answers.
+arguments of commands, and the strings, parenthesised lists, flag lists
+and sequence sets of its answers.
 
 L{Args} reads the arguments of one command: text and literals as the
 server's reader collected them.  Every syntax error raises L{BadCommand}, which
@@ -283,6 +284,49 @@ def formatSet(numbers) -> bytes:
     if run:
         out.append(run)
     return b",".join(b"%d" % a if a == b else b"%d:%d" % (a, b) for a, b in out)
+
+
+def toBytes(value: str) -> bytes:
+    """
+    Header text back to its bytes (the parser keeps 8-bit bytes as
+    surrogates).
+    """
+    try:
+        return value.encode("ascii", "surrogateescape")
+    except UnicodeEncodeError:
+        return value.encode("utf-8", "surrogateescape")
+
+
+def quote(value: bytes | None) -> bytes:
+    """
+    An nstring: C{NIL}, a quoted string, or a literal for bytes a quoted
+    string cannot hold.
+    """
+    if value is None:
+        return b"NIL"
+    if len(value) > 1000 or any(c in b"\r\n\0" or c > 0x7F for c in value):
+        return b"{%d}\r\n%s" % (len(value), value)
+    return b'"' + value.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
+
+
+def sexp(items) -> bytes:
+    """
+    A parenthesised list of nested lists, L{bytes} (quoted), L{str}
+    (quoted), L{int} and L{None}.
+    """
+    out = []
+    for item in items:
+        if item is None:
+            out.append(b"NIL")
+        elif isinstance(item, int):
+            out.append(b"%d" % item)
+        elif isinstance(item, str):
+            out.append(quote(toBytes(item)))
+        elif isinstance(item, bytes):
+            out.append(quote(item))
+        else:
+            out.append(sexp(item))
+    return b"(" + b" ".join(out) + b")"
 
 
 def decodeMailbox(name: bytes, pattern: bool = False) -> str:

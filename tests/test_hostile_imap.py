@@ -43,11 +43,11 @@ from p2pmta.address import Address
 from p2pmta.auth import makePortal
 from p2pmta.imap import IMAPFactory
 from p2pmta.imapaccount import Account
-from p2pmta.imapfetch import MAX_MIME_DEPTH, MAX_MIME_PARTS, describe
 from p2pmta.imapreader import MAX_COMMAND, MAX_LINE
 from p2pmta.imapsearch import MAX_SEARCH_KEYS, MAX_TEXT_KEYS
 from p2pmta.imapsyntax import parseSequenceSet, resolveSet
 from p2pmta.mailstore import MailStore
+from p2pmta.mimestructure import MAX_MIME_DEPTH, MAX_MIME_PARTS, describe
 from tests.peers import PeerHarness
 from tests.test_imap import PASSWORD, USER, RawClient, headersOf, message
 

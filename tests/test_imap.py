@@ -1,8 +1,8 @@
 """
 Tests for L{p2pmta.imap}, L{p2pmta.imapreader}, L{p2pmta.imapselected},
-L{p2pmta.imapfetch}, L{p2pmta.imapsearch} and L{p2pmta.imapmailbox}: the
-stdlib C{imaplib} (in a thread) and raw sockets against a real server on
-127.0.0.1 over a real L{MailStore}.
+L{p2pmta.imapfetch}, L{p2pmta.imapsearch}, L{p2pmta.imapmailbox} and
+L{p2pmta.piecesender}: the stdlib C{imaplib} (in a thread) and raw sockets
+against a real server on 127.0.0.1 over a real L{MailStore}.
 """
 
 import imaplib
@@ -20,7 +20,7 @@ from twisted.internet.task import deferLater
 from twisted.internet.threads import blockingCallFromThread, deferToThread
 from twisted.mail.imap4 import IAccount
 from twisted.python.threadpool import ThreadPool
-from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.trial.unittest import TestCase
 
 from p2pmta.address import Address
 from p2pmta.auth import makePortal
@@ -28,8 +28,8 @@ from p2pmta.errors import BodyUnavailable, DiskFull
 from p2pmta import imapselected
 from p2pmta.imap import IMAPFactory
 from p2pmta.imapaccount import Account
-from p2pmta.imapfetch import MAX_MIME_DEPTH, parseStructure
 from p2pmta.mailstore import MailStore
+from p2pmta.mimestructure import MAX_MIME_DEPTH
 
 USER, PASSWORD = "alice@demo", "secret"
 
@@ -1155,18 +1155,3 @@ class IMAPServerTests(TestCase):
         self.assertEqual(record.flags, {"\\Seen", "$Label1"})
         self.assertEqual(record.internalDate, 1707123600.0)
         self.assertEqual(self.store.messages("Outbox"), [])
-
-
-class ParsingTests(SynchronousTestCase):
-    """
-    Tests for the argument parsers.
-    """
-
-    def test_structureOfEmptyFile(self):
-        """
-        An empty message file has a structure too.
-        """
-        path = self.mktemp()
-        with open(path, "wb"):
-            pass
-        self.assertEqual(parseStructure(path).ctype, "text/plain")
