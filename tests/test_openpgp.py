@@ -20,7 +20,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import TestCase
 
-from p2pmta import openpgp
 from p2pmta.crypto import _KEY_PARAMETERS
 from p2pmta.errors import BadKey, BadSignature, DecryptionFailed
 from p2pmta.openpgp import (
@@ -32,6 +31,7 @@ from p2pmta.openpgp import (
     sign,
     verify,
 )
+from p2pmta.openpgp.packets import lengthBytes, packetBytes, readPackets
 
 GPG = shutil.which("gpg")
 
@@ -95,11 +95,11 @@ def _encrypt(data: bytes, recipients, **options) -> bytes:
 
 
 def _literal(data: bytes) -> bytes:
-    return openpgp._packet(11, b"b\x00\x00\x00\x00\x00" + data)
+    return packetBytes(11, b"b\x00\x00\x00\x00\x00" + data)
 
 
 def _compressed(inner: bytes, algorithm: int = 2) -> bytes:
-    return openpgp._packet(8, bytes([algorithm]) + zlib.compress(inner))
+    return packetBytes(8, bytes([algorithm]) + zlib.compress(inner))
 
 
 def _seipd(key: bytes, inner: bytes, mdc: bytes | None = None, tag=18) -> bytes:
@@ -111,7 +111,7 @@ def _seipd(key: bytes, inner: bytes, mdc: bytes | None = None, tag=18) -> bytes:
         mdc = hashlib.sha1(plain).digest()
     encryptor = Cipher(algorithms.AES(key), CFB(bytes(16))).encryptor()
     body = encryptor.update(plain + mdc) + encryptor.finalize()
-    return openpgp._packet(tag, (b"\x01" if tag == 18 else b"") + body)
+    return packetBytes(tag, (b"\x01" if tag == 18 else b"") + body)
 
 
 def _kill(home: str) -> None:
@@ -313,14 +313,14 @@ class KeyTests(_GPGTestCase):
 
     def test_foreignSubkey(self):
         """A subkey bound by another primary key is not used: BadKey."""
-        alice = openpgp._packets(self.public["alice"])
-        bob = openpgp._packets(self.public["bob"])
-        forged = b"".join(openpgp._packet(t, b) for t, b in alice[:3] + bob[3:])
+        alice = readPackets(self.public["alice"])
+        bob = readPackets(self.public["bob"])
+        forged = b"".join(packetBytes(t, b) for t, b in alice[:3] + bob[3:])
         self.assertEqual(len(alice), 5)
         self.assertRaises(BadKey, PublicKey.fromExport, forged)
-        unbound = b"".join(openpgp._packet(t, b) for t, b in alice[:4])
+        unbound = b"".join(packetBytes(t, b) for t, b in alice[:4])
         self.assertRaises(BadKey, PublicKey.fromExport, unbound)
-        same = b"".join(openpgp._packet(t, b) for t, b in alice)
+        same = b"".join(packetBytes(t, b) for t, b in alice)
         self.assertEqual(PublicKey.fromExport(same), self.pubs["alice"])
 
     def test_revokedKey(self):
@@ -592,8 +592,8 @@ class HostileTests(_GPGTestCase):
             _seipd(key, inner, mdc=b"\xd3\x14" + bytes(20)),
             _seipd(key, inner, mdc=b"\xd3\x13" + hashlib.sha1(inner).digest()),
             _seipd(key, b"", mdc=b""),
-            openpgp._packet(18, b"\x01"),
-            openpgp._packet(18, b"\x02" + _seipd(key, inner)[3:]),
+            packetBytes(18, b"\x01"),
+            packetBytes(18, b"\x02" + _seipd(key, inner)[3:]),
         ]:
             self.assertFails(message, sessionKey=key)
 
@@ -628,15 +628,15 @@ class HostileTests(_GPGTestCase):
         self.assertEqual(_decrypt(once, sessionKey=key), b"data")
         raw = zlib.compressobj(wbits=-15)
         zipped = b"\x01" + raw.compress(_literal(b"zip")) + raw.flush()
-        zipped = _seipd(key, openpgp._packet(8, zipped))
+        zipped = _seipd(key, packetBytes(8, zipped))
         self.assertEqual(_decrypt(zipped, sessionKey=key), b"zip")
         for inner in [
             _compressed(_compressed(_literal(b"data"))),
             _compressed(_literal(b"data"), algorithm=3),
             _compressed(_literal(b"data"), algorithm=0),
             _compressed(b""),
-            openpgp._packet(8, b"\x02" + zlib.compress(_literal(b"data"))[:-1]),
-            openpgp._packet(8, b"\x02" + zlib.compress(_literal(b"data")) + b"\0"),
+            packetBytes(8, b"\x02" + zlib.compress(_literal(b"data"))[:-1]),
+            packetBytes(8, b"\x02" + zlib.compress(_literal(b"data")) + b"\0"),
             _compressed(_literal(b"data") + b"\0"),
         ]:
             self.assertFails(_seipd(key, inner), sessionKey=key)
@@ -646,18 +646,18 @@ class HostileTests(_GPGTestCase):
         key = os.urandom(32)
         good = _encrypt(b"data", [self.pubs["alice"]], sessionKey=key)
         self.assertEqual(_decrypt(good, sessionKey=key), b"data")
-        pkesk = openpgp._packet(*openpgp._packets(good)[0])
-        marker = openpgp._packet(10, b"PGP")
+        pkesk = packetBytes(*readPackets(good)[0])
+        marker = packetBytes(10, b"PGP")
         signature = sign(b"data", self.keys["alice"])
         for inner in [
             marker + _literal(b"data"),
             _literal(b"data") + _literal(b"data"),
             _literal(b"data") + signature,
             signature + _literal(b"data"),
-            openpgp._packet(4, b"\x03\x00\x0a\x16" + bytes(9)) + _literal(b"data"),
+            packetBytes(4, b"\x03\x00\x0a\x16" + bytes(9)) + _literal(b"data"),
             _literal(b"data") + b"\0",
-            openpgp._packet(11, b"x\x00\x00\x00\x00\x00data"),
-            openpgp._packet(11, b"b\x05\x00"),
+            packetBytes(11, b"x\x00\x00\x00\x00\x00data"),
+            packetBytes(11, b"b\x05\x00"),
             b"",
             _seipd(key, _literal(b"data")),
         ]:
@@ -666,7 +666,7 @@ class HostileTests(_GPGTestCase):
             marker + good,
             good + b"\0",
             good + good,
-            openpgp._packet(13, b"alice@demo") + good,
+            packetBytes(13, b"alice@demo") + good,
             _literal(b"data"),
             pkesk,
             b"",
@@ -678,11 +678,11 @@ class HostileTests(_GPGTestCase):
         """Absurd lengths and abused partial lengths fail."""
         key = os.urandom(32)
         good = _encrypt(os.urandom(2000), [self.pubs["alice"]], sessionKey=key)
-        pkesk, seipd = openpgp._packets(good)
+        pkesk, seipd = readPackets(good)
         body = seipd[1]
         for message in [
             b"\xc1\xff\xff\xff\xff\xff" + pkesk[1],  # PKESK of 4 GB
-            openpgp._packet(1, pkesk[1] + bytes(1 << 16)) + openpgp._packet(18, body),
+            packetBytes(1, pkesk[1] + bytes(1 << 16)) + packetBytes(18, body),
             b"\xc1\xe9"
             + pkesk[1]
             + bytes(512 - len(pkesk[1]))
@@ -691,16 +691,16 @@ class HostileTests(_GPGTestCase):
             b"\xd2\xff\xff\xff\xff\xff" + body,  # SEIPD of 4 GB
             b"\xd2\xe8"
             + body[:256]
-            + openpgp._lengthBytes(len(body) - 256)
+            + lengthBytes(len(body) - 256)
             + body[256:],
             b"\xd2\xfe" + body,  # a 1 GB chunk, cut short
             b"\xd2\xe9" + body[:512],  # a partial chunk, then nothing
             b"\xd2\xdf\xff" + body,
         ]:
             self.assertFails(message, sessionKey=key)
-        self.assertFails(openpgp._packet(1, pkesk[1]) * 1001 + openpgp._packet(*seipd))
+        self.assertFails(packetBytes(1, pkesk[1]) * 1001 + packetBytes(*seipd))
         self.assertEqual(
-            _decrypt(openpgp._packet(*seipd), sessionKey=key),
+            _decrypt(packetBytes(*seipd), sessionKey=key),
             _decrypt(good, sessionKey=key),
         )
         huge = b"\xcb\xff\xff\xff\xff\xf0b\x00\x00\x00\x00\x00data"
@@ -711,9 +711,9 @@ class HostileTests(_GPGTestCase):
     def test_badPKESK(self):
         """A PKESK with another key id, algorithm or padding gives no session key."""
         good = _encrypt(b"data", [self.pubs["alice"]])
-        pkesk, seipd = openpgp._packets(good)
+        pkesk, seipd = readPackets(good)
         wildcard = pkesk[1][:1] + bytes(8) + pkesk[1][9:]
-        message = openpgp._packet(1, wildcard) + openpgp._packet(18, seipd[1])
+        message = packetBytes(1, wildcard) + packetBytes(18, seipd[1])
         self.assertEqual(_decrypt(message, secretKey=self.keys["alice"]), b"data")
         for body in [
             b"\x02" + pkesk[1][1:],
@@ -723,7 +723,7 @@ class HostileTests(_GPGTestCase):
             pkesk[1][:10],
             b"",
         ]:
-            self.assertFails(openpgp._packet(1, body) + openpgp._packet(18, seipd[1]))
+            self.assertFails(packetBytes(1, body) + packetBytes(18, seipd[1]))
 
 
 class FuzzTests(_GPGTestCase):
