@@ -82,3 +82,11 @@ def groupKey(gname: str) -> str:
     @return: the DHT key of the descriptor of group C{gname}.
     """
     return f"group:{gname.lower()}"
+
+
+def asAddress(address) -> Address:
+    """
+    @return: C{address} if it is an L{Address}, else C{str(address)} parsed.
+    @raise BadAddress: if that is not an address.
+    """
+    return address if isinstance(address, Address) else Address.parse(str(address))

@@ -11,24 +11,16 @@ import subprocess
 import tempfile
 import time
 
-from hypothesis import given
-from hypothesis import strategies as st
 from twisted.internet import reactor
-from twisted.internet.defer import CancelledError, gatherResults
+from twisted.internet.defer import gatherResults
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.threadpool import ThreadPool
-from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.trial.unittest import TestCase
 from zope.interface.verify import verifyObject
 
 from p2pmta.address import Address
-from p2pmta.crypto import (
-    MAX_HOME_LENGTH,
-    Keyring,
-    _ReadWriteLock,
-    _uidEmail,
-    fingerprintOf,
-)
+from p2pmta.crypto import MAX_HOME_LENGTH, Keyring
 from p2pmta.errors import (
     BadAddress,
     BadKey,
@@ -38,10 +30,10 @@ from p2pmta.errors import (
     KeyMismatch,
     UnknownKey,
 )
+from p2pmta.gpg import fingerprintOf
 from p2pmta.interfaces import IKeyring
 
 GPG = shutil.which("gpg")
-_EMAIL = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+@[A-Za-z0-9.-]+"
 
 
 def _gpg(home, *args, input=None):
@@ -136,65 +128,6 @@ def _withoutMDC(message, sessionKey, plaintext):
     )
     body = Cipher(algorithms.AES(key), CFB(head[2:18])).encryptor().update(literal)
     return _sessionKeyPackets(message) + _packet(9, head + body)
-
-
-class ReadWriteLockTests(SynchronousTestCase):
-    """
-    Tests for L{_ReadWriteLock}.
-    """
-
-    def test_sharedTogetherExclusiveAlone(self):
-        """
-        Shared holders share; an exclusive one waits for them, and later
-        shared requests wait behind it.
-        """
-        lock = _ReadWriteLock()
-        fired = []
-        lock.acquire(False).addCallback(lambda _: fired.append("r1"))
-        lock.acquire(False).addCallback(lambda _: fired.append("r2"))
-        lock.acquire(True).addCallback(lambda _: fired.append("w"))
-        lock.acquire(False).addCallback(lambda _: fired.append("r3"))
-        self.assertEqual(fired, ["r1", "r2"])
-        lock.release(False)
-        self.assertEqual(fired, ["r1", "r2"])
-        lock.release(False)
-        self.assertEqual(fired, ["r1", "r2", "w"])
-        lock.release(True)
-        self.assertEqual(fired, ["r1", "r2", "w", "r3"])
-
-    def test_cancelWaiting(self):
-        """
-        Cancelling a waiting exclusive request lets the shared ones behind it in.
-        """
-        lock = _ReadWriteLock()
-        lock.acquire(False)
-        waiting = lock.acquire(True)
-        behind = lock.acquire(False)
-        self.assertNoResult(behind)
-        waiting.cancel()
-        self.failureResultOf(waiting, CancelledError)
-        self.successResultOf(behind)
-
-
-class UserIdTests(SynchronousTestCase):
-    """
-    Tests for L{_uidEmail}.
-    """
-
-    @given(st.from_regex(_EMAIL, fullmatch=True), st.sampled_from(["", "Bob ", "A B "]))
-    def test_email(self, address, name):
-        """
-        The address of C{address}, C{<address>} and C{Name <address>} is C{address}.
-        """
-        self.assertEqual(_uidEmail(address), address.lower())
-        self.assertEqual(_uidEmail(f"{name}<{address}>"), address.lower())
-
-    def test_notAnAddress(self):
-        """
-        A user id without an address has no address.
-        """
-        self.assertIsNone(_uidEmail("Alice"))
-        self.assertIsNone(_uidEmail("Alice x@y z"))
 
 
 class KeyringTests(TestCase):

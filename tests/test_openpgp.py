@@ -20,8 +20,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import TestCase
 
-from p2pmta.crypto import _KEY_PARAMETERS
 from p2pmta.errors import BadKey, BadSignature, DecryptionFailed
+from p2pmta.gpg import KEY_PARAMETERS
 from p2pmta.openpgp import (
     PublicKey,
     SecretKey,
@@ -136,7 +136,7 @@ def _keys() -> dict:
         for name in ("alice", "bob", "carol"):
             home = os.path.join(root, name)
             os.mkdir(home, 0o700)
-            parameters = _KEY_PARAMETERS.format(address=f"{name}@demo").encode()
+            parameters = KEY_PARAMETERS.format(address=f"{name}@demo").encode()
             result = _gpg(home, "--gen-key", input=parameters)
             exports = [
                 _gpg(home, *args).stdout

@@ -15,9 +15,10 @@ we write and we read what gpg writes:
     and a SEIPD v1 packet (AES-256, with MDC) around an optional ZLIB
     compressed packet around a binary literal packet, streaming;
   - L{decrypt} reads such messages (from us or from gpg), streaming, and
-    raises L{DecryptionFailed} for anything else;
+    raises L{p2pmta.errors.DecryptionFailed} for anything else;
   - L{sign} and L{verify} make and check detached v4 EdDSA signatures of
-    binary data.
+    binary data;
+  - L{armor} puts ASCII armour on (as gpg does), L{unarmor} takes it off.
 
 All functions block and are pure; run them in a thread.  L{decrypt} writes
 plaintext before the MDC at the end of the message is checked: after a
@@ -47,12 +48,13 @@ L{p2pmta.openpgp.encryption}; this one names what the rest of p2pmta uses.
 
 from p2pmta.openpgp.encryption import decrypt, encrypt, parseSessionKey
 from p2pmta.openpgp.keys import PublicKey, SecretKey
-from p2pmta.openpgp.packets import unarmor
+from p2pmta.openpgp.packets import armor, unarmor
 from p2pmta.openpgp.signatures import sign, verify
 
 __all__ = [
     "PublicKey",
     "SecretKey",
+    "armor",
     "decrypt",
     "encrypt",
     "parseSessionKey",

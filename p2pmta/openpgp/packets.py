@@ -244,3 +244,23 @@ def dearmor(data: bytes) -> bytes:
         if not line.startswith("="):  # the CRC-24 line
             body.append(line)
     raise Malformed("armour not ended")
+
+
+def _crc24(data: bytes) -> int:
+    crc = 0xB704CE
+    for byte in data:
+        crc ^= byte << 16
+        for _ in range(8):
+            crc <<= 1
+            if crc & 0x1000000:
+                crc ^= 0x1864CFB
+    return crc & 0xFFFFFF
+
+
+def armor(data: bytes, kind: str) -> bytes:
+    """ASCII armour (RFC 4880, section 6), as gpg writes it."""
+    body = base64.b64encode(data).decode("ascii")
+    lines = [body[i : i + 64] for i in range(0, len(body), 64)]
+    checksum = base64.b64encode(_crc24(data).to_bytes(3, "big")).decode("ascii")
+    text = "\n".join([f"-----BEGIN {kind}-----", "", *lines, "=" + checksum, f"-----END {kind}-----", ""])
+    return text.encode("ascii")
