@@ -244,7 +244,7 @@ class Keyring:
         if not exported:
             raise CryptoError(f"cannot export our key {fpr}")
         self._publicKey = exported.encode("ascii")
-        self._pins.record(self.address, fpr, now)
+        self._pins.pin(self.address, fpr, now)
         self._secret = self._loadSecret(fpr)
         return fpr, generated, seconds
 

@@ -65,18 +65,13 @@ class Pins:
             self._pins[address] = row[0]
         return row[0] if row else None
 
-    def record(self, address: str, fingerprint: str, now: float) -> None:
+    def pin(self, address: str, fingerprint: str, now: float) -> None:
         """
         Write down that C{fingerprint} is pinned for C{address}, seen at
-        C{now} (and first seen then, if no key was pinned for it), without
-        touching the cache.
+        C{now} (and first seen then, if no key was pinned for it).
         """
         with self._db() as db, db:
             db.execute(_UPSERT, (address, fingerprint, now, now))
-
-    def pin(self, address: str, fingerprint: str, now: float) -> None:
-        """L{record} the pin, and cache it."""
-        self.record(address, fingerprint, now)
         self._pins[address] = fingerprint
 
     def seen(self, addresses) -> None:

@@ -6,10 +6,12 @@ import logging
 import os
 import resource
 import shutil
+import sqlite3
 import stat
 import subprocess
 import tempfile
 import time
+from contextlib import closing
 
 from twisted.internet import reactor
 from twisted.internet.defer import gatherResults
@@ -220,6 +222,21 @@ class KeyringTests(TestCase):
         os.remove(os.path.join(home, "pins.sqlite"))
         second = await self.keyring("alice@demo", home)
         self.assertEqual(second.fingerprint, first.fingerprint)
+
+    async def test_reopenAfterLostSecret(self):
+        """
+        When our address is pinned to a key whose secret is gone, the key
+        that has one is used, and our pin then names it.
+        """
+        home = os.path.join(self.tempdir(), "g")
+        first = await Keyring.open(reactor, home, "alice@demo", self.pool)
+        await first.close()
+        lost = "0" * 40
+        with closing(sqlite3.connect(os.path.join(home, "pins.sqlite"))) as db, db:
+            db.execute("UPDATE pins SET fingerprint = ? WHERE address = ?", (lost, "alice@demo"))
+        second = await self.keyring("alice@demo", home)
+        self.assertEqual(second.fingerprint, first.fingerprint)
+        self.assertEqual(await second.pinned("alice@demo"), first.fingerprint)
 
     async def test_longHome(self):
         """
