@@ -3,11 +3,6 @@
 One exception tree for p2pmta.  Each docstring is the sentence a user sees.
 """
 
-import errno
-import sqlite3
-
-from twisted.python.failure import Failure
-
 
 class P2PMTAError(Exception):
     """Something went wrong in p2pmta."""
@@ -80,22 +75,6 @@ class NoSuchMailbox(StoreError):
 
 class DiskFull(StoreError):
     """The disk holding the mail store is full."""
-
-
-def translateDiskFull(failure: Failure):
-    """
-    Translate a full disk or quota (C{ENOSPC}, C{EDQUOT}, SQLite's
-    C{SQLITE_FULL}) into L{DiskFull}; pass other failures on.
-    """
-    e = failure.value
-    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-        raise DiskFull(e.strerror or str(e)) from e
-    if isinstance(e, sqlite3.Error) and (
-        getattr(e, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
-        or "disk is full" in str(e)
-    ):
-        raise DiskFull(str(e)) from e
-    return failure
 
 
 class NoSuchMessage(StoreError):

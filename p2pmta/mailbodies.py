@@ -26,10 +26,9 @@ from p2pmta.errors import (
     HeaderMismatch,
     NoSuchMessage,
     StoreError,
-    translateDiskFull,
 )
 from p2pmta.fileutil import removeIfThere
-from p2pmta.maildb import MailDatabase
+from p2pmta.maildb import MailDatabase, translateDiskFull
 from p2pmta.maildir import IN_DATABASE, Maildir
 from p2pmta.mailindex import MailboxIndex, MessageRecord
 

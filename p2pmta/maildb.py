@@ -10,12 +10,15 @@ blocks.
 
 from __future__ import annotations
 
+import errno
 import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable
 
-from p2pmta.errors import StoreError
+from twisted.python.failure import Failure
+
+from p2pmta.errors import DiskFull, StoreError
 from p2pmta.maildir import IN_DATABASE
 
 _SCHEMA = """
@@ -42,6 +45,22 @@ CREATE TABLE IF NOT EXISTS mail_bodies (
     PRIMARY KEY (mailbox, uid)
 );
 """
+
+
+def translateDiskFull(failure: Failure):
+    """
+    Translate a full disk or quota (C{ENOSPC}, C{EDQUOT}, SQLite's
+    C{SQLITE_FULL}) into L{DiskFull}; pass other failures on.
+    """
+    e = failure.value
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        raise DiskFull(e.strerror or str(e)) from e
+    if isinstance(e, sqlite3.Error) and (
+        getattr(e, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+        or "disk is full" in str(e)
+    ):
+        raise DiskFull(str(e)) from e
+    return failure
 
 
 class MailDatabase:

@@ -47,11 +47,10 @@ from p2pmta.errors import (
     HeaderMismatch,
     NoSuchMailbox,
     NoSuchMessage,
-    translateDiskFull,
 )
 from p2pmta.interfaces import IMailStore
 from p2pmta.mailbodies import MessageBodies
-from p2pmta.maildb import MailDatabase
+from p2pmta.maildb import MailDatabase, translateDiskFull
 from p2pmta.maildir import IN_DATABASE, Maildir
 from p2pmta.mailindex import MailboxIndex, MessageRecord, splitHeaders
 
