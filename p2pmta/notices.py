@@ -39,7 +39,8 @@ class Notices:
     log = Logger()
 
     #: How long a message waits for others to share its notice (each notice
-    #: costs its recipient DHT traffic from every node that stores it).
+    #: costs its recipient DHT traffic from every node that stores it); not
+    #: once none can come: no SMTP session is open and the pipeline is empty.
     notifyDelay = 0.1
 
     #: In a burst (at least C{burst} messages waiting for their notices),
@@ -56,15 +57,21 @@ class Notices:
             keyring, outbox, ledger and directory.
         @param pipeline: the sending pipeline (L{p2pmta.sending.Sender}):
             its C{busy()} says whether messages are on their way through
-            it, and C{idle(timeout)} fires when none are left (or after
-            C{timeout} seconds).
+            it, C{idle(timeout)} fires when none are left (or after
+            C{timeout} seconds), and C{quiet(timeout)} when no more can come
+            (none left, and no SMTP session open).
         """
         self._peer = peer
         self._pipeline = pipeline
         self._encoded: dict[str, dict] = {}  # live notice id -> its msglist entry
         self._preparing: set[str] = set()  # notices being stored and rung now
         self._notifier = Coalescing(
-            peer.reactor, self.notifyDelay, self._notifyPending, "notifying recipients failed; will retry", peer.track
+            peer.reactor,
+            self.notifyDelay,
+            self._notifyPending,
+            "notifying recipients failed; will retry",
+            peer.track,
+            pause=pipeline.quiet,
         )
 
     @property

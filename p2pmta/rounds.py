@@ -129,14 +129,18 @@ class Coalescing:
 
     log = Logger()
 
-    def __init__(self, reactor, delay: float, work, failed: str, track=lambda d: d) -> None:
+    def __init__(self, reactor, delay: float, work, failed: str, track=lambda d: d, pause=None) -> None:
         """
         @param failed: the log line of a failed run (the next ask retries).
         @param track: called with each run's Deferred, so that the peer
             can wait for it when stopping.
+        @param pause: C{pause(delay)}, a Deferred firing when a run may
+            start: after C{delay} seconds, or sooner when no company can
+            come.  By default, after C{delay} seconds.
         """
         self._reactor = reactor
         self.delay = delay
+        self._pause = pause or (lambda delay: deferLater(reactor, delay, lambda: None))
         self._work = work
         self._failed = failed
         self._track = track
@@ -158,7 +162,7 @@ class Coalescing:
         async def run() -> None:
             try:
                 while True:
-                    await deferLater(self._reactor, self.delay, lambda: None)
+                    await self._pause(self.delay)
                     self._again = False
                     await self._work()
                     if not self._again:

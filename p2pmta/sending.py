@@ -21,7 +21,7 @@ import time
 import uuid
 import zlib
 
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -127,6 +127,7 @@ class Sender:
         self._sessions = 0  # SMTP sessions open
         self._gatherWaiters: list[Deferred] = []  # fired when no SMTP session is open
         self._idleWaiters: list[Deferred] = []  # fired when the pipeline runs dry
+        self._quietWaiters: list[Deferred] = []  # fired when neither a session nor the pipeline has any
         self._lastKeyPrune = float("-inf")
         self.notices = Notices(peer, self)  # step 5: telling recipients
 
@@ -140,6 +141,8 @@ class Sender:
         self._sessions = count
         if not count:
             self._wake(self._gatherWaiters)
+            if not self.busy():
+                self._wake(self._quietWaiters)
 
     def checkRecipient(self, address: Address) -> Deferred:
         return self._peer.directory.lookup(address).addCallback(lambda _: None)
@@ -250,6 +253,8 @@ class Sender:
             self._draining = False
             self._gathering = False
             self._wake(self._idleWaiters)
+            if not self._sessions:
+                self._wake(self._quietWaiters)
 
     def _wait(self, waiters: list, timeout: float) -> Deferred:
         """
@@ -281,6 +286,16 @@ class Sender:
     def idle(self, timeout: float) -> Deferred:
         """A Deferred firing once the pipeline has none left, or after C{timeout} seconds."""
         return self._wait(self._idleWaiters, timeout)
+
+    def quiet(self, timeout: float) -> Deferred:
+        """
+        A Deferred firing after C{timeout} seconds, or as soon as no message
+        can be on its way: no SMTP session is open and the pipeline has none
+        left (at once if that is so now).
+        """
+        if not self._sessions and not self.busy():
+            return succeed(None)
+        return self._wait(self._quietWaiters, timeout)
 
     async def _processBatch(self, ids: list) -> None:
         peer = self._peer

@@ -10,6 +10,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
+from p2pmta.notices import Notices
 from p2pmta.sending import Sender
 
 
@@ -74,3 +75,87 @@ class GatherTests(SynchronousTestCase):
         """
         self._burst()
         self.assertEqual(self.batches, [["a"], ["b", "c"]])
+
+
+class QuietTests(SynchronousTestCase):
+    """
+    L{Sender.quiet} fires once no message can be on its way: no SMTP
+    session is open and the pipeline has none left.  The notices wait for
+    it, so that the last message of a client that has gone is told of
+    without L{Notices.notifyDelay}.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.peer = SimpleNamespace(reactor=self.clock, dataDir=SimpleNamespace(spool="spool"), track=lambda d: d)
+        self.sender = Sender(self.peer, 1000)
+        self.running: list = []
+
+        def processBatch(ids):
+            d: Deferred = Deferred()
+            self.running.append(d)
+            return d
+
+        self.sender._processBatch = processBatch
+
+    def test_atOnce(self) -> None:
+        """
+        With no session open and an empty pipeline, it has fired already.
+        """
+        self.assertTrue(self.sender.quiet(10.0).called)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_lastSessionCloses(self) -> None:
+        """
+        While a session is open it waits, until that session closes.
+        """
+        self.sender.sessions(1)
+        d = self.sender.quiet(10.0)
+        self.clock.advance(5.0)
+        self.assertFalse(d.called)
+        self.sender.sessions(0)
+        self.assertTrue(d.called)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertEqual(self.sender._quietWaiters, [], "a wait over leaves no trace")
+
+    def test_pipelineRunsDry(self) -> None:
+        """
+        While the pipeline holds messages it waits, until the pipeline has
+        none left; a session still open keeps it waiting.
+        """
+        self.sender.process("a")
+        d = self.sender.quiet(10.0)
+        self.assertFalse(d.called)
+        self.running[0].callback(None)
+        self.assertTrue(d.called)
+
+        self.sender.sessions(1)
+        self.sender.process("b")
+        d = self.sender.quiet(10.0)
+        self.running[1].callback(None)
+        self.assertFalse(d.called)
+        self.clock.advance(10.0)
+        self.assertTrue(d.called, "at most the timeout")
+
+    def test_noticesWaitForIt(self) -> None:
+        """
+        A notice waits L{Notices.notifyDelay} for company while a session
+        is open, and not at all once none can come.
+        """
+        runs = []
+
+        class Recording(Notices):
+            async def _notifyPending(self) -> None:
+                runs.append(self._peer.reactor.seconds())
+
+        notices = Recording(self.peer, self.sender)
+        self.sender.sessions(1)
+        notices.notifyPending()
+        self.clock.advance(notices.notifyDelay * 0.9)
+        self.assertEqual(runs, [])
+        self.clock.advance(notices.notifyDelay * 0.2)
+        self.assertEqual(len(runs), 1)
+
+        self.sender.sessions(0)
+        notices.notifyPending()
+        self.assertEqual(len(runs), 2, "no wait: nothing more can come")
