@@ -20,7 +20,7 @@ import uuid
 
 from collections import OrderedDict
 
-from twisted.internet.defer import Deferred, DeferredSemaphore, succeed
+from twisted.internet.defer import Deferred, DeferredLock, DeferredSemaphore, succeed
 from twisted.logger import Logger
 
 from p2pmta.address import Address
@@ -105,6 +105,7 @@ class Receiver:
         self._peer = peer
         self._inFlight: set = set()
         self._known: OrderedDict = OrderedDict()  # notices already handled
+        self._filing = DeferredLock()  # see _fileNew
         self._receipts = Coalescing(
             peer.reactor, self.receiptDelay, self._postReceipts, "posting receive notifications failed; will retry",
             peer.track,
@@ -285,6 +286,14 @@ class Receiver:
         Show the messages recorded as C{new} in INBOX (of one notice, or
         all: after a crash between recording and filing).
         """
+        # One filing at a time: a poll round's (all) and a notice's own
+        # would both find the same rows not yet in INBOX, and show them
+        # twice.
+        await self._filing.run(lambda: Deferred.fromCoroutine(self._file(notice)))
+        if notice is not None:
+            await self._closeNotices([notice])
+
+    async def _file(self, notice: str | None) -> None:
         peer = self._peer
         if notice is None:
             rows = await peer.ledger.query("SELECT * FROM incoming WHERE state = 'new'")
@@ -311,8 +320,6 @@ class Receiver:
             self.log.info(
                 "{n} new messages from {sender} (not pulled)", n=len(rows), sender=rows[0]["sender"]
             )
-        if notice is not None:
-            await self._closeNotices([notice])
 
     # Step 9: pull on open
 

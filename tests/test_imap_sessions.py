@@ -486,6 +486,8 @@ class RealPeerSessionsTests(TestCase):
             return len(arrived) >= sent
 
         await eventually(allArrived, timeout=30)
+        told = [shared.truth.get(uid) for uid in arrived]
+        self.assertEqual(len(told), len(set(told)), "a message shown twice in INBOX")
         views = await gatherResults(
             [deferToThreadPool(reactor, pool, model.finish) for model, _ in results]
         )

@@ -11,7 +11,7 @@ import smtplib
 from email.message import EmailMessage
 from email.policy import SMTP
 
-from twisted.internet.defer import ensureDeferred
+from twisted.internet.defer import ensureDeferred, gatherResults
 from twisted.internet.threads import deferToThread
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import TestCase
@@ -127,6 +127,32 @@ class MailFlowTests(TestCase):
         pulls it once, byte for byte; then alice's outbox empties.
         """
         return ensureDeferred(self._sendReceive())
+
+    async def _filedOnce(self):
+        bob = (await self.peers("bob"))["bob"]
+        headers = [f"From: alice@demo\r\nSubject: told {i}\r\n\r\n".encode() for i in range(3)]
+        await bob.ledger.transaction(
+            [
+                (
+                    "INSERT INTO incoming (hash, state, received, sender, digest, size, headers, reason, notice, sent)"
+                    " VALUES (?, 'new', 0, 'alice@demo', ?, ?, ?, '', 'k', 0)",
+                    (f"k:{i}", f"{i:064x}", len(h), h),
+                )
+                for i, h in enumerate(headers)
+            ]
+        )
+        # A notice's own filing and a poll round's filing of every new
+        # message, at once.
+        await gatherResults([ensureDeferred(bob.receiver._fileNew("k")), ensureDeferred(bob.receiver._fileNew())])
+        shown = sorted(r.meta["incoming"] for r in bob.mailStore.messages("INBOX"))
+        self.assertEqual(shown, ["k:0", "k:1", "k:2"])
+
+    def test_filedOnce(self):
+        """
+        Messages recorded as new are shown once, even when two filings
+        (a notice's, a poll round's) run at the same time.
+        """
+        return ensureDeferred(self._filedOnce())
 
     async def _batchPull(self):
         await self.peers("alice", "bob")
