@@ -141,8 +141,8 @@ class Sender:
         self._sessions = count
         if not count:
             self._wake(self._gatherWaiters)
-            if not self.busy():
-                self._wake(self._quietWaiters)
+        if self._noneComing():
+            self._wake(self._quietWaiters)
 
     def checkRecipient(self, address: Address) -> Deferred:
         return self._peer.directory.lookup(address).addCallback(lambda _: None)
@@ -253,7 +253,7 @@ class Sender:
             self._draining = False
             self._gathering = False
             self._wake(self._idleWaiters)
-            if not self._sessions:
+            if self._noneComing():
                 self._wake(self._quietWaiters)
 
     def _wait(self, waiters: list, timeout: float) -> Deferred:
@@ -293,9 +293,13 @@ class Sender:
         can be on its way: no SMTP session is open and the pipeline has none
         left (at once if that is so now).
         """
-        if not self._sessions and not self.busy():
+        if self._noneComing():
             return succeed(None)
         return self._wait(self._quietWaiters, timeout)
+
+    def _noneComing(self) -> bool:
+        """Whether no SMTP session is open and the pipeline has none left."""
+        return not self._sessions and not self.busy()
 
     async def _processBatch(self, ids: list) -> None:
         peer = self._peer

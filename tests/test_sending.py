@@ -14,16 +14,16 @@ from p2pmta.notices import Notices
 from p2pmta.sending import Sender
 
 
-class GatherTests(SynchronousTestCase):
+class PipelineTestCase(SynchronousTestCase):
     """
-    In a burst, a pipeline batch waits L{Sender.gatherDelay} for more
-    messages, but not while no SMTP session is open.
+    A L{Sender} on a fake clock whose pipeline batches (C{batches}) wait
+    until their Deferred in C{running} fires.
     """
 
     def setUp(self) -> None:
         self.clock = Clock()
-        peer = SimpleNamespace(reactor=self.clock, dataDir=SimpleNamespace(spool="spool"), track=lambda d: d)
-        self.sender = Sender(peer, 1000)
+        self.peer = SimpleNamespace(reactor=self.clock, dataDir=SimpleNamespace(spool="spool"), track=lambda d: d)
+        self.sender = Sender(self.peer, 1000)
         self.batches: list = []
         self.running: list = []
 
@@ -34,6 +34,13 @@ class GatherTests(SynchronousTestCase):
             return d
 
         self.sender._processBatch = processBatch
+
+
+class GatherTests(PipelineTestCase):
+    """
+    In a burst, a pipeline batch waits L{Sender.gatherDelay} for more
+    messages, but not while no SMTP session is open.
+    """
 
     def _burst(self) -> None:
         """One message in a batch while two more arrive."""
@@ -77,26 +84,13 @@ class GatherTests(SynchronousTestCase):
         self.assertEqual(self.batches, [["a"], ["b", "c"]])
 
 
-class QuietTests(SynchronousTestCase):
+class QuietTests(PipelineTestCase):
     """
     L{Sender.quiet} fires once no message can be on its way: no SMTP
     session is open and the pipeline has none left.  The notices wait for
     it, so that the last message of a client that has gone is told of
     without L{Notices.notifyDelay}.
     """
-
-    def setUp(self) -> None:
-        self.clock = Clock()
-        self.peer = SimpleNamespace(reactor=self.clock, dataDir=SimpleNamespace(spool="spool"), track=lambda d: d)
-        self.sender = Sender(self.peer, 1000)
-        self.running: list = []
-
-        def processBatch(ids):
-            d: Deferred = Deferred()
-            self.running.append(d)
-            return d
-
-        self.sender._processBatch = processBatch
 
     def test_atOnce(self) -> None:
         """
