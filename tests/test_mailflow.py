@@ -16,6 +16,7 @@ from twisted.internet.threads import deferToThread
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import TestCase
 
+from p2pmta import receiving
 from p2pmta.address import Address
 from p2pmta.dht import NOTIFICATION_TTL
 from p2pmta.notification import splitHeaders
@@ -590,11 +591,11 @@ class HostileInputTests(TestCase):
         """
         return ensureDeferred(self._forgedAndGarbage())
 
-    async def _tampered(self):
+    async def _tampered(self, size: int):
         h = PeerHarness(self)
         alice = await h.start("alice")
         await h.start("bob")
-        message = makeMessage("alice@demo", ["bob@demo"], "tampered", os.urandom(4000))
+        message = makeMessage("alice@demo", ["bob@demo"], "tampered", os.urandom(size))
         await h.send("alice", ["bob@demo"], message)
 
         [uid] = await h.listed("bob")
@@ -618,7 +619,15 @@ class HostileInputTests(TestCase):
         A ciphertext whose hash does not match its notification is refused
         (NO [UNAVAILABLE]); a later FETCH of the genuine one succeeds.
         """
-        return ensureDeferred(self._tampered())
+        return ensureDeferred(self._tampered(4000))
+
+    def test_tamperedLargeCiphertext(self):
+        """
+        The same for a ciphertext pulled alone into memory, whose hash is
+        checked in a thread (over L{receiving.BATCH_ITEM} and
+        L{receiving.INLINE_DECRYPTION}).
+        """
+        return ensureDeferred(self._tampered(receiving.BATCH_ITEM))
 
     async def _senderOffline(self):
         h = PeerHarness(self)

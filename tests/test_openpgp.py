@@ -7,6 +7,7 @@ import atexit
 import hashlib
 import io
 import os
+import random
 import shutil
 import subprocess
 import tempfile
@@ -32,6 +33,7 @@ from p2pmta.openpgp import (
     verify,
 )
 from p2pmta.openpgp.packets import lengthBytes, packetBytes, readPackets
+from p2pmta.receiving import _Chunks
 
 GPG = shutil.which("gpg")
 
@@ -434,6 +436,29 @@ class DecryptTests(_GPGTestCase):
         )
         self.assertEqual(found, key)
         self.assertRaises(ValueError, parseSessionKey, "gpg: no session key")
+
+    def test_shortReads(self):
+        """
+        A message read from a stream whose reads return less than asked (a
+        pulled ciphertext's chunks as they came from the network, through
+        L{receiving._Chunks}) decrypts the same, and a cut one fails.
+        """
+        data = os.urandom(150_000) + bytes(50_000)
+        for args in ([], ["-z", "0"]):
+            message = self.gpgEncrypt(data, *args)
+            cuts = sorted({0, len(message)} | {random.randrange(len(message)) for _ in range(40)})
+            chunks = [message[a:b] for a, b in zip(cuts, cuts[1:])] + [b""]
+            out = io.BytesIO()
+            decrypt(_Chunks(chunks), out, maxOutput=len(data), secretKey=self.keys["alice"])
+            self.assertEqual(out.getvalue(), data)
+            self.assertRaises(
+                DecryptionFailed,
+                decrypt,
+                _Chunks(chunks[:-2]),
+                io.BytesIO(),
+                maxOutput=len(data),
+                secretKey=self.keys["alice"],
+            )
 
     def test_severalRecipients(self):
         """Any recipient of a gpg message to several decrypts it."""

@@ -197,7 +197,8 @@ class _Decrypted:
             else:
                 self._finish()
         size = min(n, len(self._pending) - (0 if self._done else _MDC_SIZE))
-        data = bytes(self._pending[:size])
+        with memoryview(self._pending) as view:
+            data = view[:size].tobytes()  # one copy, not a slice's two
         del self._pending[:size]
         if not self._done:
             self._hash.update(data)
