@@ -4,6 +4,9 @@ clock.  The pipeline's steps themselves are tested with real peers in
 L{tests.test_mailflow}.
 """
 
+import base64
+import io
+import os
 from types import SimpleNamespace
 
 from twisted.internet.defer import Deferred
@@ -11,7 +14,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from p2pmta.notices import Notices
-from p2pmta.sending import Sender
+from p2pmta.sending import Sender, _compressionLevel
 
 
 class PipelineTestCase(SynchronousTestCase):
@@ -153,3 +156,35 @@ class QuietTests(PipelineTestCase):
         self.sender.sessions(0)
         notices.notifyPending()
         self.assertEqual(len(runs), 2, "no wait: nothing more can come")
+
+
+class CompressionLevelTests(SynchronousTestCase):
+    """
+    What is compressed before encryption: what shrinks, at a cost the
+    message's size allows.
+    """
+
+    def level(self, headers: bytes, body: bytes) -> int:
+        data = headers + body
+        return _compressionLevel(io.BytesIO(data), headers, len(data))
+
+    def test_smallCompressedHard(self):
+        """A small message is compressed hard, whatever it holds."""
+        headers = b"Subject: x\r\n\r\n"
+        self.assertEqual(self.level(headers, os.urandom(10_000)), 6)
+
+    def test_compressedTypesNot(self):
+        """Content that is compressed already is not, however small."""
+        headers = b"Content-Type: image/JPEG\r\n\r\n"
+        self.assertEqual(self.level(headers, b"a" * 1000), 0)
+
+    def test_largeByWhatItHolds(self):
+        """
+        A large message is compressed (fast) when a sample of it shrinks
+        well: text does, base64 of random bytes does not.
+        """
+        headers = b"Subject: x\r\n\r\n"
+        text = b"The quick brown fox jumps over the lazy dog, again.\r\n" * 20_000
+        random = base64.encodebytes(os.urandom(1_000_000)).replace(b"\n", b"\r\n")
+        self.assertEqual(self.level(headers, text), 1)
+        self.assertEqual(self.level(headers, random), 0)
