@@ -7,29 +7,53 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from p2pmta.smtpdata import _longestLine
+from p2pmta.smtpdata import lineFault
 
 
-class LongestLineTests(SynchronousTestCase):
+def _byLines(raw: bytes, limit: int):
+    """L{lineFault} the slow way, a line at a time."""
+    assert raw.endswith(b"\r\n")
+    lines, rest = [], raw
+    while rest:
+        cr = rest.find(b"\r")
+        lf = rest.find(b"\n")
+        if cr < 0 or lf != cr + 1 or rest.find(b"\n", 0, cr) >= 0:
+            return "bare"
+        lines.append(rest[:cr])
+        rest = rest[lf + 1 :]
+    return "long" if any(len(line) > limit for line in lines) else None
+
+
+class LineFaultTests(SynchronousTestCase):
     """
-    L{_longestLine} finds a line over the limit without splitting the block
-    into lines: it must agree with splitting.
+    L{lineFault} finds bare line ends and long lines with splits and scans
+    in C: it must agree with reading line by line.
     """
 
-    @settings(max_examples=500, deadline=None)
+    @settings(max_examples=1000, deadline=None)
     @given(
         limit=st.integers(0, 40),
-        lengths=st.lists(st.integers(0, 130), min_size=1, max_size=12),
+        pieces=st.lists(
+            st.one_of(
+                st.integers(0, 60).map(lambda n: b"x" * n),
+                st.sampled_from([b"\r", b"\n", b"\r\n", b"\n\r", b"\r\r\n", b"\r\n\n"]),
+            ),
+            max_size=12,
+        ),
     )
-    def test_agreesWithSplitting(self, limit, lengths):
-        raw = b"".join(b"x" * n + b"\r\n" for n in lengths)
-        self.assertEqual(_longestLine(raw, limit), max(lengths) > limit)
+    def test_agreesWithLineByLine(self, limit, pieces):
+        raw = b"".join(pieces) + b"\r\n"
+        self.assertEqual(lineFault(raw, limit), _byLines(raw, limit))
 
     def test_longLineInLargeBlock(self):
         """One line of 999 octets among 19,000 short ones is found."""
         lines = [b"A" * 76] * 19_000
         lines[12_345] = b"B" * 999
         raw = b"".join(line + b"\r\n" for line in lines)
-        self.assertTrue(_longestLine(raw, 998))
+        self.assertEqual(lineFault(raw, 998), "long")
         lines[12_345] = b"B" * 998
-        self.assertFalse(_longestLine(b"".join(line + b"\r\n" for line in lines), 998))
+        self.assertIsNone(lineFault(b"".join(line + b"\r\n" for line in lines), 998))
+
+    def test_bareBeforeLong(self):
+        """A block with both faults is refused for its bare line end."""
+        self.assertEqual(lineFault(b"x" * 2000 + b"\r\ny\nz\r\n", 998), "bare")
