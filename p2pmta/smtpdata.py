@@ -4,10 +4,10 @@ The data of one submitted message, read from an SMTP session's input into
 its spool file.
 
 Only C{CRLF . CRLF} ends the data.  Complete lines are checked, dot-unstuffed
-and written to the file a block at a time, with splits and scans in C,
-never a loop over the lines in Python.  A refused message (a line too long, a bare CR
-or LF, a NUL, too large) is swallowed up to its end, so nothing of its body
-runs as a command; its file is removed at once.
+and written to the file a block at a time, with splits and scans in C, never
+a loop over the lines in Python.  A refused message (a line too long, a bare
+CR or LF, a NUL, too large) is swallowed up to its end, so nothing of its
+body runs as a command; its file is removed at once.
 """
 
 from __future__ import annotations
