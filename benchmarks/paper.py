@@ -192,6 +192,9 @@ def main(argv=None) -> int:
     baseline.removeStale(log)
     removeStaleDirs(log)
     baselineName = chooseBaseline(args, log) if "baseline" in args.systems else None
+    # The code measured is the tree as it is now (the peers load it at
+    # their start), whatever happens to it during the run.
+    machine = report.machineFacts(os.path.dirname(HERE), {})
     args.traffic_label = None
     rows: list[dict] = []
     csvPath = os.path.join(args.out, "runs.csv")
@@ -229,7 +232,7 @@ def main(argv=None) -> int:
         "accepts": args.accepts, "chunk": args.chunk, "probe_count": args.probe, "dht_nodes": args.dht_nodes,
         "systems": labels, "baseline": baselineName,
         "traffic_method": rows[0]["traffic_method"] if rows else None, "traffic_label": args.traffic_label,
-        "machine": report.machineFacts(os.path.dirname(HERE), baseline.versions()),
+        "machine": {**machine, **baseline.versions()},
         "wall_s": time.perf_counter() - wall, "caveats": caveats,
     })
     summary["targets"] = report.targets(summary, args)
