@@ -9,8 +9,8 @@ Messages named by sequence number are resolved against the session's own
 view (L{p2pmta.imapmailbox.SelectedMailbox}); one expunged by another
 session meanwhile makes the command end C{NO [EXPUNGEISSUED]}.  FETCH
 answers in windows of messages of about L{BODY_WINDOW} bytes together: the
-bodies of one window are had (and pulled, if need be) while the one before
-is sent.
+bodies of two windows are had (and pulled, if need be) at a time, the next
+one's while the one before it is sent.
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ from p2pmta.errors import BodyUnavailable
 from p2pmta.imapmailbox import SelectedMailbox
 from p2pmta.imapsyntax import Args, BadCommand, No
 
-#: About how many bytes of bodies one FETCH holds at a time: it answers in
-#: windows of messages this big together (one at least), the next
-#: window's bodies had while one is sent.  The bodies of a window are all
+#: About how many bytes of bodies one FETCH holds at a time, twice: it
+#: answers in windows of messages this big together (one at least), the
+#: next window's bodies had while one is sent.  The bodies of a window are all
 #: asked for at once: the receiver pulls small ones in batches, and bounds
 #: how many requests it makes at a time (see L{p2pmta.receiving}).
 BODY_WINDOW = 16 * 1024 * 1024
@@ -184,26 +184,28 @@ class SelectedCommands:
         items = list(dict.fromkeys(imapfetch.parseFetch(args)))
         if uid and imapfetch.FetchItem("UID") not in items:
             items.insert(0, imapfetch.FetchItem("UID"))
-        # Bodies go in windows: those of one are had while the one before
-        # is sent, and only two windows' worth are held at a time (pulled
-        # bodies may be held in memory).
+        # Bodies go in windows, and only two windows' worth are held at a
+        # time (pulled bodies may be held in memory): the first two are had
+        # together, then each next one while the one before it is sent.
+        # Pulls of the second wait behind those of the first (the receiver
+        # takes them in order), but keep its slots busy while the first's
+        # last pulls finish.
         windows = _windows(live, BODY_WINDOW, BODY_WINDOW_MESSAGES) if any(i.needsBody for i in items) else [live]
         unavailable, inMemory = None, []
-        pending = Deferred.fromCoroutine(self._fetchWindow(box, windows[0], items))
+        pending = [Deferred.fromCoroutine(self._fetchWindow(box, w, items)) for w in windows[:2]]
         try:
             for n in range(len(windows)):
-                part, files, structures, failed, expunged = await pending
-                pending = None
+                part, files, structures, failed, expunged = await pending.pop(0)
                 inMemory += [u for u, (body, _) in files.items() if isinstance(body, bytes)]
-                if n + 1 < len(windows):
-                    pending = Deferred.fromCoroutine(self._fetchWindow(box, windows[n + 1], items))
                 gone = gone or expunged
                 unavailable = unavailable or failed
                 vanished = await self._sendWindow(box, part, items, files, structures)
                 gone, unavailable = _leftOut(self.store, box.name, vanished, gone, unavailable)
+                if n + 2 < len(windows):
+                    pending.append(Deferred.fromCoroutine(self._fetchWindow(box, windows[n + 2], items)))
         finally:
-            if pending is not None:
-                pending.addErrback(lambda _: None)  # the command is over
+            for d in pending:
+                d.addErrback(lambda _: None)  # the command is over
         # Bodies sent from memory are on disk before the OK: a crash before
         # it leaves a client that retries, not one that thinks it has them
         # while their senders were never told.

@@ -539,6 +539,62 @@ class IMAPServerTests(TestCase):
             self.assertEqual(self.store.record("INBOX", u).flags, frozenset() if n in self.failFor else {"\\Seen"})
 
     @inlineCallbacks
+    def test_fetchTwoWindowsAhead(self):
+        """
+        A FETCH of many windows asks for the bodies of the first two at
+        once (the second's pulls keep the receiver busy while the first's
+        finish), and for each next one only once the one before it is
+        sent: two windows' worth at most are held.
+        """
+        numbers = list(range(1, 41))
+        uids = yield self.announce(*numbers)
+        perWindow = 10
+        self.patch(imapselected, "BODY_WINDOW_MESSAGES", perWindow)
+        held: list = []
+        asked: list = []
+
+        def gated(mailbox, record):
+            asked.append(record.uid)
+            d = Deferred()
+            held.append((d, self.bodies[record.meta["n"]]))
+            return d
+
+        self.store.bodyFetcher = gated
+
+        def session():
+            client = self.imap()
+            client.select("INBOX")
+            return client.uid("FETCH", "1:*", "(BODY[])")
+
+        fetching = self.inThread(session)
+
+        @inlineCallbacks
+        def settle():
+            # Until nothing more is asked for a while.
+            count = -1
+            while count != len(asked):
+                count = len(asked)
+                yield deferLater(reactor, 0.1, lambda: None)
+
+        yield settle()
+        self.assertEqual(asked, uids[: 2 * perWindow])
+        for window in range(len(numbers) // perWindow):
+            # Release this window's bodies: once it is sent, the one two
+            # ahead of it is asked for.
+            while held and len(asked) - len(held) < (window + 1) * perWindow:
+                d, body = held.pop(0)
+                d.callback(body)
+            yield settle()
+            self.assertEqual(len(asked), min(len(numbers), (window + 3) * perWindow))
+        while held:
+            d, body = held.pop(0)
+            d.callback(body)
+        typ, answer = yield fetching
+        self.assertEqual(typ, "OK")
+        got = [item[1] for item in answer if isinstance(item, tuple)]
+        self.assertEqual(got, [self.bodies[n] for n in numbers])
+
+    @inlineCallbacks
     def test_unavailableThenLater(self):
         """
         A body that cannot be pulled gives C{NO [UNAVAILABLE]}; a later
