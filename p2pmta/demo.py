@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 
 from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred, DeferredList
 from twisted.logger import Logger
 
 from p2pmta.address import Address
@@ -48,11 +49,28 @@ def demoConfigs(root: str, peers=PEERS) -> list[Config]:
     return configs
 
 
+class DemoNetwork(MultiService):
+    """
+    The demo peers, in one process.  They stop in two steps: first the
+    background work of all of them (a receipt on its way to the other) is
+    drained while every DHT node still runs, then each peer stops.  Stopped
+    side by side at once, a peer that still had a receipt to post waited for
+    a DHT node already gone, for seconds, and the receipt was lost.
+    """
+
+    def stopService(self) -> Deferred:
+        return Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        await DeferredList([peer.drain() for peer in self], consumeErrors=True)
+        await MultiService.stopService(self)
+
+
 def demoService(reactor, root: str, peers=PEERS) -> MultiService:
     """
     @return: a service running every demo peer, which logs how to connect.
     """
-    top = MultiService()
+    top = DemoNetwork()
     for config in demoConfigs(root, peers):
         peer = buildService(config, reactor)
         peer.setName(config.address.name)

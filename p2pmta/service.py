@@ -415,6 +415,15 @@ class Peer(MultiService):
 
         return d.addBoth(forget)
 
+    def drain(self, timeout: float = 5.0) -> Deferred:
+        """
+        Wait, at most C{timeout} seconds, for the background work in flight
+        (see L{track}) while everything still runs: what stopping does
+        before the DHT node goes, for peers that share a process and must
+        all drain before any of their DHT nodes goes (the demo).
+        """
+        return Deferred.fromCoroutine(self._drain(timeout))
+
     def stopService(self) -> Deferred:
         return Deferred.fromCoroutine(self._stop())
 
