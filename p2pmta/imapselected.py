@@ -25,11 +25,12 @@ from p2pmta.errors import BodyUnavailable
 from p2pmta.imapmailbox import SelectedMailbox
 from p2pmta.imapsyntax import Args, BadCommand, No
 
-#: About how many bytes of bodies one FETCH holds at a time, twice: it
-#: answers in windows of messages this big together (one at least), the
-#: next window's bodies had while one is sent.  The bodies of a window are all
-#: asked for at once: the receiver pulls small ones in batches, and bounds
-#: how many requests it makes at a time (see L{p2pmta.receiving}).
+#: About how many bytes of bodies one window of a FETCH holds: a FETCH
+#: answers in windows of messages this big together (one at least), and
+#: holds two at a time, the next one's bodies had while one is sent.  The
+#: bodies of a window are all asked for at once: the receiver pulls small
+#: ones in batches, and bounds how many requests it makes at a time (see
+#: L{p2pmta.receiving}).
 BODY_WINDOW = 16 * 1024 * 1024
 #: The most messages in one window.
 BODY_WINDOW_MESSAGES = 256

@@ -800,12 +800,11 @@ class _Chunks:
         self._next = 0  # the index of the chunk being read
         self._at = 0  # where in it
 
-    def read(self, n: int = -1) -> bytes:
+    def read(self, n: int) -> bytes:
         while self._next < len(self._chunks):
             chunk = self._chunks[self._next]
             if self._at < len(chunk):
-                end = len(chunk) if n < 0 else self._at + n
-                data = chunk[self._at : end]  # the chunk itself when whole
+                data = chunk[self._at : self._at + n]  # the chunk itself when whole
                 self._at += len(data)
                 return data
             self._next, self._at = self._next + 1, 0
