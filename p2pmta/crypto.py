@@ -27,6 +27,7 @@ import os
 import shutil
 import tempfile
 import time
+import zlib
 from contextlib import contextmanager, suppress
 
 import gnupg
@@ -482,7 +483,7 @@ class Keyring:
         """
         return self._shared(f, *args)
 
-    def encryptInto(self, source, out, recipients, compress=True, toSelf=True):
+    def encryptInto(self, source, out, recipients, compress=True, toSelf=True, strategy=zlib.Z_DEFAULT_STRATEGY):
         """
         Like L{encryptFile}, blocking, into C{out}: only inside
         L{whileShared}.
@@ -490,6 +491,8 @@ class Keyring:
         @param source: L{bytes}, a file's path or a binary stream, read to
             its end.
         @param out: anything with C{write} and C{writelines}.
+        @param strategy: zlib's strategy (see L{openpgp.encrypt}); gpg,
+            when it encrypts instead, uses its own.
         @return: the message's session key, or L{None} when gpg made it.
         @raise UnknownKey: when a recipient is not pinned.
         """
@@ -502,7 +505,7 @@ class Keyring:
                 out.write(self._encryptBlocking(stream, None, recipients, False, level, toSelf))
                 return None
             self._pins.seen(recipients)
-            return openpgp.encrypt(stream, out, keys, compress=level)
+            return openpgp.encrypt(stream, out, keys, compress=level, strategy=strategy)
 
     def _encryptBlocking(self, source, outPath, recipients, sign, compress, toSelf=True):
         if isinstance(recipients, (str, Address)):

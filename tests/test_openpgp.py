@@ -4,6 +4,7 @@ ways, and refusal of every kind of bad message, key and signature.
 """
 
 import atexit
+import base64
 import hashlib
 import io
 import os
@@ -350,6 +351,18 @@ class EncryptTests(_GPGTestCase):
                 message = _encrypt(data, [self.pubs["alice"]], compress=compress)
                 self.assertEqual(self.gpgDecrypt("alice", message), data)
                 self.assertEqual(_decrypt(message, secretKey=self.keys["alice"]), data)
+
+    def test_huffmanOnly(self):
+        """
+        A message compressed with zlib's Huffman-only strategy (base64 of
+        binary attachments) is standard: gpg decrypts it, and it is smaller.
+        """
+        data = base64.encodebytes(os.urandom(100_000)).replace(b"\n", b"\r\n")
+        plain = _encrypt(data, [self.pubs["alice"]])
+        message = _encrypt(data, [self.pubs["alice"]], compress=1, strategy=zlib.Z_HUFFMAN_ONLY)
+        self.assertLess(len(message), 0.8 * len(plain))
+        self.assertEqual(self.gpgDecrypt("alice", message), data)
+        self.assertEqual(_decrypt(message, secretKey=self.keys["alice"]), data)
 
     def test_eachRecipient(self):
         """Each of three recipients decrypts, with gpg and with L{decrypt}."""

