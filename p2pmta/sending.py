@@ -38,8 +38,9 @@ from p2pmta.notification import BadNotification, ReceiveNotification, attachment
 #: How long the key of a peer not seen (no mail to or from it) is kept.
 KEY_RETENTION = 90 * 86400.0
 
-#: Content types that are already compressed: gpg's compression only costs
-#: time on them.
+#: Content types that are already compressed: looking for repeats in them
+#: only costs time (their base64 is still coded byte by byte, see
+#: L{HUFFMAN_ONLY}).
 _COMPRESSED_TYPES = (b"image/jpeg", b"image/png", b"application/zip", b"application/gzip", b"video/", b"audio/")
 
 
@@ -72,12 +73,11 @@ HUFFMAN_ONLY = (1, zlib.Z_HUFFMAN_ONLY)
 def _compression(f, headers: bytes, size: int) -> tuple[int, int]:
     """
     The zlib level and strategy for the message read from C{f} (blocking):
-    level 0 for content that is compressed already, or large and would
-    hardly shrink.
+    level 0 for a large message that would hardly shrink.
     """
     lowered = headers.lower()
     if any(kind in lowered for kind in _COMPRESSED_TYPES):
-        return 0, zlib.Z_DEFAULT_STRATEGY
+        return HUFFMAN_ONLY if size <= _SMALL_MESSAGE else (0, zlib.Z_DEFAULT_STRATEGY)
     if size <= _TINY_MESSAGE:
         return 6, zlib.Z_DEFAULT_STRATEGY
     f.seek(max(0, size // 2 - _SAMPLE // 2))

@@ -174,10 +174,14 @@ class CompressionTests(SynchronousTestCase):
         headers = b"Subject: x\r\n\r\n"
         self.assertEqual(self.compression(headers, os.urandom(10_000)), (6, zlib.Z_DEFAULT_STRATEGY))
 
-    def test_compressedTypesNot(self):
-        """Content that is compressed already is not, however small."""
+    def test_compressedTypesByteByByte(self):
+        """
+        Content that is compressed already (its base64) is coded byte by
+        byte, however small, and left as it is when large.
+        """
         headers = b"Content-Type: image/JPEG\r\n\r\n"
-        self.assertEqual(self.compression(headers, b"a" * 1000)[0], 0)
+        self.assertEqual(self.compression(headers, b"a" * 1000), HUFFMAN_ONLY)
+        self.assertEqual(self.compression(headers, b"a" * 300_000)[0], 0)
 
     def test_byWhatItHolds(self):
         """
