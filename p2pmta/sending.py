@@ -76,14 +76,14 @@ def _compression(f, headers: bytes, size: int) -> tuple[int, int]:
     level 0 for a large message that would hardly shrink.
     """
     lowered = headers.lower()
-    if any(kind in lowered for kind in _COMPRESSED_TYPES):
-        return HUFFMAN_ONLY if size <= _SMALL_MESSAGE else (0, zlib.Z_DEFAULT_STRATEGY)
-    if size <= _TINY_MESSAGE:
-        return 6, zlib.Z_DEFAULT_STRATEGY
-    f.seek(max(0, size // 2 - _SAMPLE // 2))
-    sample = f.read(_SAMPLE)
-    if len(zlib.compress(sample, 1)) < _WORTH_COMPRESSING * len(sample):
-        return (6 if size <= _SMALL_MESSAGE else 1), zlib.Z_DEFAULT_STRATEGY
+    if not any(kind in lowered for kind in _COMPRESSED_TYPES):
+        if size <= _TINY_MESSAGE:
+            return 6, zlib.Z_DEFAULT_STRATEGY
+        f.seek(max(0, size // 2 - _SAMPLE // 2))
+        sample = f.read(_SAMPLE)
+        if len(zlib.compress(sample, 1)) < _WORTH_COMPRESSING * len(sample):
+            return (6 if size <= _SMALL_MESSAGE else 1), zlib.Z_DEFAULT_STRATEGY
+    # Compressed already, or does not shrink by its repeats.
     return HUFFMAN_ONLY if size <= _SMALL_MESSAGE else (0, zlib.Z_DEFAULT_STRATEGY)
 
 
