@@ -12,6 +12,7 @@ L{removeTempFiles}.
 """
 
 import fcntl
+import hashlib
 import os
 import secrets
 import stat
@@ -146,6 +147,29 @@ class AtomicFile:
 
     def __exit__(self, *excInfo: object) -> None:
         self.abort()
+
+
+class HashingSink:
+    """
+    A file's C{write}, counting and hashing what goes through.
+
+    @ivar hash: the SHA-256 of what was written so far.
+    @ivar size: how many bytes were written so far.
+    """
+
+    def __init__(self, f) -> None:
+        self._f = f
+        self.hash = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data) -> None:
+        self.hash.update(data)
+        self.size += len(data)
+        self._f.write(data)
+
+    def writelines(self, chunks) -> None:
+        for chunk in chunks:
+            self.write(chunk)
 
 
 def atomicWriteFrom(

@@ -31,6 +31,7 @@ from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone, Response
 from twisted.web.http import PotentialDataLoss
 
 from p2pmta.errors import FetchError
+from p2pmta.fileutil import HashingSink
 
 TIMEOUT = 30.0
 """
@@ -190,6 +191,10 @@ class _BoundedBody(Protocol):
     transfer too.  Once failed, the connection is dropped and nothing more
     reaches C{sink}.
 
+    C{sink} may return a L{Deferred} (its data goes to a thread, say): the
+    transfer then pauses until it fires, what arrives meanwhile waits its
+    turn, and L{finished} fires after it.  A failed one fails the fetch.
+
     @ivar finished: a L{Deferred} firing with L{None} once the whole body
         has been passed on.
     @ivar sinkError: what C{sink} raised, if it did: our own failure (a
@@ -205,6 +210,11 @@ class _BoundedBody(Protocol):
         self._idle = None
         self._done = False
         self.sinkError: Exception | None = None
+        # The sink's Deferred not yet fired, what arrived meanwhile, and
+        # the end of the body if it came meanwhile.
+        self._sinking: Deferred | None = None
+        self._waiting: list[bytes] = []
+        self._ended: Failure | None = None
 
     def connectionMade(self) -> None:
         if self._idleTimeout:
@@ -219,16 +229,58 @@ class _BoundedBody(Protocol):
             return
         if self._idle is not None:
             self._idle.reset(self._idleTimeout)
+        if self._sinking is not None:
+            # Bytes already read when the transport was paused.
+            self._waiting.append(data)
+            return
+        self._pass(data)
+
+    def _pass(self, data: bytes) -> None:
         try:
-            self._sink(data)
+            result = self._sink(data)
         except Exception as e:
             self.sinkError = e
             self._fail(Failure())
+            return
+        if isinstance(result, Deferred):
+            self._sinking = result
+            self.transport.pauseProducing()
+            result.addCallbacks(self._sunk, self._sinkFailed)
+
+    def _sunk(self, _) -> None:
+        self._sinking = None
+        if self._done:
+            return
+        while self._waiting and self._sinking is None and not self._done:
+            self._pass(self._waiting.pop(0))
+        if self._sinking is not None or self._done:
+            return
+        if self._ended is not None:
+            self._end(self._ended)
+            return
+        if self._idle is not None:
+            # Our own disk's time is not the other peer's silence.
+            self._idle.reset(self._idleTimeout)
+        self.transport.resumeProducing()
+
+    def _sinkFailed(self, reason: Failure) -> None:
+        self._sinking = None
+        if self._done:
+            return
+        self.sinkError = reason.value
+        self._fail(reason)
 
     def connectionLost(self, reason: Failure) -> None:
         self._stopClock()
         if self._done:
             return
+        if self._sinking is not None and reason.check(ResponseDone, PotentialDataLoss):
+            # All arrived; the sink has yet to take it all.
+            self._ended = reason
+            return
+        self._end(reason)
+
+    def _end(self, reason: Failure) -> None:
         self._done = True
         if reason.check(ResponseDone, PotentialDataLoss):
             self.finished.callback(None)
@@ -289,6 +341,78 @@ def _why(error: BaseException) -> str:
             "; ".join(f.getErrorMessage() for f in error.reasons) or "response failed"
         )
     return str(error) or type(error).__name__
+
+
+WRITE_BATCH = 1024 * 1024
+"""How many bytes L{HashingDownload} collects before a thread writes them."""
+
+
+class HashingDownload:
+    """
+    A sink for L{fetchInto} that hashes what it is given and writes it to a
+    file, in threads, L{WRITE_BATCH} bytes at a time: the reactor thread
+    only collects chunks (hashing and writing a megabyte would cost it a
+    few milliseconds).  It returns a L{Deferred} when it hands a batch to a
+    thread, so the transfer waits for each write, and writes never overlap.
+
+    @ivar size: how many bytes were written.
+    """
+
+    def __init__(self, inThreads, f, batch: int = WRITE_BATCH) -> None:
+        """
+        @param inThreads: runs a blocking call in a thread and returns a
+            L{Deferred} of its result (L{p2pmta.service.Peer.inThreads}).
+        @param f: what to write to: anything with C{write}.
+        """
+        self._inThreads = inThreads
+        self._sink = HashingSink(f)
+        self._batch = batch
+        self._chunks: list[bytes] = []
+        self._collected = 0
+        self._writing: Deferred | None = None
+
+    @property
+    def size(self) -> int:
+        return self._sink.size
+
+    def __call__(self, data: bytes) -> Deferred | None:
+        self._chunks.append(data)
+        self._collected += len(data)
+        if self._collected >= self._batch:
+            return self._write()
+        return None
+
+    def _write(self) -> Deferred:
+        chunks, self._chunks, self._collected = self._chunks, [], 0
+        writing = self._writing = self._inThreads(self._sink.writelines, chunks)
+
+        def written(result):
+            if self._writing is writing:
+                self._writing = None
+            return result
+
+        return writing.addBoth(written)
+
+    async def finish(self) -> str:
+        """
+        Write what is left, once the transfer is over.
+
+        @return: the lowercase hex SHA-256 of everything written.
+        """
+        if self._chunks:
+            await self._write()
+        return self._sink.hash.hexdigest()
+
+    async def settled(self) -> None:
+        """
+        Wait for the write in a thread, if one runs, whatever its outcome:
+        before the file is rewound or closed after a failed transfer.
+        """
+        while self._writing is not None:
+            try:
+                await self._writing
+            except Exception:
+                pass
 
 
 async def fetchInto(

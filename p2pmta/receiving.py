@@ -36,7 +36,7 @@ from p2pmta.errors import (
 )
 from p2pmta.groups import UnknownGroup
 from p2pmta.batch import MAX_PULL_BATCH, BatchReader
-from p2pmta.httpclient import fetchBytes, fetchInto
+from p2pmta.httpclient import HashingDownload, fetchBytes, fetchInto
 from p2pmta.logs import logFailure
 from p2pmta.rounds import Coalescing
 from p2pmta.web import MAX_DOWNLOADS_PER_CLIENT
@@ -530,9 +530,8 @@ class Receiver:
             try:
 
                 async def attempt(descriptor) -> str:
-                    f.seek(0)
-                    f.truncate()
-                    return await self._download(descriptor, row, f.write)
+                    await peer.inThreads(_rewind, f)
+                    return await self._download(descriptor, row, f)
 
                 url = await self._fromSenderOrGroup(sender, row["digest"], attempt)
             finally:
@@ -636,21 +635,21 @@ class Receiver:
                 self.log.info("group member {member} cannot serve {digest}: {e}", member=str(member), digest=digest, e=e)
         raise why
 
-    async def _download(self, descriptor, row, write) -> str:
+    async def _download(self, descriptor, row, f) -> str:
         """
-        Download the ciphertext into C{write} and check its hash.
+        Download the ciphertext into the file C{f} and check its hash, both
+        in threads (see L{HashingDownload}).
 
         @return: the URL it came from.
         """
         url = descriptor.link("outbox/" + row["digest"])
-        hasher = hashlib.sha256()
-
-        def sink(chunk: bytes) -> None:
-            hasher.update(chunk)
-            write(chunk)
-
-        await fetchInto(self._peer.agent, url, sink, row["ciphertext_size"], self._peer.reactor)
-        _checkDigest(url, hasher.hexdigest(), row)
+        sink = HashingDownload(self._peer.inThreads, f)
+        try:
+            await fetchInto(self._peer.agent, url, sink, row["ciphertext_size"], self._peer.reactor)
+            digest = await sink.finish()
+        finally:
+            await sink.settled()
+        _checkDigest(url, digest, row)
         return url
 
     async def _downloadChunks(self, descriptor, row, chunks: list) -> str:
@@ -775,6 +774,12 @@ class Receiver:
             "DELETE FROM incoming WHERE state IN ('bad', 'receipted', 'duplicate') AND received < ?", cutoff
         )
         await peer.ledger.query("DELETE FROM received_notices WHERE state IN ('bad', 'done') AND received < ?", cutoff)
+
+
+def _rewind(f) -> None:
+    """Empty the file C{f} for another try (blocking)."""
+    f.seek(0)
+    f.truncate()
 
 
 def _sha256(chunks: list) -> str:

@@ -12,7 +12,6 @@ at the same C{/outbox/<hash>} URL as the member's own ciphertexts.
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import os
 
@@ -24,7 +23,7 @@ from p2pmta.dht import NOTIFICATION_TTL
 from p2pmta.errors import BodyUnavailable, P2PMTAError
 from p2pmta.fileutil import AtomicFile
 from p2pmta.groups import UnknownGroup
-from p2pmta.httpclient import fetchBytes, fetchInto
+from p2pmta.httpclient import HashingDownload, fetchBytes, fetchInto
 from p2pmta.rounds import RoundService
 from p2pmta.store import isDigest
 
@@ -192,20 +191,19 @@ class Replicator(RoundService):
     async def _download(self, descriptor, digest: str) -> None:
         peer = self._peer
         replicas = peer.replicas
-        target = AtomicFile(replicas.directory, mode=0o600)
-        hasher = hashlib.sha256()
-
-        def sink(chunk: bytes) -> None:
-            hasher.update(chunk)
-            target.write(chunk)
-
+        target = await peer.inThreads(AtomicFile, replicas.directory, 0o600)
+        sink = HashingDownload(peer.inThreads, target)
         try:
-            await fetchInto(peer.agent, descriptor.link("outbox/" + digest), sink, MAX_REPLICA_SIZE, peer.reactor)
-            if hasher.hexdigest() != digest:
+            try:
+                await fetchInto(peer.agent, descriptor.link("outbox/" + digest), sink, MAX_REPLICA_SIZE, peer.reactor)
+                got = await sink.finish()
+            finally:
+                await sink.settled()
+            if got != digest:
                 raise BodyUnavailable(f"{descriptor.url} served bytes that do not match {digest}")
             await peer.inThreads(target.commit, os.path.join(replicas.directory, digest))
         except BaseException:
-            target.abort()
+            await peer.inThreads(target.abort)
             raise
 
     async def _drop(self, member: Address, digest: str, why: str) -> None:

@@ -24,6 +24,7 @@ from p2pmta.fileutil import (
     CHUNK_SIZE,
     TEMP_PREFIX,
     AtomicFile,
+    HashingSink,
     SpareFiles,
     ensureDir,
     fsyncDir,
@@ -48,24 +49,6 @@ def sha256Hex(data: bytes) -> str:
     @return: the lowercase hex SHA-256 digest of C{data}.
     """
     return hashlib.sha256(data).hexdigest()
-
-
-class _HashingSink:
-    """A file's C{write}, counting and hashing what goes through."""
-
-    def __init__(self, f) -> None:
-        self._f = f
-        self.hash = hashlib.sha256()
-        self.size = 0
-
-    def write(self, data) -> None:
-        self.hash.update(data)
-        self.size += len(data)
-        self._f.write(data)
-
-    def writelines(self, chunks) -> None:
-        for chunk in chunks:
-            self.write(chunk)
 
 
 @implementer(IOutbox)
@@ -155,7 +138,7 @@ class Outbox:
         @return: the digest, the size and what C{produce} returned.
         """
         with AtomicFile(self.directory, self.fileMode, self._spares) as f:
-            sink = _HashingSink(f)
+            sink = HashingSink(f)
             result = produce(sink)
             digest = sink.hash.hexdigest()
             f.commit(self._pathOf(digest), syncFolder)

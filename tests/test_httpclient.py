@@ -6,14 +6,18 @@ TCP on 127.0.0.1.  (Hostile servers are in L{tests.test_hostile_web}.)
 from __future__ import annotations
 
 import os
+import threading
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThreadPool
+from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from twisted.trial.unittest import TestCase
 from twisted.web.resource import Resource
+from twisted.web.client import ResponseDone
 from twisted.web.server import Site
 
 from p2pmta.errors import FetchError
@@ -266,3 +270,147 @@ class BusyServerTests(TestCase):
     def test_retryAfterADate(self):
         """A C{Retry-After} that is a date: fails at once."""
         return Deferred.fromCoroutine(self._givesUp(_Busy(1, b"Wed, 21 Oct 2026 07:28:00 GMT"), 1))
+
+
+class _Recording:
+    """A file's C{write} that records which thread wrote how much."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.writes: list[tuple[bool, int]] = []
+
+    def write(self, data: bytes) -> None:
+        self.writes.append((threading.current_thread() is threading.main_thread(), len(data)))
+        self.data += data
+
+
+class SinkFlowControlTests(TestCase):
+    """
+    A sink that returns a L{Deferred} (its data goes to a thread) holds the
+    transfer until it fires.
+    """
+
+    def body(self, sink):
+        from twisted.internet.task import Clock
+        from twisted.internet.testing import StringTransport
+
+        from p2pmta.httpclient import _BoundedBody
+
+        protocol = _BoundedBody(sink, 100, Clock(), None)
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        return protocol, transport
+
+    def test_pausedUntilTheSinkHasIt(self):
+        """
+        The transfer pauses while the sink's Deferred is pending; what
+        arrives meanwhile reaches the sink after it, in order; the body is
+        finished only once the sink has it all.
+        """
+        given, pending = [], []
+
+        def sink(data: bytes):
+            given.append(data)
+            if data.startswith(b"slow"):
+                pending.append(Deferred())
+                return pending[-1]
+            return None
+
+        protocol, transport = self.body(sink)
+        protocol.dataReceived(b"a")
+        self.assertEqual(transport.producerState, "producing")
+        protocol.dataReceived(b"slow1")
+        self.assertEqual(transport.producerState, "paused")
+        protocol.dataReceived(b"b")
+        protocol.dataReceived(b"slow2")
+        protocol.dataReceived(b"c")
+        protocol.connectionLost(Failure(ResponseDone()))
+        self.assertEqual(given, [b"a", b"slow1"])
+        self.assertNoResult(protocol.finished)
+        pending[0].callback(None)
+        self.assertEqual(given, [b"a", b"slow1", b"b", b"slow2"])
+        self.assertNoResult(protocol.finished)
+        pending[1].callback(None)
+        self.assertEqual(given, [b"a", b"slow1", b"b", b"slow2", b"c"])
+        self.successResultOf(protocol.finished)
+
+    def test_resumedAfterTheSink(self):
+        """The transfer goes on once the sink's Deferred fires."""
+        pending = Deferred()
+        protocol, transport = self.body(lambda data: pending)
+        protocol.dataReceived(b"x")
+        self.assertEqual(transport.producerState, "paused")
+        pending.callback(None)
+        self.assertEqual(transport.producerState, "producing")
+
+    def test_sinkFailureIsOurs(self):
+        """
+        A sink's Deferred that fails (our disk full) fails the body with
+        what it failed with, stops the transfer and passes nothing more.
+        """
+        import errno
+
+        given, pending = [], Deferred()
+
+        def sink(data: bytes):
+            given.append(data)
+            return pending
+
+        protocol, transport = self.body(sink)
+        protocol.dataReceived(b"x")
+        protocol.dataReceived(b"y")
+        pending.errback(OSError(errno.ENOSPC, "full"))
+        self.assertEqual(given, [b"x"])
+        self.assertIsInstance(protocol.sinkError, OSError)
+        self.failureResultOf(protocol.finished, OSError)
+        self.assertEqual(transport.producerState, "stopped")
+
+    def test_tooLargeWhilePaused(self):
+        """Bytes over the limit fail the body even while the sink holds it."""
+        protocol, transport = self.body(lambda data: Deferred())
+        protocol.dataReceived(b"x" * 60)
+        protocol.dataReceived(b"y" * 60)
+        self.failureResultOf(protocol.finished, FetchError)
+
+
+class HashingDownloadTests(TestCase):
+    """
+    L{HashingDownload} over real TCP from our own outbox: a large
+    ciphertext is written and hashed by threads, a batch at a time, never
+    by the reactor thread.
+    """
+
+    def test_writtenInThreads(self):
+        from p2pmta.httpclient import WRITE_BATCH, HashingDownload, fetchInto
+
+        async def run():
+            pool = ThreadPool(minthreads=1, maxthreads=2, name="test-download")
+            pool.start()
+            self.addCleanup(pool.stop)
+            outbox = Outbox(reactor, os.path.abspath(self.mktemp()), pool)
+            blob = os.urandom(3 * WRITE_BATCH + 12345)
+            digest = await outbox.add(blob)
+            site = makeSite(outbox, lambda: succeed(b"KEY"), logPath=lambda line: None)
+            port = reactor.listenTCP(0, site, interface="127.0.0.1")
+            self.addCleanup(port.stopListening)
+            agent, agentPool = makeAgent(reactor)
+            self.addCleanup(agentPool.closeCachedConnections)
+            f = _Recording()
+            batches: list[int] = []
+
+            def inThreads(g, chunks):
+                batches.append(sum(map(len, chunks)))
+                return deferToThreadPool(reactor, pool, g, chunks)
+
+            sink = HashingDownload(inThreads, f)
+            url = f"http://127.0.0.1:{port.getHost().port}/outbox/{digest}"
+            await fetchInto(agent, url, sink, len(blob), reactor)
+            self.assertEqual(await sink.finish(), digest)
+            self.assertEqual(bytes(f.data), blob)
+            self.assertEqual(sink.size, len(blob))
+            self.assertEqual([inMain for inMain, _ in f.writes if inMain], [])
+            # A thread call per batch of at least WRITE_BATCH, but the last.
+            self.assertIn(len(batches), (3, 4))
+            self.assertGreaterEqual(min(batches[:-1]), WRITE_BATCH)
+
+        return Deferred.fromCoroutine(run())

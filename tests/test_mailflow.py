@@ -617,7 +617,7 @@ class HostileInputTests(TestCase):
     async def _tampered(self, size: int):
         h = PeerHarness(self)
         alice = await h.start("alice")
-        await h.start("bob")
+        bob = await h.start("bob")
         message = makeMessage("alice@demo", ["bob@demo"], "tampered", os.urandom(size))
         await h.send("alice", ["bob@demo"], message)
 
@@ -626,6 +626,8 @@ class HostileInputTests(TestCase):
         path = alice.outbox.path(digest).path
         with open(path, "rb") as f:
             original = f.read()
+        if size >= receiving.IN_MEMORY_PULL:
+            self.assertGreater(len(original), receiving.IN_MEMORY_PULL)
         with open(path, "wb") as f:
             f.write(original[:100] + bytes([original[100] ^ 1]) + original[101:])
         typ, data = await h.imap("bob", lambda c: fetchOne(c, uid, "(BODY[])"))
@@ -636,6 +638,7 @@ class HostileInputTests(TestCase):
         typ, data = await h.imap("bob", lambda c: fetchOne(c, uid, "(BODY[])"))
         self.assertEqual(typ, "OK")
         self.assertEqual(stripAdded(data[0][1]), message)
+        self.assertEqual(os.listdir(bob.receiver.pullDirectory), [])
 
     def test_tamperedCiphertext(self):
         """
@@ -651,6 +654,14 @@ class HostileInputTests(TestCase):
         L{receiving.INLINE_DECRYPTION}).
         """
         return ensureDeferred(self._tampered(receiving.BATCH_ITEM))
+
+    def test_tamperedCiphertextPulledIntoAFile(self):
+        """
+        The same for a ciphertext over L{receiving.IN_MEMORY_PULL}, pulled
+        into a file, which threads write and hash a MiB at a time (see
+        L{p2pmta.httpclient.HashingDownload}).
+        """
+        return ensureDeferred(self._tampered(receiving.IN_MEMORY_PULL))
 
     async def _senderOffline(self):
         h = PeerHarness(self)
