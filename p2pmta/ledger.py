@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 from twisted.internet.threads import deferToThreadPool
 
+from p2pmta.sqlitewrites import writeLock
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outgoing (
     id TEXT PRIMARY KEY,
@@ -117,14 +119,17 @@ class Ledger:
         self._reactor = reactor
         self._threadpool = threadpool
         self._lock = threading.Lock()
+        # Shared with the mail store's connection (see sqlitewrites).
+        self._writeLock = writeLock(path)
         self._connection = sqlite3.connect(path, check_same_thread=False, timeout=30, isolation_level=None)
         self._connection.execute("PRAGMA journal_mode=WAL")
         # Every commit is in the OS before the call returns, so a killed
         # peer loses nothing; durable transactions (an accepted message)
         # also reach the disk before they return.
         self._connection.execute("PRAGMA synchronous=NORMAL")
-        self._addMissingColumns()
-        self._connection.executescript(_SCHEMA)
+        with self._writeLock:
+            self._addMissingColumns()
+            self._connection.executescript(_SCHEMA)
 
     def _addMissingColumns(self) -> None:
         """Bring a ledger written by an older p2pmta up to this schema."""
@@ -154,7 +159,7 @@ class Ledger:
         @param durable: commit with C{synchronous=FULL}, set and reset
             under the same hold of the lock as the transaction.
         """
-        with self._lock:
+        with self._lock, self._writeLock:
             cursor = self._connection.cursor()
             if durable:
                 cursor.execute("PRAGMA synchronous=FULL")

@@ -20,6 +20,7 @@ from twisted.python.failure import Failure
 
 from p2pmta.errors import DiskFull, StoreError
 from p2pmta.maildir import IN_DATABASE
+from p2pmta.sqlitewrites import writeLock
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS mail_mailboxes (
@@ -75,6 +76,8 @@ class MailDatabase:
         self._path = path
         self._db: sqlite3.Connection | None = None
         self._lock = threading.Lock()
+        # Shared with the ledger's connection (see sqlitewrites).
+        self._writeLock = writeLock(path)
 
     def open(self, mailboxes: Iterable[str], held: Callable[[str], bool]) -> tuple[list, list, set]:
         """
@@ -92,9 +95,10 @@ class MailDatabase:
         )
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
-        db.executescript(_SCHEMA)
+        with self._writeLock:
+            db.executescript(_SCHEMA)
         db.isolation_level = ""
-        with db:
+        with self._writeLock, db:
             now = int(time.time())
             for name in mailboxes:
                 db.execute(
@@ -119,7 +123,7 @@ class MailDatabase:
             )
         ]
         if missing:
-            with db:
+            with self._writeLock, db:
                 db.executemany(
                     "UPDATE mail_messages SET filename = NULL "
                     "WHERE mailbox = ? AND uid = ?",
@@ -144,7 +148,7 @@ class MailDatabase:
             that is not durable may be lost with the later ones to a power
             cut, the database staying consistent.
         """
-        with self._lock:
+        with self._lock, self._writeLock:
             db = self._db
             if db is None:
                 raise StoreError("the mail store is closed")
