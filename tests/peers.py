@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import imaplib
 import os
+import random
 import shutil
 import smtplib
+import socket
 import sqlite3
 import tempfile
 from dataclasses import replace
@@ -23,6 +25,36 @@ from p2pmta.address import Address
 from p2pmta.config import Config
 from p2pmta.service import buildService
 from p2pmta.web import ACCESS_LOG_NAMESPACE
+
+
+def freePort(kind: int = socket.SOCK_STREAM) -> int:
+    """
+    A port of 127.0.0.1 free now, for a peer to keep across restarts.  It
+    is taken below the ephemeral range, so that no outgoing connection gets
+    it while its peer is down between a kill and a restart.
+    """
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    rng = random.SystemRandom()
+    for _ in range(1000):
+        port = rng.randrange(10000, max(10001, low))
+        if port in _givenPorts:
+            continue
+        with socket.socket(socket.AF_INET, kind) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _givenPorts.add(port)
+        return port
+    raise RuntimeError("no free port below the ephemeral range")
+
+
+#: The ports L{freePort} gave: never twice in one run.
+_givenPorts: set[int] = set()
 
 
 def sleep(seconds: float):

@@ -16,7 +16,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from p2pmta.demo import demoConfigs, demoService
 from tests.peers import eventually, uids
-from tests.test_faults import freePort
+from tests.peers import freePort
 
 
 class DemoTests(SynchronousTestCase):

@@ -31,7 +31,6 @@ import hashlib
 import imaplib
 import json
 import os
-import random
 import re
 import shutil
 import signal
@@ -54,7 +53,7 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from p2pmta.dht.node import OpenDHTNode, infoHash
 from p2pmta.service import SPOOL_AHEAD, cleanAfterCrash
-from tests.peers import eventually, sleep
+from tests.peers import eventually, freePort, sleep
 from tests.test_mailflow import makeMessage, stripAdded
 from tests.test_twistd import TWISTD, TwistdProcess
 
@@ -63,36 +62,6 @@ START_TIMEOUT = 90.0
 
 #: How long accepted mail may take to show up after the last restart.
 DELIVERY_TIMEOUT = 60.0
-
-
-def freePort(kind: int = socket.SOCK_STREAM) -> int:
-    """
-    A port of 127.0.0.1 free now, for a peer to keep across restarts.  It
-    is taken below the ephemeral range, so that no outgoing connection gets
-    it while its peer is down between a kill and a restart.
-    """
-    try:
-        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
-            low = int(f.read().split()[0])
-    except (OSError, ValueError, IndexError):
-        low = 32768
-    rng = random.SystemRandom()
-    for _ in range(1000):
-        port = rng.randrange(10000, max(10001, low))
-        if port in _givenPorts:
-            continue
-        with socket.socket(socket.AF_INET, kind) as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        _givenPorts.add(port)
-        return port
-    raise RuntimeError("no free port below the ephemeral range")
-
-
-#: The ports L{freePort} gave: never twice in one run.
-_givenPorts: set[int] = set()
 
 
 def sha256(data: bytes) -> str:
