@@ -206,7 +206,9 @@ class Sender:
                     ]
                 )
             failures[0].raiseException()
-        self.process(messageId)
+        # On the reactor's next turn: after the 250 has gone out, which
+        # waits for what this turn still does.
+        self._peer.reactor.callLater(0, self.process, messageId)
         return messageId
 
     async def forgetUnspooled(self) -> None:

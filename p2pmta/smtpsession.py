@@ -622,7 +622,11 @@ class SubmissionServer(ESMTP):
                 self.reply(451, "4.3.0 Error: queue file write error, try again later")
             return
         self.reply(250, f"2.0.0 Ok: queued as {messageId}")
-        self.log.info(
+        # Logged on the next turn, once the 250 is written: a log line
+        # costs about as much as the rest of this turn.
+        self.callLater(
+            0,
+            self.log.info,
             "accepted {id} from {sender} for {n} recipients, {size} bytes",
             id=messageId,
             sender=str(sender),

@@ -746,12 +746,15 @@ class DataTests(ServerMixin, SynchronousTestCase):
 
     def test_acceptLogged(self) -> None:
         """
-        One line is logged per message, without body or password.
+        One line is logged per message, without body or password, once its
+        250 is written (on the reactor's next turn).
         """
         events = []
         self.proto.log = Logger(observer=events.append)
         message = b"Subject: secret subject\r\n\r\nsecret body\r\n"
-        self.send(message + b".\r\n")
+        self.assertIn(b"250 2.0.0 Ok: queued as id1", self.send(message + b".\r\n"))
+        self.assertEqual(events, [])
+        self.clock.advance(0)
         texts = [formatEvent(e) for e in events]
         self.assertEqual(
             texts, ["accepted id1 from alice@demo for 1 recipients, %d bytes" % len(message)]
