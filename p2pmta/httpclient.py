@@ -245,6 +245,8 @@ class _BoundedBody(Protocol):
         if isinstance(result, Deferred):
             self._sinking = result
             self.transport.pauseProducing()
+            # Our own disk's time is not the other peer's silence.
+            self._stopClock()
             result.addCallbacks(self._sunk, self._sinkFailed)
 
     def _sunk(self, _) -> None:
@@ -258,9 +260,8 @@ class _BoundedBody(Protocol):
         if self._ended is not None:
             self._end(self._ended)
             return
-        if self._idle is not None:
-            # Our own disk's time is not the other peer's silence.
-            self._idle.reset(self._idleTimeout)
+        if self._idleTimeout and self._idle is None:
+            self._idle = self._clock.callLater(self._idleTimeout, self._tooQuiet)
         self.transport.resumeProducing()
 
     def _sinkFailed(self, reason: Failure) -> None:

@@ -414,3 +414,26 @@ class HashingDownloadTests(TestCase):
             self.assertGreaterEqual(min(batches[:-1]), WRITE_BATCH)
 
         return Deferred.fromCoroutine(run())
+
+
+class SinkIdleTests(TestCase):
+    """The idle timeout measures the other peer's silence, not our disk's."""
+
+    def test_noIdleTimeoutWhileTheSinkHolds(self):
+        from twisted.internet.task import Clock
+        from twisted.internet.testing import StringTransport
+
+        from p2pmta.httpclient import _BoundedBody
+
+        clock, pending = Clock(), Deferred()
+        protocol = _BoundedBody(lambda data: pending, 100, clock, 5)
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        protocol.dataReceived(b"x")
+        clock.advance(60)
+        self.assertNoResult(protocol.finished)
+        pending.callback(None)
+        clock.advance(4)
+        self.assertNoResult(protocol.finished)
+        clock.advance(1)
+        self.failureResultOf(protocol.finished, FetchError)
