@@ -233,6 +233,10 @@ class Peer(MultiService):
         # gets a thread of its own instead of holding pool threads while
         # they wait for its lock (and keeping file and crypto work waiting).
         self.ledgerThread = ThreadPoolService(1, "p2pmta-ledger")
+        # An SMTP 250 waits for its message's flush: two threads of its
+        # own, so that it never waits behind the pipeline's encryption and
+        # filing in the pool.
+        self.smtpThreads = ThreadPoolService(2, "p2pmta-smtp")
         if dht is None:
             dht = OpenDHTNode(
                 reactor,
@@ -252,7 +256,7 @@ class Peer(MultiService):
         self.sender: Sender | None = None
 
     def startService(self) -> None:
-        for pool in (self.threads, self.ledgerThread):
+        for pool in (self.threads, self.ledgerThread, self.smtpThreads):
             pool.startService()
         try:
             MultiService.startService(self)
@@ -373,7 +377,7 @@ class Peer(MultiService):
                 self.sender,
                 tlsOptions=tlsOptions,
                 clock=self.reactor,
-                runBlocking=self.inThreads,
+                runBlocking=lambda f, *args: deferToThreadPool(self.reactor, self.smtpThreads.pool, f, *args),
                 maxConnections=config.smtpMaxConnections,
                 timeout=config.smtpIdleTimeout,
                 spoolAhead=SPOOL_AHEAD,
@@ -451,7 +455,7 @@ class Peer(MultiService):
             if getattr(self, "ledger", None) is not None:
                 await self.inThreads(self.ledger.close)
         finally:
-            for pool in (self.ledgerThread, self.threads):
+            for pool in (self.smtpThreads, self.ledgerThread, self.threads):
                 pool.stopService()
             self.log.info("peer {address} stopped", address=str(self.config.address))
 
