@@ -22,6 +22,7 @@ import uuid
 import zlib
 
 from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -207,8 +208,11 @@ class Sender:
                 )
             failures[0].raiseException()
         # On the reactor's next turn: after the 250 has gone out, which
-        # waits for what this turn still does.
-        self._peer.reactor.callLater(0, self.process, messageId)
+        # waits for what this turn still does.  Tracked, so that a peer
+        # stopping meanwhile waits for it.
+        self._peer.track(deferLater(self._peer.reactor, 0, self.process, messageId)).addErrback(
+            logFailure(self.log, "the sending pipeline failed; will retry")
+        )
         return messageId
 
     async def forgetUnspooled(self) -> None:
