@@ -8,9 +8,11 @@ from __future__ import annotations
 import email
 import os
 import smtplib
+import threading
 from email.message import EmailMessage
 from email.policy import SMTP
 
+from twisted.internet import reactor
 from twisted.internet.defer import ensureDeferred, gatherResults
 from twisted.internet.threads import deferToThread
 from twisted.logger import globalLogPublisher
@@ -144,6 +146,44 @@ class MailFlowTests(TestCase):
         it byte for byte.
         """
         return ensureDeferred(self._codedByteByByte())
+
+    async def _flushNotBehindPool(self):
+        await self.peers("alice", "bob")
+        h = self.harness
+        alice = h.running["alice"]
+        port, config = h.port("alice", "smtp"), h.configs["alice"]
+
+        def connect():
+            client = smtplib.SMTP("127.0.0.1", port, timeout=30)
+            client.ehlo()
+            client.login(str(config.address), config.password)
+            return client
+
+        client = await deferToThread(connect)
+        try:
+            first = makeMessage("alice@demo", ["bob@demo"], "first")
+            self.assertEqual(await deferToThread(client.sendmail, "alice@demo", ["bob@demo"], first), {})
+            # Every thread of the peer's pool taken (by the pipeline's
+            # encryption of a burst, say): the next 250 does not wait.
+            release = threading.Event()
+            busy = [alice.inThreads(release.wait, 30) for _ in range(alice.threads.pool.max)]
+            try:
+                second = makeMessage("alice@demo", ["bob@demo"], "second")
+                sent = deferToThread(client.sendmail, "alice@demo", ["bob@demo"], second)
+                self.assertEqual(await sent.addTimeout(15, reactor), {})
+            finally:
+                release.set()
+                await gatherResults(busy)
+        finally:
+            client.close()
+        await h.listed("bob", 2)
+
+    def test_flushNotBehindThePool(self):
+        """
+        An SMTP 250 waits for its message's flush, which has threads of its
+        own: not behind whatever holds the peer's pool.
+        """
+        return ensureDeferred(self._flushNotBehindPool())
 
     def test_sendReceive(self):
         """
