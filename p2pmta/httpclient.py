@@ -484,6 +484,24 @@ async def fetchInto(
         raise FetchError(f"{url}: {_why(e)}") from None
 
 
+async def fetchIntoFile(agent: Agent, url: str, f, maxSize: int, reactor, inThreads) -> str:
+    """
+    GET C{url} into the file C{f} (anything with C{write}), which threads
+    hash and write a batch at a time (see L{HashingDownload}); bounded as
+    L{fetchInto} says.  No write of it runs once this returns or raises,
+    so the caller may rewind or close C{f} at once.
+
+    @param inThreads: see L{HashingDownload}.
+    @return: the lowercase hex SHA-256 of the body.
+    """
+    sink = HashingDownload(inThreads, f)
+    try:
+        await fetchInto(agent, url, sink, maxSize, reactor)
+        return await sink.finish()
+    finally:
+        await sink.settled()
+
+
 async def fetchBytes(
     agent: Agent,
     url: str,

@@ -36,7 +36,7 @@ from p2pmta.errors import (
 )
 from p2pmta.groups import UnknownGroup
 from p2pmta.batch import MAX_PULL_BATCH, BatchReader
-from p2pmta.httpclient import HashingDownload, fetchBytes, fetchInto
+from p2pmta.httpclient import fetchBytes, fetchInto, fetchIntoFile
 from p2pmta.logs import logFailure
 from p2pmta.rounds import Coalescing
 from p2pmta.web import MAX_DOWNLOADS_PER_CLIENT
@@ -638,17 +638,13 @@ class Receiver:
     async def _download(self, descriptor, row, f) -> str:
         """
         Download the ciphertext into the file C{f} and check its hash, both
-        in threads (see L{HashingDownload}).
+        in threads (see L{fetchIntoFile}).
 
         @return: the URL it came from.
         """
+        peer = self._peer
         url = descriptor.link("outbox/" + row["digest"])
-        sink = HashingDownload(self._peer.inThreads, f)
-        try:
-            await fetchInto(self._peer.agent, url, sink, row["ciphertext_size"], self._peer.reactor)
-            digest = await sink.finish()
-        finally:
-            await sink.settled()
+        digest = await fetchIntoFile(peer.agent, url, f, row["ciphertext_size"], peer.reactor, peer.inThreads)
         _checkDigest(url, digest, row)
         return url
 

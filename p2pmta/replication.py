@@ -23,7 +23,7 @@ from p2pmta.dht import NOTIFICATION_TTL
 from p2pmta.errors import BodyUnavailable, P2PMTAError
 from p2pmta.fileutil import AtomicFile
 from p2pmta.groups import UnknownGroup
-from p2pmta.httpclient import HashingDownload, fetchBytes, fetchInto
+from p2pmta.httpclient import fetchBytes, fetchIntoFile
 from p2pmta.rounds import RoundService
 from p2pmta.store import isDigest
 
@@ -192,13 +192,9 @@ class Replicator(RoundService):
         peer = self._peer
         replicas = peer.replicas
         target = await peer.inThreads(AtomicFile, replicas.directory, 0o600)
-        sink = HashingDownload(peer.inThreads, target)
         try:
-            try:
-                await fetchInto(peer.agent, descriptor.link("outbox/" + digest), sink, MAX_REPLICA_SIZE, peer.reactor)
-                got = await sink.finish()
-            finally:
-                await sink.settled()
+            url = descriptor.link("outbox/" + digest)
+            got = await fetchIntoFile(peer.agent, url, target, MAX_REPLICA_SIZE, peer.reactor, peer.inThreads)
             if got != digest:
                 raise BodyUnavailable(f"{descriptor.url} served bytes that do not match {digest}")
             await peer.inThreads(target.commit, os.path.join(replicas.directory, digest))
