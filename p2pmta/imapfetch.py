@@ -22,7 +22,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, replace
 
-from twisted.internet.defer import DeferredList, maybeDeferred
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -253,36 +253,58 @@ def partial(data, window):
 # -- the FETCH command's work ------------------------------------------------
 
 
-async def fetchBodies(store, mailbox: str, uids: list):
+class BodyRequests:
     """
-    Ask the store for the bodies of C{uids}, all at once (pulling those not
-    held: the receiver bounds how many requests that makes at a time).
+    The bodies of some messages of a mailbox, asked of the store all at
+    once (pulling those not held: the receiver bounds how many requests
+    that makes at a time), each had as it comes: a FETCH answers for a
+    message as soon as its body is had, not once the last one is.
 
-    @return: C{{uid: (path, size)}} of the bodies had (the path being the
-        message's L{bytes} for one the store holds in memory), and the first
-        failure (a L{BodyUnavailable}) or L{None}.
+    @ivar had: C{{uid: (path, size)}} of the bodies had so far (the path
+        being the message's L{bytes} for one the store holds in memory).
+    @ivar missing: The UIDs whose body could not be had.
+    @ivar failure: The first failure (a L{BodyUnavailable}), or L{None}.
     """
-    results = await DeferredList(
-        [maybeDeferred(store.body, mailbox, u) for u in uids], consumeErrors=True
-    )
-    files, failure = {}, None
-    for u, (ok, value) in zip(uids, results):
-        if ok and isinstance(value, bytes):
-            files[u] = (value, len(value))
-        elif ok:
+
+    def __init__(self, store, mailbox: str, uids) -> None:
+        self.had: dict = {}
+        self.missing: list = []
+        self.failure: Failure | None = None
+        self._requests = {
+            u: maybeDeferred(store.body, mailbox, u).addBoth(self._settle, u) for u in uids
+        }
+
+    def _settle(self, result, uid: int) -> None:
+        if isinstance(result, bytes):
+            self.had[uid] = (result, len(result))
+            return
+        if not isinstance(result, Failure):
             try:
-                files[u] = (value, os.path.getsize(value))
+                self.had[uid] = (result, os.path.getsize(result))
+                return
             except OSError:
-                ok, value = (
-                    False,
-                    Failure(BodyUnavailable("the message file is missing")),
-                )
-        if not ok and failure is None:
-            failure = value
-            if not value.check(BodyUnavailable):
-                _log.failure("body of {uid} failed", value, uid=u)
-                failure = Failure(BodyUnavailable("internal error"))
-    return files, failure
+                result = Failure(BodyUnavailable("the message file is missing"))
+        self.missing.append(uid)
+        if self.failure is None:
+            if not result.check(BodyUnavailable):
+                _log.failure("body of {uid} failed", result, uid=uid)
+                result = Failure(BodyUnavailable("internal error"))
+            self.failure = result
+
+    def waitFor(self, uid: int) -> Deferred | None:
+        """
+        @return: L{None} if the body of C{uid} is had or failed already,
+            else a Deferred firing (with L{None}) once it is.
+        """
+        request = self._requests[uid]
+        return None if request.called else request
+
+    def settled(self) -> Deferred:
+        """
+        @return: a Deferred firing (with L{None}) once every body is had
+            or has failed.
+        """
+        return DeferredList(list(self._requests.values())).addCallback(lambda _: None)
 
 
 class StructureCache:
@@ -324,24 +346,49 @@ class StructureCache:
         return structures
 
 
-def fetchPieces(store, mailbox: str, live, items, files, structures, seen, vanished):
+def fetchPieces(store, mailbox: str, live, items, bodies, structures, marked, vanished):
     """
     The FETCH responses, as pieces for L{PieceSender}, made as they are
-    sent.  Each message's file is opened when its response starts and
-    closed when it ends, so an expunge by another session meanwhile cannot
-    cut it short.
+    sent.  Before a message whose body is not had yet, a Deferred is
+    yielded: the sender waits for it.  A message whose body could not be
+    had is left out (C{bodies.missing} says which).  Each message's file
+    is opened when its response starts and closed when it ends, so an
+    expunge by another session meanwhile cannot cut it short.
 
     @param live: C{(seq, uid, record)} of each message.
-    @param files: C{{uid: (path, size)}} of the bodies (see L{fetchBodies}).
-    @param seen: UIDs being marked C{\\Seen}, whose FLAGS (with it) must
-        be sent.
-    @param vanished: A list the UIDs whose file could not be opened (and
-        whose response was left out) are appended to.
+    @param bodies: The L{BodyRequests} of their bodies, or L{None} if
+        C{items} need none.
+    @param structures: The L{StructureCache} to have their MIME
+        structures from, or L{None} if C{items} need none.
+    @param marked: Called with each message's C{(uid, record)}: whether
+        it is being marked C{\\Seen}, whose FLAGS (with it) must be sent.
+    @param vanished: A list the UIDs whose file could not be opened, or
+        whose structure could not be read (and whose response was left
+        out), are appended to.
     """
     for seq, u, record in live:
+        files: dict = {}
+        if bodies is not None:
+            wait = bodies.waitFor(u)
+            if wait is not None:
+                yield wait
+            if u not in bodies.had:
+                continue
+            files[u] = bodies.had[u]
+        root = None
+        if structures is not None:
+            found: dict = {}
+            wait = Deferred.fromCoroutine(structures.get(store, mailbox, files)).addBoth(_keep, found)
+            if not wait.called:
+                yield wait
+            root = found.get("result", {}).get(u)
+            if root is None:
+                vanished.append(u)
+                continue
+        seen = marked(u, record)
         record = store.record(mailbox, u) or record
         wanted = items
-        if u in seen:
+        if seen:
             if "\\Seen" not in record.flags:
                 record = replace(record, flags=record.flags | {"\\Seen"})
             if FetchItem("FLAGS") not in items:
@@ -361,13 +408,22 @@ def fetchPieces(store, mailbox: str, live, items, files, structures, seen, vanis
             for i, item in enumerate(wanted):
                 if i:
                     yield b" "
-                yield from _itemPieces(
-                    item, record, path, size, structures.get(u), handle
-                )
+                yield from _itemPieces(item, record, path, size, root, handle)
             yield b")\r\n"
         finally:
             if handle is not None:
                 handle.close()
+
+
+def _keep(result, into: dict) -> None:
+    """
+    Keep a structure look-up's outcome for L{fetchPieces}: a failure other
+    than a vanished file is logged, and its message left out.
+    """
+    if isinstance(result, Failure):
+        _log.failure("reading a message's structure failed", result)
+    else:
+        into["result"] = result
 
 
 def _itemPieces(item: FetchItem, record, path, size: int, root, handle) -> list:

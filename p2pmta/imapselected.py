@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import re
 
-from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
 from p2pmta import imapfetch, imapsearch, imapsyntax, piecesender
@@ -186,27 +185,28 @@ class SelectedCommands:
         if uid and imapfetch.FetchItem("UID") not in items:
             items.insert(0, imapfetch.FetchItem("UID"))
         # Bodies go in windows, and only two windows' worth are held at a
-        # time (pulled bodies may be held in memory): the first two are had
-        # together, then each next one while the one before it is sent.
-        # Pulls of the second wait behind those of the first (the receiver
-        # takes them in order), but keep its slots busy while the first's
-        # last pulls finish.
-        windows = _windows(live, BODY_WINDOW, BODY_WINDOW_MESSAGES) if any(i.needsBody for i in items) else [live]
+        # time (pulled bodies may be held in memory): the bodies of the
+        # first two are asked for together, then each next one's while the
+        # one before it is sent.  Pulls of the second wait behind those of
+        # the first (the receiver takes them in order), but keep its slots
+        # busy while the first's last pulls finish.  A message is answered
+        # as soon as its body is had.
+        needsBody = any(i.needsBody for i in items)
+        windows = _windows(live, BODY_WINDOW, BODY_WINDOW_MESSAGES) if needsBody else [live]
         unavailable, inMemory = None, []
-        pending = [Deferred.fromCoroutine(self._fetchWindow(box, w, items)) for w in windows[:2]]
-        try:
-            for n in range(len(windows)):
-                part, files, structures, failed, expunged = await pending.pop(0)
-                inMemory += [u for u, (body, _) in files.items() if isinstance(body, bytes)]
-                gone = gone or expunged
-                unavailable = unavailable or failed
-                vanished = await self._sendWindow(box, part, items, files, structures)
-                gone, unavailable = _leftOut(self.store, box.name, vanished, gone, unavailable)
-                if n + 2 < len(windows):
-                    pending.append(Deferred.fromCoroutine(self._fetchWindow(box, windows[n + 2], items)))
-        finally:
-            for d in pending:
-                d.addErrback(lambda _: None)  # the command is over
+        asked = [self._askBodies(box, w, needsBody) for w in windows[:2]]
+        for n, part in enumerate(windows):
+            bodies = asked.pop(0)
+            vanished = await self._sendWindow(box, part, items, bodies)
+            if bodies is not None:
+                inMemory += [u for u, (body, _) in bodies.had.items() if isinstance(body, bytes)]
+                if bodies.missing and all(self.store.record(box.name, u) is None for u in bodies.missing):
+                    gone = True  # expunged by another session while their bodies were pulled
+                else:
+                    unavailable = unavailable or bodies.failure
+            gone, unavailable = _leftOut(self.store, box.name, vanished, gone, unavailable)
+            if n + 2 < len(windows):
+                asked.append(self._askBodies(box, windows[n + 2], needsBody))
         # Bodies sent from memory are on disk before the OK: a crash before
         # it leaves a client that retries, not one that thinks it has them
         # while their senders were never told.
@@ -217,52 +217,51 @@ class SelectedCommands:
             raise No(b"[EXPUNGEISSUED] Some messages were expunged meanwhile")
         return b"OK FETCH completed"
 
-    async def _fetchWindow(self, box, live: list, items: list):
+    def _askBodies(self, box, live: list, needsBody: bool):
         """
-        The bodies and MIME structures the FETCH C{items} need of C{live}.
+        Ask the store for the bodies of C{live}, if the FETCH needs them.
 
-        @return: C{(live, files, structures, unavailable, gone)}: the
-            messages still to answer, their bodies and structures (see
-            L{imapfetch.fetchBodies}), the first failure (or L{None}), and
-            whether some were expunged meanwhile.
+        @return: their L{imapfetch.BodyRequests}, or L{None}.
         """
-        store = self.store
-        files, structures, unavailable, gone = {}, {}, None, False
-        if not any(i.needsBody for i in items):
-            return live, files, structures, unavailable, gone
-        uids = [u for _, u, _ in live]
-        files, unavailable = await imapfetch.fetchBodies(store, box.name, uids)
-        missing = [u for _, u, _ in live if u not in files]
-        if missing and all(store.record(box.name, u) is None for u in missing):
-            # Expunged by another session while their bodies were pulled.
-            unavailable, gone = None, True
-        live = [x for x in live if x[1] in files]
-        if any(i.needsStructure for i in items):
-            structures = await self.factory.structures.get(store, box.name, files)
-            left = [x for x in live if x[1] not in structures]
-            live = [x for x in live if x[1] in structures]
-            gone, unavailable = _leftOut(store, box.name, [x[1] for x in left], gone, unavailable)
-        return live, files, structures, unavailable, gone
+        if not needsBody:
+            return None
+        return imapfetch.BodyRequests(self.store, box.name, [u for _, u, _ in live])
 
-    async def _sendWindow(self, box, live: list, items: list, files: dict, structures: dict) -> list:
+    async def _sendWindow(self, box, live: list, items: list, bodies) -> list:
         """
-        Mark C{live} seen if C{items} say so, and send their FETCH
-        responses.
+        Send the FETCH responses of C{live}, each as soon as its body (if
+        C{items} need it) is had, and mark those sent C{\\Seen} if
+        C{items} say so.
 
+        @param bodies: The L{imapfetch.BodyRequests} of their bodies, or
+            L{None}.
         @return: the UIDs whose file could not be opened (left out).
         """
         store = self.store
-        seen: set = set()
-        marking = None
-        if box.rw and any(i.setsSeen for i in items):
-            unseen = [u for _, u, r in live if "\\Seen" not in r.flags]
-            if unseen:
-                # Stored while the responses go (they show the flag): the
-                # store's write waits behind the bodies being committed.
-                marking = store.setFlags(box.name, unseen, ["\\Seen"], "add")
-                seen = set(unseen)
+        setsSeen = box.rw and any(i.setsSeen for i in items)
+
+        def marked(uid: int, record) -> bool:
+            return setsSeen and "\\Seen" not in record.flags
+
+        marking: list = []
+        failed = False
+
+        def mark(_=None) -> None:
+            # Stored while the responses go (they show the flag), once it
+            # is known which bodies were had: the store's write waits
+            # behind the bodies being committed.
+            unseen = [u for _, u, r in live if marked(u, r) and (bodies is None or u in bodies.had)]
+            if unseen and not failed:
+                marking.append(store.setFlags(box.name, unseen, ["\\Seen"], "add"))
+
+        if setsSeen:
+            if bodies is None:
+                mark()
+            else:
+                bodies.settled().addCallback(mark)
+        structures = self.factory.structures if any(i.needsStructure for i in items) else None
         vanished: list = []
-        pieces = imapfetch.fetchPieces(store, box.name, live, items, files, structures, seen, vanished)
+        pieces = imapfetch.fetchPieces(store, box.name, live, items, bodies, structures, marked, vanished)
         self._sender = piecesender.PieceSender(
             self.transport,
             pieces,
@@ -272,14 +271,17 @@ class SelectedCommands:
         try:
             await self._sender.start()
         except BaseException:
-            if marking is not None:
-                marking.addErrback(lambda _: None)  # the command fails anyway
+            failed = True  # what was not sent is not marked
+            for d in marking:
+                d.addErrback(lambda _: None)  # the command fails anyway
             raise
         finally:
             self._sender = None
-        if marking is not None:
+        if bodies is not None:
+            await bodies.settled()  # every response sent: all are settled already
+        for d in marking:
             # Stored before the command's OK; a failure makes it a NO.
-            box.flagsReported(set(await marking))
+            box.flagsReported(set(await d))
         return vanished
 
 

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_imap,tests.test_hostile_imap -*-
+# -*- test-case-name: tests.test_piecesender,tests.test_imap,tests.test_hostile_imap -*-
 """
 Streaming an answer to a slow client: a L{PieceSender} writes pieces, the
 L{bytes} made for it and L{FileRange}s of message files read in chunks, to
@@ -34,7 +34,8 @@ class PieceSender:
     while C{canWrite()} says the transport keeps up, reading files in
     chunks; L{resume} goes on when it has drained.  A file that turns out
     shorter than announced is padded, so the client's literal count stays
-    right.
+    right.  A L{Deferred} in the stream is waited for (what it fires with
+    is dropped): the pieces after it are made only then.
     """
 
     log = Logger()
@@ -56,6 +57,8 @@ class PieceSender:
         self._left = 0
         self._done: Deferred = Deferred()
         self._finished = False
+        self._waiting = False
+        self._writing = False
 
     def start(self) -> Deferred:
         """
@@ -68,8 +71,11 @@ class PieceSender:
         """
         Write until done or until the transport has enough.
         """
+        if self._writing:
+            return  # a Deferred waited for fired at once: the loop goes on
+        self._writing = True
         try:
-            while not self._finished and self._canWrite():
+            while not (self._finished or self._waiting) and self._canWrite():
                 if self._left:
                     data = (
                         self._file.read(min(self._left, self.chunkSize))
@@ -89,12 +95,23 @@ class PieceSender:
                 elif isinstance(piece, FileRange):
                     self._left = piece.length
                     self._openFile(piece)
+                elif isinstance(piece, Deferred):
+                    self._waiting = True
+                    piece.addBoth(self._waited)
                 else:
                     self._transport.write(piece)
         except Exception:
             self.log.failure("writing a FETCH response failed")
             self._abort()
             self._finish(Failure())
+        finally:
+            self._writing = False
+
+    def _waited(self, result) -> None:
+        self._waiting = False
+        if isinstance(result, Failure):
+            self.log.failure("a FETCH response waited for a failure", result)
+        self.resume()
 
     def _openFile(self, piece: FileRange) -> None:
         self._ownFile = piece.handle is None

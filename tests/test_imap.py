@@ -595,6 +595,46 @@ class IMAPServerTests(TestCase):
         self.assertEqual(got, [self.bodies[n] for n in numbers])
 
     @inlineCallbacks
+    def test_fetchAnswersEachBodyAsItComes(self):
+        """
+        A FETCH answers for a message as soon as its body is had, not once
+        the last one of its window is; the flags and the OK come after
+        all, with C{\\Seen} stored for every message sent.
+        """
+        yield self.announce(1, 2, 3)
+        held: list = []
+
+        def gated(mailbox, record):
+            d = Deferred()
+            held.append((d, self.bodies[record.meta["n"]]))
+            return d
+
+        self.store.bodyFetcher = gated
+        client = yield self.inThread(self.raw)
+        ok = yield self.inThread(client.command, b"S", b"SELECT INBOX")
+        self.assertTrue(ok[-1].startswith(b"S OK"), ok)
+        client.send(b"F FETCH 1:3 (BODY[])\r\n")
+        for _ in range(100):
+            if len(held) == 3:
+                break
+            yield deferLater(reactor, 0.01, lambda: None)
+        self.assertEqual(len(held), 3)  # all three asked for at once
+        d, body = held[0]
+        d.callback(body)
+        first = yield self.inThread(client.readLine)
+        # The first response, with its body, while the others are still
+        # being pulled.
+        self.assertTrue(first.startswith(b"* 1 FETCH (BODY[] {%d}" % len(body)), first)
+        self.assertEqual((yield self.inThread(client.file.read, len(body))), body)
+        self.assertEqual((yield self.inThread(client.readLine)), b" FLAGS (\\Seen))")
+        for d, body in held[1:]:
+            d.callback(body)
+        rest = yield self.inThread(client.response, b"F")
+        self.assertEqual([line.split(b" (")[0] for line in rest], [b"* 2 FETCH", b"* 3 FETCH", b"F OK FETCH completed"])
+        records = [self.store.record("INBOX", u) for u in (1, 2, 3)]
+        self.assertEqual([r.flags for r in records], [{"\\Seen"}] * 3)
+
+    @inlineCallbacks
     def test_unavailableThenLater(self):
         """
         A body that cannot be pulled gives C{NO [UNAVAILABLE]}; a later

@@ -1,0 +1,104 @@
+"""
+Tests for L{p2pmta.piecesender}: the writer of FETCH answers.  It is
+exercised end to end by L{tests.test_imap}; here, on a
+L{StringTransport}, what is hard to catch there.
+"""
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.testing import StringTransport
+from twisted.trial.unittest import TestCase
+
+from p2pmta.piecesender import FileRange, PieceSender
+
+
+class PieceSenderTests(TestCase):
+    def test_waitsForADeferred(self):
+        """
+        A L{Deferred} in the stream holds the pieces after it until it
+        fires; the pieces after it are made only then.
+        """
+        transport = StringTransport()
+        gate: Deferred = Deferred()
+        made = []
+
+        def pieces():
+            yield b"a"
+            yield gate
+            made.append("after")
+            yield b"b"
+
+        done = PieceSender(transport, pieces()).start()
+        self.assertEqual(transport.value(), b"a")
+        self.assertEqual(made, [])
+        self.assertNoResult(done)
+        gate.callback("ignored")
+        self.assertEqual(transport.value(), b"ab")
+        self.assertEqual(made, ["after"])
+        self.successResultOf(done)
+
+    def test_resumeWhileWaiting(self):
+        """
+        A drained transport does not make the sender go past a Deferred it
+        waits for.
+        """
+        transport = StringTransport()
+        gate: Deferred = Deferred()
+        sender = PieceSender(transport, iter([b"a", gate, b"b"]))
+        done = sender.start()
+        sender.resume()
+        self.assertEqual(transport.value(), b"a")
+        gate.callback(None)
+        self.assertEqual(transport.value(), b"ab")
+        self.successResultOf(done)
+
+    def test_firedDeferred(self):
+        """
+        A Deferred that has fired already is passed over at once, however
+        many there are (no recursion per piece).
+        """
+        transport = StringTransport()
+        pieces = []
+        for _ in range(5000):
+            pieces += [succeed(None), b"x"]
+        done = PieceSender(transport, pieces).start()
+        self.assertEqual(transport.value(), b"x" * 5000)
+        self.successResultOf(done)
+
+    def test_failedDeferred(self):
+        """
+        A Deferred that fails is logged; the answer goes on (what it
+        stood for is the stream's to leave out).
+        """
+        transport = StringTransport()
+        gate: Deferred = Deferred()
+        done = PieceSender(transport, iter([gate, b"b"])).start()
+        gate.errback(ValueError("boom"))
+        self.assertEqual(transport.value(), b"b")
+        self.successResultOf(done)
+        self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
+
+    def test_stoppedWhileWaiting(self):
+        """
+        A connection lost while the sender waits ends it; the Deferred
+        firing later writes nothing.
+        """
+        transport = StringTransport()
+        gate: Deferred = Deferred()
+        sender = PieceSender(transport, iter([b"a", gate, b"b"]))
+        done = sender.start()
+        sender.stop()
+        self.failureResultOf(done, ConnectionError)
+        gate.callback(None)
+        self.assertEqual(transport.value(), b"a")
+
+    def test_shortFilePadded(self):
+        """
+        A file shorter than its range is padded to the length announced.
+        """
+        path = self.mktemp()
+        with open(path, "wb") as f:
+            f.write(b"abc")
+        transport = StringTransport()
+        done = PieceSender(transport, [FileRange(path, 1, 5)]).start()
+        self.assertEqual(transport.value(), b"bc   ")
+        self.successResultOf(done)
