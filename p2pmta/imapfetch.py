@@ -20,9 +20,9 @@ import os
 import re
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
-from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -270,11 +270,24 @@ class BodyRequests:
         self.had: dict = {}
         self.missing: list = []
         self.failure: Failure | None = None
+        uids = list(dict.fromkeys(uids))
+        self._unsettled = len(uids)
+        self._whenSettled: list = []
         self._requests = {
             u: maybeDeferred(store.body, mailbox, u).addBoth(self._settle, u) for u in uids
         }
 
     def _settle(self, result, uid: int) -> None:
+        try:
+            self._keep(result, uid)
+        finally:
+            self._unsettled -= 1
+            if not self._unsettled:
+                waiters, self._whenSettled = self._whenSettled, []
+                for d in waiters:
+                    d.callback(None)
+
+    def _keep(self, result, uid: int) -> None:
         if isinstance(result, bytes):
             self.had[uid] = (result, len(result))
             return
@@ -304,7 +317,11 @@ class BodyRequests:
         @return: a Deferred firing (with L{None}) once every body is had
             or has failed.
         """
-        return DeferredList(list(self._requests.values())).addCallback(lambda _: None)
+        if not self._unsettled:
+            return succeed(None)
+        d: Deferred = Deferred()
+        self._whenSettled.append(d)
+        return d
 
 
 class StructureCache:
@@ -387,10 +404,9 @@ def fetchPieces(store, mailbox: str, live, items, bodies, structures, marked, va
                 continue
         seen = marked(u, record)
         record = store.record(mailbox, u) or record
-        wanted = items
+        wanted, flags = items, record.flags
         if seen:
-            if "\\Seen" not in record.flags:
-                record = replace(record, flags=record.flags | {"\\Seen"})
+            flags = flags | {"\\Seen"}
             if FetchItem("FLAGS") not in items:
                 wanted = [*items, FetchItem("FLAGS")]
         path, size = files.get(u, (None, record.size))
@@ -408,7 +424,7 @@ def fetchPieces(store, mailbox: str, live, items, bodies, structures, marked, va
             for i, item in enumerate(wanted):
                 if i:
                     yield b" "
-                yield from _itemPieces(item, record, path, size, root, handle)
+                yield from _itemPieces(item, record, flags, path, size, root, handle)
             yield b")\r\n"
         finally:
             if handle is not None:
@@ -426,10 +442,10 @@ def _keep(result, into: dict) -> None:
         into["result"] = result
 
 
-def _itemPieces(item: FetchItem, record, path, size: int, root, handle) -> list:
+def _itemPieces(item: FetchItem, record, flags, path, size: int, root, handle) -> list:
     name = item.name
     if name == "FLAGS":
-        return [b"FLAGS " + flagList(record.flags)]
+        return [b"FLAGS " + flagList(flags)]
     if name == "UID":
         return [b"UID %d" % record.uid]
     if name == "INTERNALDATE":
@@ -451,6 +467,6 @@ def _itemPieces(item: FetchItem, record, path, size: int, root, handle) -> list:
         item = FetchItem("SECTION", text="TEXT")
     data = partial(sectionData(item, record.headers, path, size, root), item.partial)
     if isinstance(data, FileRange):
-        data = replace(data, handle=handle)
+        data = FileRange(data.path, data.offset, data.length, handle)
     label = name.encode() if name.startswith("RFC822") else item.label()
     return [label + b" ", *literal(data)]

@@ -69,11 +69,16 @@ class PieceSender:
 
     def resume(self) -> None:
         """
-        Write until done or until the transport has enough.
+        Write until done or until the transport has enough.  Pieces are
+        gathered into writes of about L{chunkSize} bytes: a FETCH response
+        is many small pieces, and each write costs about as much as a
+        small piece's making.
         """
         if self._writing:
             return  # a Deferred waited for fired at once: the loop goes on
         self._writing = True
+        out: list = []
+        size = 0
         try:
             while not (self._finished or self._waiting) and self._canWrite():
                 if self._left:
@@ -85,27 +90,41 @@ class PieceSender:
                     if not data:
                         data = b" " * min(self._left, self.chunkSize)
                     self._left -= len(data)
-                    self._transport.write(data)
                     if not self._left:
                         self._closeFile()
-                    continue
-                piece = next(self._pieces, None)
-                if piece is None:
-                    self._finish(None)
-                elif isinstance(piece, FileRange):
-                    self._left = piece.length
-                    self._openFile(piece)
-                elif isinstance(piece, Deferred):
-                    self._waiting = True
-                    piece.addBoth(self._waited)
                 else:
-                    self._transport.write(piece)
+                    piece = next(self._pieces, None)
+                    if isinstance(piece, FileRange):
+                        self._left = piece.length
+                        self._openFile(piece)
+                        continue
+                    if piece is None or isinstance(piece, Deferred):
+                        # The end, or a wait: what is gathered goes first.
+                        self._write(out)
+                        out, size = [], 0
+                        if piece is None:
+                            self._finish(None)
+                        else:
+                            self._waiting = True
+                            piece.addBoth(self._waited)
+                        continue
+                    data = piece
+                out.append(data)
+                size += len(data)
+                if size >= self.chunkSize:
+                    self._write(out)
+                    out, size = [], 0
+            self._write(out)
         except Exception:
             self.log.failure("writing a FETCH response failed")
             self._abort()
             self._finish(Failure())
         finally:
             self._writing = False
+
+    def _write(self, pieces: list) -> None:
+        if pieces:
+            self._transport.write(pieces[0] if len(pieces) == 1 else b"".join(pieces))
 
     def _waited(self, result) -> None:
         self._waiting = False

@@ -91,6 +91,25 @@ class PieceSenderTests(TestCase):
         gate.callback(None)
         self.assertEqual(transport.value(), b"a")
 
+    def test_smallPiecesGathered(self):
+        """
+        Small pieces go out in writes of about C{chunkSize} bytes, not a
+        write each; what is gathered is written before a wait and at the
+        end.
+        """
+        transport = StringTransport()
+        writes = []
+        transport.write = lambda data: (writes.append(len(data)), StringTransport.write(transport, data))
+        gate: Deferred = Deferred()
+        sender = PieceSender(transport, [b"x"] * 100 + [gate] + [b"y"] * 3)
+        sender.chunkSize = 40
+        done = sender.start()
+        self.assertEqual(writes, [40, 40, 20])
+        gate.callback(None)
+        self.assertEqual(writes, [40, 40, 20, 3])
+        self.assertEqual(transport.value(), b"x" * 100 + b"yyy")
+        self.successResultOf(done)
+
     def test_shortFilePadded(self):
         """
         A file shorter than its range is padded to the length announced.
