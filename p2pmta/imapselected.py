@@ -230,8 +230,8 @@ class SelectedCommands:
     async def _sendWindow(self, box, live: list, items: list, bodies) -> list:
         """
         Send the FETCH responses of C{live}, each as soon as its body (if
-        C{items} need it) is had, and mark those sent C{\\Seen} if
-        C{items} say so.
+        C{items} need it) is had, and mark C{\\Seen} those whose body was
+        had, if C{items} say so.
 
         @param bodies: The L{imapfetch.BodyRequests} of their bodies, or
             L{None}.
