@@ -395,7 +395,7 @@ def fetchPieces(store, mailbox: str, live, items, bodies, structures, marked, va
         root = None
         if structures is not None:
             found: dict = {}
-            wait = Deferred.fromCoroutine(structures.get(store, mailbox, files)).addBoth(_keep, found)
+            wait = Deferred.fromCoroutine(structures.get(store, mailbox, files)).addBoth(_keepStructure, found)
             if not wait.called:
                 yield wait
             root = found.get("result", {}).get(u)
@@ -431,7 +431,7 @@ def fetchPieces(store, mailbox: str, live, items, bodies, structures, marked, va
                 handle.close()
 
 
-def _keep(result, into: dict) -> None:
+def _keepStructure(result, into: dict) -> None:
     """
     Keep a structure look-up's outcome for L{fetchPieces}: a failure other
     than a vanished file is logged, and its message left out.
