@@ -65,6 +65,7 @@ class Outbox:
     if nobody had it open (see L{SpareFiles}).
 
     @ivar directory: The outbox folder (L{str}).
+    @ivar spares: The L{SpareFiles} removed ciphertexts are kept in.
     """
 
     log = Logger()
@@ -91,7 +92,7 @@ class Outbox:
         self._threadpool = threadpool
         self.directory = os.path.abspath(directory)
         ensureDir(self.directory, self.dirMode)
-        self._spares = SpareFiles(self.directory + ".spare", self.spareFiles)
+        self.spares = SpareFiles(self.directory + ".spare", self.spareFiles)
         for name in removeTempFiles(self.directory):
             self.log.info(
                 "removed {name} left in the outbox {directory} by a crash",
@@ -119,7 +120,7 @@ class Outbox:
         digest = sha256Hex(data)
         target = self._pathOf(digest)
         if not self._isRegularFile(target):
-            with AtomicFile(self.directory, self.fileMode, self._spares) as f:
+            with AtomicFile(self.directory, self.fileMode, self.spares) as f:
                 f.write(data)
                 f.commit(target)
         return digest
@@ -137,7 +138,7 @@ class Outbox:
             L{False} when calling L{syncFolder} once for several files).
         @return: the digest, the size and what C{produce} returned.
         """
-        with AtomicFile(self.directory, self.fileMode, self._spares) as f:
+        with AtomicFile(self.directory, self.fileMode, self.spares) as f:
             sink = HashingSink(f)
             result = produce(sink)
             digest = sink.hash.hexdigest()
@@ -257,7 +258,7 @@ class Outbox:
         return self._inThread(self._removeMany, digests)
 
     def _removeMany(self, digests) -> None:
-        self._spares.retire(self._pathOf(digest) for digest in digests)
+        self.spares.retire(self._pathOf(digest) for digest in digests)
 
     # -- reading --------------------------------------------------------
 
