@@ -5,6 +5,7 @@ checked against the owner's key and pinned by others.
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 
@@ -57,7 +58,7 @@ class DescriptorTests(TestCase):
     async def serve(self, keyring) -> str:
         folder = tempfile.mkdtemp(prefix="p2o", dir="/tmp")
         self.addCleanup(shutil.rmtree, folder, True)
-        site = makeSite(Outbox(reactor, folder, self.pool), keyring.publicKey)
+        site = makeSite(Outbox(reactor, os.path.join(folder, "outbox"), self.pool), keyring.publicKey)
         port = reactor.listenTCP(0, site, interface="127.0.0.1")
         self.addCleanup(port.stopListening)
         return f"http://127.0.0.1:{port.getHost().port}"
