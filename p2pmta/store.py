@@ -7,11 +7,9 @@ For now this holds the public outbox (the paper's section 4.3, steps 4, 9 and
 bytes, served to receivers and group members by L{p2pmta.web}.
 """
 
-import errno
 import hashlib
 import os
 import re
-import secrets
 import stat
 
 from twisted.internet.defer import Deferred, succeed
@@ -21,8 +19,6 @@ from twisted.python.filepath import FilePath
 from zope.interface import implementer
 
 from p2pmta.fileutil import (
-    CHUNK_SIZE,
-    TEMP_PREFIX,
     AtomicFile,
     HashingSink,
     SpareFiles,
@@ -148,92 +144,6 @@ class Outbox:
     def syncFolder(self) -> None:
         """Flush the outbox folder (blocking): see L{storeWith}."""
         fsyncDir(self.directory)
-
-    def addFile(self, path: str, move: bool = False) -> Deferred:
-        """
-        Store the content of the finished file C{path} without holding it in
-        memory: it is copied in chunks, or with C{move} renamed into the
-        outbox (copied, then removed, across file systems), and hashed in
-        chunks as it is stored, so the name always matches the bytes kept.
-
-        @param path: A file nobody writes to any more.
-        @param move: Whether to take the file away from C{path}.
-
-        @return: a Deferred firing with its digest (L{str}).
-        """
-        return self._inThread(self._addFile, os.fspath(path), move)
-
-    def _addFile(self, path: str, move: bool) -> str:
-        if move and self._canAdopt(path):
-            return self._adopt(path)
-        h = hashlib.sha256()
-        with open(path, "rb") as source, AtomicFile(self.directory, self.fileMode) as f:
-            while chunk := source.read(CHUNK_SIZE):
-                h.update(chunk)
-                f.write(chunk)
-            digest = h.hexdigest()
-            f.commit(self._pathOf(digest))
-        if move:
-            os.unlink(path)
-        return digest
-
-    def _canAdopt(self, path: str) -> bool:
-        """
-        Whether C{path} is a regular file (not a link) that can be renamed
-        into the outbox.
-        """
-        st = os.lstat(path)
-        return stat.S_ISREG(st.st_mode) and st.st_dev == os.stat(self.directory).st_dev
-
-    def _adopt(self, path: str) -> str:
-        """
-        Move C{path} to a temporary name in the outbox, then hash it and
-        rename it to its digest.  Once moved it is ours: nobody else knows
-        the temporary name, so the digest matches the bytes kept.  On
-        failure it is given back.
-
-        The move is a hard link (which, unlike a rename, never replaces a
-        file already there) and an unlink: no file is created just to
-        reserve a name.  Only the outbox is flushed: should a crash bring
-        the old name back, it is a second name for the same bytes, which
-        the spool's clean-up after a crash removes.
-        """
-        temp = self._linkToTemp(path)
-        try:
-            os.unlink(path)
-        except BaseException:
-            os.unlink(temp)
-            raise
-        try:
-            os.chmod(temp, self.fileMode)
-            h = hashlib.sha256()
-            with open(temp, "rb") as source:
-                while chunk := source.read(CHUNK_SIZE):
-                    h.update(chunk)
-                os.fsync(source.fileno())
-            digest = h.hexdigest()
-            os.replace(temp, self._pathOf(digest))
-        except BaseException:
-            os.replace(temp, path)
-            raise
-        fsyncDir(self.directory)
-        return digest
-
-    def _linkToTemp(self, path: str) -> str:
-        """
-        Give the file at C{path} a second name, a fresh temporary one in the
-        outbox.
-
-        @return: that name's path.
-        """
-        for _ in range(100):
-            temp = os.path.join(self.directory, TEMP_PREFIX + secrets.token_hex(8))
-            try:
-                os.link(path, temp)
-            except FileExistsError:
-                continue
-            return temp
-        raise FileExistsError(errno.EEXIST, "no free temporary name", self.directory)
 
     def remove(self, digest: str) -> Deferred:
         """
