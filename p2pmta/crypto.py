@@ -28,7 +28,7 @@ import shutil
 import tempfile
 import time
 import zlib
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 
 import gnupg
 from twisted.internet.defer import Deferred, succeed
@@ -458,20 +458,7 @@ class Keyring:
         @return: a Deferred firing with the binary OpenPGP message, or
             failing with L{UnknownKey} when a recipient is not pinned.
         """
-        return self._shared(
-            self._encryptBlocking, data, None, recipients, sign, compress, toSelf
-        )
-
-    def encryptFile(self, inPath, outPath, recipients, sign=False, compress=True, toSelf=True):
-        """
-        Like L{encrypt}, streaming from C{inPath} to C{outPath}, which
-        appears whole or not at all.
-
-        @return: a Deferred firing with the message's session key (which
-            decrypts it without a secret key), or L{None} when gpg made it.
-        """
-        args = (inPath, outPath, recipients, sign, compress, toSelf)
-        return self._shared(self._encryptBlocking, *args)
+        return self._shared(self._encryptBlocking, data, recipients, sign, compress, toSelf)
 
     def whileShared(self, f, *args) -> Deferred:
         """
@@ -485,7 +472,7 @@ class Keyring:
 
     def encryptInto(self, source, out, recipients, compress=True, toSelf=True, strategy=zlib.Z_DEFAULT_STRATEGY):
         """
-        Like L{encryptFile}, blocking, into C{out}: only inside
+        Like L{encrypt}, blocking, streaming into C{out}: only inside
         L{whileShared}.
 
         @param source: L{bytes}, a file's path or a binary stream, read to
@@ -502,45 +489,33 @@ class Keyring:
         keys = self._recipientKeys(self._recipientFingerprints(recipients, toSelf))
         with _source(source) as stream:
             if keys is None:
-                out.write(self._encryptBlocking(stream, None, recipients, False, level, toSelf))
+                out.write(self._encryptBlocking(stream, recipients, False, level, toSelf))
                 return None
             self._pins.seen(recipients)
             return openpgp.encrypt(stream, out, keys, compress=level, strategy=strategy)
 
-    def _encryptBlocking(self, source, outPath, recipients, sign, compress, toSelf=True):
+    def _encryptBlocking(self, source, recipients, sign, compress, toSelf=True):
         if isinstance(recipients, (str, Address)):
             recipients = [recipients]
         level = 6 if compress is True else int(compress or 0)
         fingerprints = self._recipientFingerprints(recipients, toSelf)
         keys = None if sign else self._recipientKeys(fingerprints)
-        if keys is not None:
-            self._pins.seen(recipients)
-            with _source(source) as stream:
-                if outPath is None:
-                    out = io.BytesIO()
-                    openpgp.encrypt(stream, out, keys, compress=level)
-                    return out.getvalue()
-                with _output(outPath) as tmp, open(tmp, "wb") as out:
-                    sessionKey = openpgp.encrypt(stream, out, keys, compress=level)
-                return sessionKey
         self._pins.seen(recipients)
-        extra = [] if level else ["--compress-algo", "none"]
-        signer = self.fingerprint if sign else None
-        with _source(source) as stream, _output(outPath) as tmp:
+        with _source(source) as stream:
+            if keys is not None:
+                out = io.BytesIO()
+                openpgp.encrypt(stream, out, keys, compress=level)
+                return out.getvalue()
             options = {
-                "sign": signer,
+                "sign": self.fingerprint if sign else None,
                 "armor": False,
-                "output": tmp,
-                "extra_args": extra,
+                "extra_args": [] if level else ["--compress-algo", "none"],
             }
             result = self._gpg.encrypt_file(stream, fingerprints, **options)
-            done = {"END_ENCRYPTION", "SIG_CREATED"} if sign else {"END_ENCRYPTION"}
-            if (
-                result.returncode != 0
-                or not done <= dict(statusLines(result.stderr)).keys()
-            ):
-                raise CryptoError(f"encryption failed: {result.status}")
-        return result.data if outPath is None else None
+        done = {"END_ENCRYPTION", "SIG_CREATED"} if sign else {"END_ENCRYPTION"}
+        if result.returncode != 0 or not done <= dict(statusLines(result.stderr)).keys():
+            raise CryptoError(f"encryption failed: {result.status}")
+        return result.data
 
     def decrypt(self, data: bytes, maxOutput: int, sender=None) -> Deferred:
         """
@@ -557,30 +532,17 @@ class Keyring:
         @return: a Deferred firing with the plaintext, or failing with
             L{DecryptionFailed} or L{BadSignature}.
         """
-        return Deferred.fromCoroutine(self._decrypt(data, None, maxOutput, sender))
+        return Deferred.fromCoroutine(self._decrypt(data, maxOutput, sender))
 
-    def decryptFile(self, inPath: str, outPath: str, maxOutput: int, sender=None, sessionKey=None):
-        """
-        Like L{decrypt}, streaming from C{inPath} to a temporary file beside
-        C{outPath}, renamed to C{outPath} once accepted; after a failure
-        there is no C{outPath}.
-
-        @param sessionKey: the message's session key, if known: then no
-            secret key is needed.
-        @return: a Deferred firing with L{None}.
-        """
-        return Deferred.fromCoroutine(self._decrypt(inPath, outPath, maxOutput, sender, sessionKey))
-
-    async def _decrypt(self, source, outPath, maxOutput, sender, sessionKey=None):
-        if sender is None and (sessionKey or self._secret is not None):
+    async def _decrypt(self, data, maxOutput, sender):
+        if sender is None and self._secret is not None:
             try:
-                return await self._shared(self._decryptInProcess, source, outPath, maxOutput, sessionKey)
+                return await self._shared(self._decryptInProcess, data, maxOutput)
             except DecryptionFailed as e:
                 self.log.info("refused a message: {reason}", reason=str(e))
                 raise
-        args = (source, outPath, maxOutput, sender)
         try:
-            data, retried = await self._call(False, self._decryptBlocking, *args)
+            plaintext, retried = await self._call(False, self._decryptBlocking, data, maxOutput, sender)
         except (DecryptionFailed, BadSignature) as e:
             self.log.info("refused a message: {reason}", reason=str(e))
             raise
@@ -588,12 +550,12 @@ class Keyring:
             self.log.info(
                 "decrypted on the second try, after: {reason}", reason=retried
             )
-        return data
+        return plaintext
 
     def decryptInto(self, source, out, maxOutput: int, sessionKey=None) -> None:
         """
-        Like L{decryptFile} without C{sender}, blocking, into C{out}: only
-        inside L{whileShared}.  Plaintext is written before the message is
+        Like L{decrypt} without C{sender}, blocking, streaming into C{out}:
+        only inside L{whileShared}.  Plaintext is written before the message is
         known to be good: after a failure, discard what C{out} got.
 
         @param source: L{bytes}, a file's path or a binary stream.
@@ -602,23 +564,19 @@ class Keyring:
         """
         maxOutput = max(0, int(maxOutput))
         if not (sessionKey or self._secret is not None):
-            data, _ = self._decryptBlocking(source, None, maxOutput, None)
+            data, _ = self._decryptBlocking(source, maxOutput, None)
             out.write(data)
             return
         keys = {"sessionKey": sessionKey} if sessionKey else {"secretKey": self._secret}
         with _source(source) as stream:
             openpgp.decrypt(stream, out, maxOutput=maxOutput, **keys)
 
-    def _decryptInProcess(self, source, outPath, maxOutput, sessionKey):
-        if outPath is None:
-            out = io.BytesIO()
-            self.decryptInto(source, out, maxOutput, sessionKey)
-            return out.getvalue()
-        with _output(outPath) as tmp, open(tmp, "wb") as out:
-            self.decryptInto(source, out, maxOutput, sessionKey)
-        return None
+    def _decryptInProcess(self, data, maxOutput):
+        out = io.BytesIO()
+        self.decryptInto(data, out, maxOutput)
+        return out.getvalue()
 
-    def _decryptBlocking(self, source, outPath, maxOutput, sender):
+    def _decryptBlocking(self, source, maxOutput, sender):
         expected = None
         if sender is not None:
             expected = self._pins.lookup(sender)
@@ -629,23 +587,19 @@ class Keyring:
         args = ["--max-output", str(max(1, maxOutput))]
         args += ["--skip-verify"] if sender is None else []
         retried = None
-        with _output(outPath) as tmp:
-            for attempt in (1, 2):
-                with _source(source) as stream:
-                    try:
-                        result = self._gpg.decrypt_file(
-                            stream, output=tmp, extra_args=args
-                        )
-                    except Exception as e:  # noqa: BLE001 (a broken pipe, ...)
-                        raise DecryptionFailed(type(e).__name__) from None
-                size = len(result.data) if tmp is None else os.path.getsize(tmp)
-                problem = judgeDecryption(result, expected, size, maxOutput)
-                if problem is None:
-                    return (result.data if tmp is None else None), retried
-                error, transient = problem
-                if not transient or attempt == 2:
-                    raise error
-                retried = str(error)
+        for attempt in (1, 2):
+            with _source(source) as stream:
+                try:
+                    result = self._gpg.decrypt_file(stream, extra_args=args)
+                except Exception as e:  # noqa: BLE001 (a broken pipe, ...)
+                    raise DecryptionFailed(type(e).__name__) from None
+            problem = judgeDecryption(result, expected, len(result.data), maxOutput)
+            if problem is None:
+                return result.data, retried
+            error, transient = problem
+            if not transient or attempt == 2:
+                raise error
+            retried = str(error)
 
     def __repr__(self) -> str:
         return f"<Keyring {self.address} {self.fingerprint} in {self._home}>"
@@ -671,26 +625,3 @@ def _source(source):
     else:
         with open(source, "rb") as f:
             yield f
-
-
-@contextmanager
-def _output(outPath):
-    """
-    Yield a temporary path (0600) beside C{outPath}, renamed to C{outPath}
-    if the block succeeds; on failure both are removed.  Without
-    C{outPath}, yield L{None}: the output stays in memory.
-    """
-    if outPath is None:
-        yield None
-        return
-    folder = os.path.dirname(os.path.abspath(outPath))
-    fd, tmp = tempfile.mkstemp(prefix=".p2pmta-", dir=folder)
-    os.close(fd)
-    try:
-        yield tmp
-        os.replace(tmp, outPath)
-    except BaseException:
-        for path in (tmp, outPath):
-            with suppress(FileNotFoundError):
-                os.remove(path)
-        raise
