@@ -107,7 +107,7 @@ def _choices(text: str, allowed, option: str) -> list[str]:
 
 
 def specs(args) -> list[Spec]:
-    """The measured runs of one system, runs interleaved so drift spreads over all variants."""
+    """The measured runs of each system, runs interleaved so drift spreads over all variants."""
     out = []
     for run in range(args.runs):
         out += [Spec("variant", args.n, size, kind, 1.0, run) for size in args.sizes for kind in args.kinds]
@@ -127,34 +127,45 @@ def chooseBaseline(args, log) -> str:
     return "twisted"
 
 
-def measure(system, args, rows: list[dict], csvPath: str, log) -> None:
-    """Start C{system}, warm it up, probe it, run every spec, stop it."""
+def measure(systems: list, args, rows: list[dict], csvPath: str, log) -> None:
+    """
+    Start C{systems}, warm each up and probe it, then run every spec on each
+    in turn, and stop them.  Which system goes first alternates from one
+    spec to the next: the runs of both spread over the same minutes, so
+    that the machine's drift (it can take half as long again for the same
+    work twenty minutes later) falls on both alike.  While one is measured,
+    the other is idle.
+    """
     with ExitStack() as stack:
-        log(f"== {system.name}: {system.label}")
-        started = time.perf_counter()
-        # Clean-ups run last first: counters, then the system, then its logs are kept.
-        stack.callback(_quietly, lambda: report.copyLogs(system.logs(), args.out, system.name), log)
-        stack.callback(_quietly, system.stop, log)
-        system.start()
-        log(f"  started in {time.perf_counter() - started:.1f} s")
-        counters = traffic.openCounters(system.counted(), system.local(), args.traffic, install=not args.no_install)
-        stack.callback(counters.close)
-        args.traffic_label = counters.label
-        log(f"  traffic: {counters.label}")
-        bench = Bench(system, counters, args, log)
-        if args.warmup:
-            bench.run(Spec("warmup", args.warmup, "10k", "binary"))
-            log("  warm-up done (discarded)")
-        if args.probe:
-            rows += bench.probe(args.probe)
-            report.writeCSV(csvPath, rows)
-        for spec in specs(args):
-            row = bench.run(spec)
-            rows.append(row)
-            report.writeCSV(csvPath, rows)
-            log(f"  {spec.size:>4} {spec.kind:<6} p={spec.accept:<3g} run {spec.run + 1}: "
-                f"e2e {row['e2e_s']:.2f} s, receive {row['receive_s']:.2f} s, "
-                f"rx {row['rx_bytes'] / 1e6:.2f} MB, bodies {row['matched']}/{row['fetched']}")
+        benches = []
+        for system in systems:
+            log(f"== {system.name}: {system.label}")
+            started = time.perf_counter()
+            # Clean-ups run last first: counters, then the system, then its logs are kept.
+            stack.callback(_quietly, lambda system=system: report.copyLogs(system.logs(), args.out, system.name), log)
+            stack.callback(_quietly, system.stop, log)
+            system.start()
+            log(f"  started in {time.perf_counter() - started:.1f} s")
+            counters = traffic.openCounters(system.counted(), system.local(), args.traffic, install=not args.no_install)
+            stack.callback(counters.close)
+            args.traffic_label = counters.label
+            log(f"  traffic: {counters.label}")
+            benches.append(Bench(system, counters, args, log))
+        for bench in benches:
+            if args.warmup:
+                bench.run(Spec("warmup", args.warmup, "10k", "binary"))
+                log(f"  {bench.system.name}: warm-up done (discarded)")
+            if args.probe:
+                rows += bench.probe(args.probe)
+                report.writeCSV(csvPath, rows)
+        for i, spec in enumerate(specs(args)):
+            for bench in benches if i % 2 == 0 else benches[::-1]:
+                row = bench.run(spec)
+                rows.append(row)
+                report.writeCSV(csvPath, rows)
+                log(f"  {bench.system.name:<8} {spec.size:>4} {spec.kind:<6} p={spec.accept:<3g} run {spec.run + 1}: "
+                    f"e2e {row['e2e_s']:.2f} s, receive {row['receive_s']:.2f} s, "
+                    f"rx {row['rx_bytes'] / 1e6:.2f} MB, bodies {row['matched']}/{row['fetched']}")
 
 
 def removeStaleDirs(log) -> None:
@@ -204,17 +215,19 @@ def main(argv=None) -> int:
         os.chmod(root, 0o755)  # Dovecot's unprivileged processes walk into it
         stack.callback(shutil.rmtree, root, True)
         log(f"working directory {root} (removed at the end)")
+        systems = []
         if "p2pmta" in args.systems:
             system = P2PMTASystem(os.path.join(root, "p2pmta"), args.dht_nodes, args.poll_interval)
             os.makedirs(system.root)
             labels["p2pmta"] = system.label
-            measure(system, args, rows, csvPath, log)
+            systems.append(system)
         if baselineName:
             broot = os.path.join(root, "baseline")
             os.makedirs(broot)
             system = (baseline.PostfixDovecot if baselineName == "postfix" else baseline.TwistedMail)(broot)
             labels["baseline"] = system.label
-            measure(system, args, rows, csvPath, log)
+            systems.append(system)
+        measure(systems, args, rows, csvPath, log)
 
     summary = report.summarise(rows, args, baselineName)
     caveats = []
