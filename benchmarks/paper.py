@@ -115,6 +115,21 @@ def specs(args) -> list[Spec]:
     return out
 
 
+def turns(specs: list, systems: list) -> list:
+    """
+    The order to run C{specs} on C{systems}: each spec on every system in
+    turn, the first of the turn alternating from one spec to the next
+    within a run and, for the same variant, from one run to the next.
+
+    @return: C{(spec, system)} pairs.
+    """
+    out = []
+    for i, spec in enumerate(specs):
+        first = (i + spec.run) % 2 == 0
+        out += [(spec, system) for system in (systems if first else systems[::-1])]
+    return out
+
+
 def chooseBaseline(args, log) -> str:
     if args.baseline == "twisted":
         return "twisted"
@@ -130,11 +145,10 @@ def chooseBaseline(args, log) -> str:
 def measure(systems: list, args, rows: list[dict], csvPath: str, log) -> None:
     """
     Start C{systems}, warm each up and probe it, then run every spec on each
-    in turn, and stop them.  Which system goes first alternates from one
-    spec to the next: the runs of both spread over the same minutes, so
-    that the machine's drift (it can take half as long again for the same
-    work twenty minutes later) falls on both alike.  While one is measured,
-    the other is idle.
+    in turn (see L{turns}), and stop them.  The runs of both spread over
+    the same minutes, so that the machine's drift (the same work can take
+    half as long again twenty minutes later) falls on both alike.  While
+    one is measured, the other is idle.
     """
     with ExitStack() as stack:
         benches = []
@@ -158,14 +172,13 @@ def measure(systems: list, args, rows: list[dict], csvPath: str, log) -> None:
             if args.probe:
                 rows += bench.probe(args.probe)
                 report.writeCSV(csvPath, rows)
-        for i, spec in enumerate(specs(args)):
-            for bench in benches if i % 2 == 0 else benches[::-1]:
-                row = bench.run(spec)
-                rows.append(row)
-                report.writeCSV(csvPath, rows)
-                log(f"  {bench.system.name:<8} {spec.size:>4} {spec.kind:<6} p={spec.accept:<3g} run {spec.run + 1}: "
-                    f"e2e {row['e2e_s']:.2f} s, receive {row['receive_s']:.2f} s, "
-                    f"rx {row['rx_bytes'] / 1e6:.2f} MB, bodies {row['matched']}/{row['fetched']}")
+        for spec, bench in turns(specs(args), benches):
+            row = bench.run(spec)
+            rows.append(row)
+            report.writeCSV(csvPath, rows)
+            log(f"  {bench.system.name:<8} {spec.size:>4} {spec.kind:<6} p={spec.accept:<3g} run {spec.run + 1}: "
+                f"e2e {row['e2e_s']:.2f} s, receive {row['receive_s']:.2f} s, "
+                f"rx {row['rx_bytes'] / 1e6:.2f} MB, bodies {row['matched']}/{row['fetched']}")
 
 
 def removeStaleDirs(log) -> None:

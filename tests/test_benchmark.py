@@ -6,7 +6,9 @@ timing is asserted: this checks the machinery, not p2pmta's speed.
 
 from __future__ import annotations
 
+import collections
 import csv
+import importlib.util
 import json
 import os
 import re
@@ -17,7 +19,7 @@ import tempfile
 
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThread
-from twisted.trial.unittest import SkipTest, TestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "paper.py")
 
@@ -29,6 +31,46 @@ SUMMARY_KEYS = (
 )
 TINY = ["-n", "3", "--sizes", "10k", "--kinds", "binary", "--runs", "1", "--accept", "0,1",
         "--probe", "2", "--warmup", "1", "--settle", "0.3", "--settle-limit", "10", "--no-install"]
+
+
+def _paper():
+    """benchmarks/paper.py, imported as a module."""
+    spec = importlib.util.spec_from_file_location("paper", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class TurnsTests(SynchronousTestCase):
+    """
+    Tests for the order the systems take their turns in.
+    """
+
+    def test_firstAlternates(self):
+        """
+        In the full mode, every spec runs on both systems, one right after
+        the other; the first of a turn alternates from one spec to the
+        next within a run, and for each variant from one run to the next.
+        """
+        paper = _paper()
+        specs = paper.specs(paper.parseArgs([]))
+        self.assertEqual(len(specs), 3 * (8 + 6))
+        turns = paper.turns(specs, ["p2pmta", "baseline"])
+        self.assertEqual(len(turns), 2 * len(specs))
+        firsts = []
+        for (spec, one), (same, other) in zip(turns[::2], turns[1::2]):
+            self.assertIs(spec, same)
+            self.assertEqual({one, other}, {"p2pmta", "baseline"})
+            firsts.append(one)
+        for run in range(3):
+            inRun = [first for spec, first in zip(specs, firsts) if spec.run == run]
+            self.assertTrue(all(a != b for a, b in zip(inRun, inRun[1:])), run)
+        byVariant = collections.defaultdict(list)
+        for spec, first in zip(specs, firsts):
+            byVariant[(spec.phase, spec.size, spec.kind, spec.accept)].append(first)
+        for variant, order in byVariant.items():
+            self.assertEqual(len(order), 3, variant)
+            self.assertTrue(order[0] != order[1] != order[2], variant)
 
 
 def _dead(pids: list[str]) -> list[str]:
