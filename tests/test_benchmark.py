@@ -73,6 +73,29 @@ class TurnsTests(SynchronousTestCase):
             self.assertTrue(order[0] != order[1] != order[2], variant)
 
 
+class RunByRunTests(SynchronousTestCase):
+    """
+    Tests for the run-by-run ratios, which pair each run of one system
+    with the same run of the other.
+    """
+
+    def test_pairsByRun(self):
+        """
+        Each ratio is p2pmta's figure over the baseline's in the same run of
+        the same variant, in the order of the runs, whatever the order of
+        the rows; a run one system lacks gives no ratio.
+        """
+        report = _paper().report
+        def row(system, run, e2e, size="10k"):
+            return {"system": system, "phase": "variant", "size": size, "kind": "binary", "run": run, "e2e_s": e2e}
+        p2p = [row("p2pmta", 2, 3.0), row("p2pmta", 0, 4.0), row("p2pmta", 1, 6.0), row("p2pmta", 3, 1.0),
+               row("p2pmta", 0, 99.0, size="1m")]
+        base = [row("postfix", 0, 2.0), row("postfix", 1, 3.0), row("postfix", 2, 6.0), row("postfix", 0, 1.0, size="1m")]
+        self.assertEqual(report.runByRun(p2p, base, "e2e_s", phase="variant", size="10k", kind="binary"), [2.0, 2.0, 0.5])
+        self.assertEqual(report.runByRun(p2p, base, "e2e_s", phase="variant", size="1m", kind="binary"), [99.0])
+        self.assertEqual(report.runByRun(p2p, [], "e2e_s", phase="variant", size="10k", kind="binary"), [])
+
+
 def _dead(pids: list[str]) -> list[str]:
     return [pid for pid in pids if not os.path.exists(f"/proc/{pid}")]
 
@@ -165,6 +188,12 @@ class PaperBenchmarkTests(TestCase):
         for key in ("e2e_ratio_10k_binary", "traffic_ratio_10k_binary", "traffic_ratio_reject_all",
                     "notify_latency_median_s"):
             self.assertIsInstance(summary[key], (int, float), key)
+        # One run: its own ratio is the ratio of the medians.
+        self.assertEqual(len(summary["e2e_by_run_10k_binary"]), 1)
+        self.assertAlmostEqual(summary["e2e_by_run_10k_binary"][0], summary["e2e_ratio_10k_binary"])
+        self.assertEqual(summary["e2e_by_run_1m_binary"], [])
+        with open(os.path.join(self.out, "results.md")) as f:
+            self.assertIn("End to end, run by run", f.read())
         self.assertEqual(summary["baseline"], "twisted")
         self.assertIn("FALLBACK", summary["systems"]["baseline"])
 

@@ -61,6 +61,20 @@ def _ratio(a, b):
     return a / b if a is not None and b else None
 
 
+def runByRun(p2p: list[dict], base: list[dict], key: str, **match) -> list[float]:
+    """
+    The ratio p2pmta / baseline of C{key} for each run index both systems
+    have for the variant C{match}: the two turns of one run, taken in the
+    same minutes, so that the machine's drift between runs cancels out.
+    """
+    def byRun(rows):
+        return {r["run"]: r[key] for r in rows
+                if all(r.get(k) == v for k, v in match.items()) and r.get(key) is not None}
+
+    ours, theirs = byRun(p2p), byRun(base)
+    return [ours[run] / theirs[run] for run in sorted(ours) if theirs.get(run)]
+
+
 def breakEven(points: list[tuple[float, float, float]]) -> tuple[float | None, str]:
     """
     The acceptance p where p2pmta's traffic curve crosses the baseline's.
@@ -119,6 +133,8 @@ def summarise(rows: list[dict], options, baselineName: str | None) -> dict:
     return {
         "e2e_ratio_10k_binary": ratio("e2e_s", phase="variant", size="10k", kind="binary"),
         "e2e_ratio_1m_binary": ratio("e2e_s", phase="variant", size="1m", kind="binary"),
+        "e2e_by_run_10k_binary": runByRun(p2p, base, "e2e_s", phase="variant", size="10k", kind="binary"),
+        "e2e_by_run_1m_binary": runByRun(p2p, base, "e2e_s", phase="variant", size="1m", kind="binary"),
         "traffic_ratio_10k_text": ratio("rx_bytes", phase="variant", size="10k", kind="text"),
         "traffic_ratio_10k_binary": ratio("rx_bytes", phase="variant", size="10k", kind="binary"),
         "traffic_ratio_reject_all": _ratio(_median(p2p, "rx_bytes", phase="sweep", accept=0.0),
@@ -303,6 +319,12 @@ def markdown(summary: dict, header, lines) -> str:
     ]
     for t in summary["targets"]:
         out.append(f"| {t['target']} | {t['bound']} | {_value(t)} | {t['status']} |")
+    byRun = [(label, summary.get(key) or []) for label, key in
+             (("10 KB binary", "e2e_by_run_10k_binary"), ("1 MB binary", "e2e_by_run_1m_binary"))]
+    if any(ratios for _, ratios in byRun):
+        out += ["", "End to end, run by run (p2pmta / baseline within each run's pair of turns): "
+                + "; ".join(f"{label} {', '.join(f'{r:.2f}' for r in ratios)}" for label, ratios in byRun if ratios)
+                + "."]
     if summary["caveats"]:
         out += ["", "Caveats:"] + [f"- {c}" for c in summary["caveats"]]
     return "\n".join(out) + "\n"
