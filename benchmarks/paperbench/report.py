@@ -52,8 +52,13 @@ def writeCSV(path: str, rows: list[dict]) -> None:
 # Medians
 
 
+def _measured(rows, key, **match) -> list[dict]:
+    """The rows of the variant C{match} that have a figure for C{key}."""
+    return [r for r in rows if all(r.get(k) == v for k, v in match.items()) and r.get(key) is not None]
+
+
 def _median(rows, key, **match):
-    values = [r[key] for r in rows if all(r.get(k) == v for k, v in match.items()) and r.get(key) is not None]
+    values = [r[key] for r in _measured(rows, key, **match)]
     return statistics.median(values) if values else None
 
 
@@ -67,11 +72,7 @@ def runByRun(p2p: list[dict], base: list[dict], key: str, **match) -> list[float
     have for the variant C{match}: the two turns of one run, taken in the
     same minutes, so that the machine's drift between runs cancels out.
     """
-    def byRun(rows):
-        return {r["run"]: r[key] for r in rows
-                if all(r.get(k) == v for k, v in match.items()) and r.get(key) is not None}
-
-    ours, theirs = byRun(p2p), byRun(base)
+    ours, theirs = ({r["run"]: r[key] for r in _measured(rows, key, **match)} for rows in (p2p, base))
     return [ours[run] / theirs[run] for run in sorted(ours) if theirs.get(run)]
 
 
