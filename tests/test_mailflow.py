@@ -325,8 +325,6 @@ class MailFlowTests(TestCase):
             return not h.outboxDigests("alice")
 
         await eventually(emptied)
-        # Its file, emptied, waits among the outbox's spares, and the next
-        # ciphertext is written into one of them.
         # The outbox is seen empty as soon as its files are moved among the
         # spares; they are taken as spares once emptied, a moment later.
         outbox = h.running["alice"].outbox
@@ -336,6 +334,8 @@ class MailFlowTests(TestCase):
             return len(outbox.spares) == len(os.listdir(spares))
 
         await eventually(settled)
+        # Its file, emptied, waits among the outbox's spares, and the next
+        # ciphertext is written into one of them.
         kept = {os.stat(os.path.join(spares, name)).st_ino for name in os.listdir(spares)}
         self.assertTrue(kept)
         await h.send("alice", ["bob@demo"], makeMessage("alice@demo", ["bob@demo"], "next", os.urandom(5000)))
