@@ -296,6 +296,11 @@ class ISubmission(Interface):
         "A folder (str) on the spool's file system where the SMTP server "
         "writes a message while it arrives; L{accept} takes the file over."
     )
+    keepsEnvelopes = Attribute(
+        "Whether the SMTP server should keep each message's envelope with "
+        "its spool file (L{p2pmta.spool.Envelope}, written by "
+        "L{p2pmta.spool.flushAndClose}) (bool)."
+    )
 
     def checkRecipient(address):
         """
@@ -320,7 +325,8 @@ class ISubmission(Interface):
         Should this fail, the file is the caller's again.
 
         @param flushing: a Deferred firing once the file and its name are on
-            disk (fsynced), or failing.
+            disk (fsynced), or failing; with L{True} if the file's envelope
+            is on disk with it (see L{keepsEnvelopes}).
         @param check: the file's C{(size, CRC-32)}, to tell it whole after a
             crash.
         @return: a Deferred firing once the message is durably in the spool

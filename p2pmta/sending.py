@@ -130,14 +130,19 @@ class Sender:
     #: Not while no SMTP session is open: then none is on its way.
     gatherDelay = 0.05
 
-    def __init__(self, peer, maxMessageSize: int) -> None:
+    def __init__(self, peer, maxMessageSize: int, keepsEnvelopes: bool = False) -> None:
         """
         @param peer: the L{p2pmta.service.Peer}, for its address, DHT,
             keyring, outbox, mail store, ledger, directory and threads.
+        @param keepsEnvelopes: see L{keepsEnvelopes}.
         """
         self._peer = peer
         self.maxMessageSize = maxMessageSize
         self.spoolDirectory = peer.dataDir.spool
+        #: Whether a spool file keeps its envelope (L{p2pmta.spool.Envelope}):
+        #: then the file's flush alone makes a message ours, and its record
+        #: need not wait for a flush of its own before the 250.
+        self.keepsEnvelopes = keepsEnvelopes
         self._queue: dict[str, list[Deferred]] = {}  # message id -> waiters
         self._draining = False
         self._gathering = False  # in a burst: see gatherDelay
@@ -167,40 +172,59 @@ class Sender:
     def accept(self, sender: Address, recipients, path: str, flushing: Deferred, check: tuple) -> Deferred:
         return Deferred.fromCoroutine(self._accept(sender, list(recipients), path, flushing, check))
 
-    async def _accept(self, sender: Address, recipients: list, path: str, flushing: Deferred, check: tuple) -> str:
-        messageId = uuid.uuid4().hex
-        # The SMTP server's file stays where it is, under its name: the
-        # ledger says it is ours (see cleanAfterCrash).
-        size, crc = check
+    def _record(self, messageId: str, sender: str, recipients, created: float, path: str, size: int, crc: int) -> list:
+        """The ledger's statements recording a spooled message."""
         statements = [
             (
                 "INSERT INTO outgoing (id, sender, created, state, spool, spool_size, spool_crc)"
                 " VALUES (?, ?, ?, 'spooled', ?, ?, ?)",
-                (messageId, str(sender), self._peer.clock.seconds(), path, size, crc),
+                (messageId, sender, created, path, size, crc),
             )
         ]
-        for recipient in dict.fromkeys(str(r) for r in recipients):
+        for recipient in dict.fromkeys(recipients):
             statements.append(
                 (
                     "INSERT INTO deliveries (outgoing, recipient, password, state) VALUES (?, ?, ?, 'pending')",
                     (messageId, recipient, secrets.token_bytes(16)),
                 )
             )
+        return statements
+
+    async def _accept(self, sender: Address, recipients: list, path: str, flushing: Deferred, check: tuple) -> str:
+        messageId = uuid.uuid4().hex
+        # The SMTP server's file stays where it is, under its name: the
+        # ledger says it is ours (see cleanAfterCrash).
+        size, crc = check
+        statements = self._record(
+            messageId, str(sender), [str(r) for r in recipients], self._peer.clock.seconds(), path, size, crc
+        )
         # The file, its name and the ledger's record on disk before the
         # 250: from then on the message is ours.  Side by side, as neither
         # needs the other: should a crash come between, no 250 was given,
         # and a record whose file is gone or torn (its size and CRC-32 are
-        # recorded) is dropped at the next start (forgetUnspooled).  A full
-        # disk is an OSError (ENOSPC): the SMTP server answers 452.
+        # recorded) is dropped at the next start (forgetUnspooled).  Where
+        # the file keeps its envelope, its flush alone keeps the message:
+        # the record is committed, not flushed (one flush fewer per
+        # message), and made again from the file should a power cut take
+        # it (recoverUnrecorded).  A full disk is an OSError (ENOSPC): the
+        # SMTP server answers 452.
+        ledger = self._peer.ledger
         results = await DeferredList(
-            [flushing, self._peer.ledger.transaction(statements, durable=True)],
+            [flushing, ledger.transaction(statements, durable=not self.keepsEnvelopes)],
             consumeErrors=True,
         )
         failures = [result for ok, result in results if not ok]
+        if not failures and self.keepsEnvelopes and results[0][1] is not True:
+            # This file's envelope was refused (a list of recipients too
+            # long for an attribute, say): the record is flushed after all.
+            try:
+                await ledger.transaction([("UPDATE outgoing SET state = state WHERE id = ?", (messageId,))], durable=True)
+            except Exception:
+                failures.append(Failure())
         if failures:
             if results[1][0]:
                 # Recorded, but the name may not last: not accepted.
-                await self._peer.ledger.transaction(
+                await ledger.transaction(
                     [
                         ("DELETE FROM deliveries WHERE outgoing = ?", (messageId,)),
                         ("DELETE FROM outgoing WHERE id = ?", (messageId,)),
@@ -214,6 +238,29 @@ class Sender:
             logFailure(self.log, "the sending pipeline failed; will retry")
         )
         return messageId
+
+    async def recoverUnrecorded(self, found) -> None:
+        """
+        Record again the accepted messages whose records a power cut took
+        (at start, before the pipeline runs): their files are whole in the
+        spool, with their envelopes (L{p2pmta.spool.findUnrecorded}).
+
+        @param found: C{(path, envelope)} pairs.
+        """
+        if not found:
+            return
+        statements = []
+        for path, envelope in found:
+            statements.extend(
+                self._record(
+                    uuid.uuid4().hex, envelope.sender, envelope.recipients, envelope.created, path,
+                    envelope.size, envelope.crc,
+                )
+            )
+        await self._peer.ledger.transaction(statements, durable=True)
+        self.log.warn(
+            "recorded again {n} accepted messages whose records a crash took, from their spool files", n=len(found)
+        )
 
     async def forgetUnspooled(self) -> None:
         """

@@ -54,6 +54,7 @@ from p2pmta.mailstore import MailStore
 from p2pmta.polling import MailFlowService
 from p2pmta.receiving import Receiver
 from p2pmta.sending import Sender
+from p2pmta.spool import findUnrecorded, keepsEnvelopes
 from p2pmta.smtp import SubmissionFactory
 from p2pmta.tls import loadOrCreateCertificate
 from twisted.mail.imap4 import IAccount
@@ -342,11 +343,17 @@ class Peer(MultiService):
         self.mailStore = await MailStore(
             self.reactor, self.dataDir.database, self.dataDir.inbox, self.threads.pool
         ).open()
+        self.sender = Sender(
+            self, config.maxMessageSize, keepsEnvelopes=await self.inThreads(keepsEnvelopes, self.dataDir.spool)
+        )
+        recorded = await self.ledger.query("SELECT spool FROM outgoing")
+        await self.sender.recoverUnrecorded(
+            await self.inThreads(findUnrecorded, self.dataDir.spool, [r["spool"] for r in recorded if r["spool"]])
+        )
         accepted = await self.ledger.query("SELECT spool FROM outgoing WHERE state IN ('spooled', 'encrypted')")
         await self.inThreads(
             cleanAfterCrash, self.dataDir.spool, os.path.join(self.dataDir.path, "pulls"), [r["spool"] for r in accepted]
         )
-        self.sender = Sender(self, config.maxMessageSize)
         await self.sender.forgetUnspooled()
         self.receiver = Receiver(self)
         self.mailStore.bodyFetcher = self.receiver.fetchBody

@@ -38,7 +38,7 @@ from p2pmta.address import Address
 from p2pmta.errors import BadAddress, CryptoError, UnknownPeer
 from p2pmta.fileutil import removeIfThere
 from p2pmta.smtpdata import DataReader
-from p2pmta.spool import NO_SPACE, closeQuietly, flushAndClose
+from p2pmta.spool import NO_SPACE, Envelope, closeQuietly, flushAndClose
 
 if TYPE_CHECKING:
     from p2pmta.smtp import SubmissionFactory
@@ -598,7 +598,16 @@ class SubmissionServer(ESMTP):
         f, path, size = data.file, data.path, data.size
         # A file made ahead of time has its name on disk already.
         directory = None if data.named else os.path.dirname(path)
-        flushing = self.factory.runBlocking(flushAndClose, f, directory)
+        envelope = None
+        if self._submission.keepsEnvelopes:
+            envelope = Envelope(
+                str(sender),
+                tuple(dict.fromkeys(str(r) for r in recipients)),
+                self.factory.clock.seconds(),
+                data.written,
+                data.crc,
+            )
+        flushing = self.factory.runBlocking(flushAndClose, f, directory, envelope)
         try:
             messageId = await self._submission.accept(sender, recipients, path, flushing, (data.written, data.crc))
         except Exception as e:

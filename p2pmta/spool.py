@@ -5,20 +5,26 @@ The spool files the SMTP server writes messages into.
 Each message arrives in a file of its own in the spool, named with
 L{TEMP_PREFIX}: made when its DATA command comes, or ahead of time in a
 thread (L{SpoolAhead}).  Before the message is accepted the file is put
-on disk with L{flushAndClose}; a refused one is closed with
-L{closeQuietly} and removed.
+on disk with L{flushAndClose}, its envelope with it (L{Envelope}, in an
+extended attribute, where the file system keeps them); a refused one is
+closed with L{closeQuietly} and removed.
 """
 
 from __future__ import annotations
 
 import errno
+import math
 import os
+import re
+import struct
 import tempfile
+import zlib
+from dataclasses import dataclass
 
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from p2pmta.fileutil import fsyncDir, removeIfThere
+from p2pmta.fileutil import CHUNK_SIZE, fsyncDir, removeIfThere
 
 #: The name prefix of a message file the SMTP server writes in the spool.
 #: Once accepted, the file stays there under its name: the ledger tells
@@ -126,15 +132,156 @@ class SpoolAhead:
             removeIfThere(path)
 
 
-def flushAndClose(f, directory: str | None) -> None:
-    """Put the message file, and its name in C{directory} if given, on disk."""
+#: The extended attribute of a spool file that holds its L{Envelope}.
+ENVELOPE_ATTRIBUTE = "user.p2pmta"
+
+#: The name of a message's own spool file (not one of the links to it the
+#: sending pipeline makes in the spool: C{<name>.Sent}, C{<name>.Outbox}).
+_MESSAGE_NAME = re.compile(re.escape(TEMP_PREFIX) + r"[A-Za-z0-9_]+\Z")
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """
+    Who a spooled message is from and for, kept with its file, so that the
+    one flush of the file before the 250 keeps the whole message: should a
+    power cut take the ledger's record (committed, not flushed), the next
+    start makes it again from the file (L{findUnrecorded}).
+
+    @ivar sender: The envelope sender (C{MAIL FROM}).
+    @ivar recipients: The accepted recipients (C{RCPT TO}).
+    @ivar created: When the message was taken (POSIX time).
+    @ivar size: The file's size, to tell it whole.
+    @ivar crc: The file's CRC-32, to tell it whole.
+    """
+
+    sender: str
+    recipients: tuple
+    created: float
+    size: int
+    crc: int
+
+    def encode(self) -> bytes:
+        """
+        The envelope in a few bytes: a version byte, the time, size and
+        CRC-32, then the addresses, one per line.  Short, so that the file
+        system keeps it in the file's inode, not in a block of its own
+        (each block more is one more to write in the flush).
+        """
+        return (
+            _ENVELOPE_VERSION
+            + _ENVELOPE_NUMBERS.pack(self.created, self.size, self.crc)
+            + "\n".join((self.sender, *self.recipients)).encode("utf-8")
+        )
+
+    @classmethod
+    def decode(cls, data: bytes) -> "Envelope | None":
+        """@return: the envelope in C{data}, or L{None} if it is not one."""
+        head = len(_ENVELOPE_VERSION) + _ENVELOPE_NUMBERS.size
+        if not data.startswith(_ENVELOPE_VERSION) or len(data) < head:
+            return None
+        created, size, crc = _ENVELOPE_NUMBERS.unpack_from(data, len(_ENVELOPE_VERSION))
+        try:
+            sender, *recipients = data[head:].decode("utf-8").split("\n")
+        except UnicodeDecodeError:
+            return None
+        if not recipients or not all(recipients) or not math.isfinite(created):
+            return None
+        return cls(sender, tuple(recipients), created, size, crc)
+
+
+#: The first byte of an encoded L{Envelope}: its format's version.
+_ENVELOPE_VERSION = b"\x01"
+
+#: An L{Envelope}'s time, size and CRC-32, as encoded.
+_ENVELOPE_NUMBERS = struct.Struct("<dQI")
+
+
+def keepsEnvelopes(directory: str) -> bool:
+    """
+    Whether the file system of C{directory} keeps a spool file's
+    L{Envelope} (user extended attributes; blocking).
+    """
+    try:
+        fd, path = tempfile.mkstemp(prefix=TEMP_PREFIX + "probe-", dir=directory)
+    except OSError:
+        return False
+    try:
+        os.setxattr(fd, ENVELOPE_ATTRIBUTE, b"{}")
+        return os.getxattr(fd, ENVELOPE_ATTRIBUTE) == b"{}"
+    except (OSError, AttributeError):  # AttributeError: not Linux
+        return False
+    finally:
+        os.close(fd)
+        removeIfThere(path)
+
+
+def flushAndClose(f, directory: str | None, envelope: Envelope | None = None) -> bool:
+    """
+    Put the message file, its C{envelope} if given, and its name in
+    C{directory} if given, on disk.
+
+    @return: whether the envelope is on disk with the file (not if the
+        file system refuses it: a file system without extended attributes,
+        or a very long list of recipients).
+    """
+    kept = False
     try:
         f.flush()
+        if envelope is not None:
+            try:
+                os.setxattr(f.fileno(), ENVELOPE_ATTRIBUTE, envelope.encode())
+                kept = True
+            except (OSError, AttributeError):
+                pass
         os.fsync(f.fileno())
     finally:
         f.close()
     if directory is not None:
         fsyncDir(directory)
+    return kept
+
+
+def _wholeEnvelope(path: str) -> Envelope | None:
+    """The envelope of the message file C{path}, if the file is whole."""
+    try:
+        envelope = Envelope.decode(os.getxattr(path, ENVELOPE_ATTRIBUTE))
+        if envelope is None:
+            return None
+        crc, size = 0, 0
+        with open(path, "rb") as f:
+            while chunk := f.read(CHUNK_SIZE):
+                crc = zlib.crc32(chunk, crc)
+                size += len(chunk)
+    except (OSError, AttributeError):
+        return None
+    if (size, crc) != (envelope.size, envelope.crc):
+        return None
+    return envelope
+
+
+def findUnrecorded(directory: str, recorded) -> list[tuple[str, Envelope]]:
+    """
+    The messages in the spool that no ledger record names but that were
+    accepted: their files whole, with their envelopes (blocking; at start).
+
+    @param recorded: the paths the ledger names, whatever their state.
+    @return: C{(path, envelope)} pairs, oldest first.
+    """
+    recorded = {os.path.abspath(path) for path in recorded}
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return []
+    found = []
+    for name in names:
+        path = os.path.abspath(os.path.join(directory, name))
+        if _MESSAGE_NAME.match(name) and path not in recorded:
+            envelope = _wholeEnvelope(path)
+            if envelope is not None:
+                found.append((path, envelope))
+    found.sort(key=lambda item: item[1].created)
+    return found
 
 
 def closeQuietly(f) -> None:

@@ -6,6 +6,7 @@ OpenDHT nodes, real TCP on 127.0.0.1, the stdlib's smtplib and imaplib.
 from __future__ import annotations
 
 import email
+import errno
 import os
 import smtplib
 import threading
@@ -16,12 +17,13 @@ from twisted.internet import reactor
 from twisted.internet.defer import ensureDeferred, gatherResults
 from twisted.internet.threads import deferToThread
 from twisted.logger import globalLogPublisher
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SkipTest, TestCase
 
 from p2pmta import receiving
 from p2pmta.address import Address
 from p2pmta.dht import NOTIFICATION_TTL
 from p2pmta.notification import splitHeaders
+from p2pmta.spool import keepsEnvelopes
 from tests.peers import PeerHarness, eventually, sleep, uids
 
 
@@ -493,6 +495,92 @@ class MailFlowTests(TestCase):
             return db.execute("SELECT id, spool FROM outgoing ORDER BY created").fetchall()
         finally:
             db.close()
+
+    async def _lostRecords(self):
+        whole = makeMessage("alice@demo", ["bob@demo"], "record lost")
+        h = await self.acceptedThenStopped(makeMessage("alice@demo", ["bob@demo"], "record lost, torn"), whole)
+        if not keepsEnvelopes(os.path.join(h.root, "alice", "spool")):
+            raise SkipTest("this file system keeps no extended attributes")
+        # A power cut took the records, committed but not flushed: the
+        # spool files, flushed with their envelopes before the 250, stay.
+        # One of them was torn meanwhile (it cannot have got its 250),
+        # and a link to the other is left as filing it in Sent would.
+        torn, kept = [path for _, path in await self.spooled(h)]
+        import sqlite3
+
+        db = sqlite3.connect(os.path.join(h.root, "alice", "p2pmta.sqlite"))
+        try:
+            with db:
+                db.execute("DELETE FROM deliveries")
+                db.execute("DELETE FROM outgoing")
+        finally:
+            db.close()
+        with open(torn, "r+b") as f:
+            f.seek(-3, os.SEEK_END)
+            f.write(b"X\r\n")
+        os.link(kept, kept + ".Sent")
+        await h.start("alice")
+        alice = h.running["alice"]
+        self.assertFalse(os.path.exists(torn), "the torn file was kept")
+        [row] = await alice.ledger.query("SELECT spool FROM outgoing")
+        self.assertEqual(row["spool"], kept)
+        [uid] = await h.listed("bob")
+        typ, data = await h.imap("bob", lambda c: fetchOne(c, uid, "(BODY[])"))
+        self.assertEqual(stripAdded(data[0][1]), whole)
+        await sleep(2.5)
+        self.assertEqual(await h.imap("bob", uids), [uid], "delivered once")
+
+    async def _envelopeRefused(self):
+        await self.peers("alice", "bob")
+        h = self.harness
+        alice = h.running["alice"]
+        if not alice.sender.keepsEnvelopes:
+            raise SkipTest("this file system keeps no extended attributes")
+        calls = []
+        transaction = alice.ledger.transaction
+
+        def spy(statements, durable=False):
+            calls.append(([sql for sql, _ in statements], durable))
+            return transaction(statements, durable)
+
+        self.patch(alice.ledger, "transaction", spy)
+        first = makeMessage("alice@demo", ["bob@demo"], "envelope kept")
+        await h.send("alice", ["bob@demo"], first)
+
+        def setxattr(*args):
+            raise OSError(errno.E2BIG, "Argument list too long")
+
+        self.patch(os, "setxattr", setxattr)
+        second = makeMessage("alice@demo", ["bob@demo"], "envelope refused")
+        await h.send("alice", ["bob@demo"], second)
+        records = [durable for sql, durable in calls if sql[0].startswith("INSERT INTO outgoing")]
+        self.assertEqual(records, [False, False], "the records are committed, not flushed")
+        flushed = [durable for sql, durable in calls if sql == ["UPDATE outgoing SET state = state WHERE id = ?"]]
+        self.assertEqual(flushed, [True], "the second record is flushed, as its file has no envelope")
+        listed = await h.listed("bob", 2)
+        bodies = []
+        for uid in listed:
+            typ, data = await h.imap("bob", lambda c, uid=uid: fetchOne(c, uid, "(BODY[])"))
+            bodies.append(stripAdded(data[0][1]))
+        self.assertEqual(sorted(bodies), sorted([first, second]))
+
+    def test_envelopeRefusedRecordFlushed(self):
+        """
+        The record of a message whose spool file keeps its envelope is not
+        flushed before the 250; where the file system refuses a file's
+        envelope, its record is.
+        """
+        return ensureDeferred(self._envelopeRefused())
+
+    def test_lostRecordsMadeAgain(self):
+        """
+        A message whose record a power cut took (the record is committed
+        but not flushed before the 250; the spool file is, with its
+        envelope) is recorded again at the next start and sent, once; an
+        unrecorded file that is torn, or that is a link to a message, is
+        not.
+        """
+        return ensureDeferred(self._lostRecords())
 
     def test_tornSpoolFileForgotten(self):
         """

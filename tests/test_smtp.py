@@ -22,7 +22,7 @@ from twisted.internet.testing import StringTransport
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger, formatEvent
 from twisted.mail.smtp import IMessageDelivery
-from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
@@ -32,7 +32,7 @@ from p2pmta.errors import CryptoError, UnknownPeer
 from p2pmta.interfaces import ISubmission
 from p2pmta.smtp import SubmissionFactory
 from p2pmta.smtpsession import SubmissionServer
-from p2pmta.spool import TEMP_PREFIX
+from p2pmta.spool import ENVELOPE_ATTRIBUTE, TEMP_PREFIX, Envelope, findUnrecorded, keepsEnvelopes
 from p2pmta.tls import loadOrCreateCertificate
 
 ALICE = Address.parse("alice@demo")
@@ -58,10 +58,13 @@ class FakeSubmission:
     @ivar failAccept: if true, C{accept} fails and leaves the file alone.
     """
 
+    keepsEnvelopes = False
+
     def __init__(self, spool: str, maxMessageSize: int = 10_000) -> None:
         self.spoolDirectory = spool
         self.maxMessageSize = maxMessageSize
         self.accepted: list = []
+        self.envelopes: list = []  # (what flushing fired with, the file's envelope)
         self.checks: list = []
         self.pending = False
         self.failAccept = False
@@ -88,9 +91,14 @@ class FakeSubmission:
         if self.failAccept:
             return fail(OSError("spool full"))
 
-        def flushed(_):
+        def flushed(kept):
             with open(path, "rb") as f:
                 data = f.read()
+                try:
+                    envelope = Envelope.decode(os.getxattr(f.fileno(), ENVELOPE_ATTRIBUTE))
+                except OSError:
+                    envelope = None
+            self.envelopes.append((kept, envelope))
             assert check == (len(data), zlib.crc32(data)), (check, len(data))
             os.unlink(path)
             self.accepted.append((sender, list(recipients), data))
@@ -828,7 +836,7 @@ class SpoolAheadTests(ServerMixin, SynchronousTestCase):
             [b"Subject: %d\r\n\r\nbody\r\n" % n for n in range(6)],
         )
         flushes = [args for name, args in self.calls if name == "flushAndClose"]
-        self.assertEqual(flushes, [(None,)] * 6)
+        self.assertEqual(flushes, [(None, None)] * 6)
         # Refilled whenever half or fewer are left.
         self.assertEqual([args for name, args in self.calls if name == "_makeSpoolFiles"], [(4,), (2,), (2,)])
         self.assertEqual(len(self.spoolNames()), 2)
@@ -844,9 +852,118 @@ class SpoolAheadTests(ServerMixin, SynchronousTestCase):
         self.send(b"MAIL FROM:<alice@demo>\r\nRCPT TO:<carol@demo>\r\nDATA\r\n")
         self.assertEqual(codes(self.send(b"hi\r\n.\r\n")), [250])
         self.assertEqual(
-            self.calls, [("_makeSpoolFiles", (4,)), ("flushAndClose", (os.path.abspath(self.spool),))]
+            self.calls, [("_makeSpoolFiles", (4,)), ("flushAndClose", (os.path.abspath(self.spool), None))]
         )
         self.assertEqual(self.spoolNames(), [])
+
+
+class SpoolEnvelopeTests(ServerMixin, SynchronousTestCase):
+    """
+    Where the pipeline asks for it, the spool file keeps its message's
+    envelope, flushed with it: the ledger's record need not be flushed
+    before the 250.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        if not keepsEnvelopes(self.spool):
+            raise SkipTest("this file system keeps no extended attributes")
+        self.login()
+
+    def test_envelopeKept(self) -> None:
+        """
+        The envelope (sender, recipients once each, time, and the file's
+        size and CRC-32) is on the file when the flush is done, and the
+        flush says so.
+        """
+        self.submission.keepsEnvelopes = True
+        self.clock.advance(12.5)
+        lines = self.send(
+            b"MAIL FROM:<alice@demo>\r\nRCPT TO:<carol@demo>\r\nRCPT TO:<dave@demo>\r\n"
+            b"RCPT TO:<carol@demo>\r\nDATA\r\n"
+        )
+        self.assertEqual(codes(lines), [250, 250, 250, 250, 354])
+        self.assertEqual(codes(self.send(b"Subject: hi\r\n\r\nbody\r\n.\r\n")), [250])
+        [(_, _, data)] = self.submission.accepted
+        self.assertEqual(
+            self.submission.envelopes,
+            [(True, Envelope("alice@demo", ("carol@demo", "dave@demo"), 12.5, len(data), zlib.crc32(data)))],
+        )
+
+    def test_notAsked(self) -> None:
+        """A pipeline that does not ask for it gets no envelope."""
+        self.send(b"MAIL FROM:<alice@demo>\r\nRCPT TO:<carol@demo>\r\nDATA\r\n")
+        self.assertEqual(codes(self.send(b"hi\r\n.\r\n")), [250])
+        self.assertEqual(self.submission.envelopes, [(False, None)])
+
+    def test_refused(self) -> None:
+        """
+        An envelope the file system refuses (a list of recipients too long
+        for an attribute, say) does not stop the message: the flush says
+        the file has none.
+        """
+        self.submission.keepsEnvelopes = True
+
+        def setxattr(*args):
+            raise OSError(errno.E2BIG, "Argument list too long")
+
+        self.patch(os, "setxattr", setxattr)
+        self.send(b"MAIL FROM:<alice@demo>\r\nRCPT TO:<carol@demo>\r\nDATA\r\n")
+        self.assertEqual(codes(self.send(b"hi\r\n.\r\n")), [250])
+        self.assertEqual(self.submission.envelopes, [(False, None)])
+
+
+    def test_decode(self) -> None:
+        """
+        An envelope decodes to what was encoded, in a few bytes; what is
+        not one, as this version writes them, decodes to L{None}: an
+        unrecorded file with it is not sent.
+        """
+        envelope = Envelope("alice@demo", ("carol@demo", "dave@demo"), 1.5, 10, 20)
+        data = envelope.encode()
+        self.assertEqual(Envelope.decode(data), envelope)
+        self.assertEqual(len(data), 1 + 20 + len(b"alice@demo\ncarol@demo\ndave@demo"))
+        bounce = Envelope("", ("carol@demo",), 1.5, 10, 20)
+        self.assertEqual(Envelope.decode(bounce.encode()), bounce)
+        for junk in (
+            b"", b"\x01", data[:20], b"\x02" + data[1:],  # short, or another version
+            data[:21],  # no recipient
+            data[:21] + b"alice@demo",  # no recipient
+            data + b"\n",  # an empty recipient
+            data[:21] + b"\xff\n\xfe",  # not UTF-8
+            Envelope("alice@demo", ("carol@demo",), float("nan"), 10, 20).encode(),
+        ):
+            self.assertIsNone(Envelope.decode(junk), junk)
+
+    def test_findUnrecorded(self) -> None:
+        """
+        At start, the spool's files that no record names are looked at:
+        only a message's own file, whole, with its envelope, is found.
+        """
+
+        def spooled(name: str, data: bytes, envelope: Envelope | None = None) -> str:
+            path = os.path.join(self.spool, name)
+            with open(path, "wb") as f:
+                f.write(data)
+                if envelope is not None:
+                    os.setxattr(f.fileno(), ENVELOPE_ATTRIBUTE, envelope.encode())
+            return os.path.abspath(path)
+
+        def envelope(data: bytes, at: float) -> Envelope:
+            return Envelope("alice@demo", ("carol@demo",), at, len(data), zlib.crc32(data))
+
+        data = b"Subject: hi\r\n\r\nbody\r\n"
+        later = spooled(TEMP_PREFIX + "later", data, envelope(data, 2.0))
+        first = spooled(TEMP_PREFIX + "first", data, envelope(data, 1.0))
+        recorded = spooled(TEMP_PREFIX + "recorded", data, envelope(data, 0.5))
+        spooled(TEMP_PREFIX + "torn", data[:-1] + b"X", envelope(data, 0.5))
+        spooled(TEMP_PREFIX + "bare", data)
+        os.link(first, first + ".Sent")
+        self.assertEqual(
+            findUnrecorded(self.spool, [recorded]),
+            [(first, envelope(data, 1.0)), (later, envelope(data, 2.0))],
+        )
+        self.assertEqual(findUnrecorded(self.spool + "-gone", []), [])
 
 
 class DataModelTests(ServerMixin, SynchronousTestCase):
