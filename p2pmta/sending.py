@@ -30,11 +30,12 @@ from zope.interface import implementer
 from p2pmta.address import Address
 from p2pmta.dht import NOTIFICATION_TTL
 from p2pmta.errors import NotFound, P2PMTAError
-from p2pmta.fileutil import CHUNK_SIZE, removeIfThere
+from p2pmta.fileutil import removeIfThere
 from p2pmta.interfaces import ISubmission
 from p2pmta.logs import logFailure
 from p2pmta.notices import Notices
 from p2pmta.notification import BadNotification, ReceiveNotification, attachmentsOf
+from p2pmta.spool import sizeAndCrc
 
 #: How long the key of a peer not seen (no mail to or from it) is kept.
 KEY_RETENTION = 90 * 86400.0
@@ -699,13 +700,10 @@ def _spooledWhole(row) -> bool:
     """
     path, size = row["spool"], row["spool_size"]
     try:
-        with open(path, "rb") as f:
-            if size is None:  # recorded by an older p2pmta, which flushed first
-                return True
-            crc = 0
-            while chunk := f.read(CHUNK_SIZE):
-                crc = zlib.crc32(chunk, crc)
-            whole = f.tell() == size and crc == row["spool_crc"]
+        if size is None:  # recorded by an older p2pmta, which flushed first
+            open(path, "rb").close()
+            return True
+        whole = sizeAndCrc(path) == (size, row["spool_crc"])
     except FileNotFoundError:
         return False
     if not whole:

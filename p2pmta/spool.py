@@ -242,20 +242,28 @@ def flushAndClose(f, directory: str | None, envelope: Envelope | None = None) ->
     return kept
 
 
+def sizeAndCrc(path: str) -> tuple[int, int]:
+    """
+    The size and CRC-32 of the spool file C{path}, to tell it whole after
+    a crash (blocking).
+
+    @raise OSError: if it cannot be read (L{FileNotFoundError}: it is gone).
+    """
+    crc, size = 0, 0
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK_SIZE):
+            crc = zlib.crc32(chunk, crc)
+            size += len(chunk)
+    return size, crc
+
+
 def _wholeEnvelope(path: str) -> Envelope | None:
     """The envelope of the message file C{path}, if the file is whole."""
     try:
         envelope = Envelope.decode(os.getxattr(path, ENVELOPE_ATTRIBUTE))
-        if envelope is None:
+        if envelope is None or sizeAndCrc(path) != (envelope.size, envelope.crc):
             return None
-        crc, size = 0, 0
-        with open(path, "rb") as f:
-            while chunk := f.read(CHUNK_SIZE):
-                crc = zlib.crc32(chunk, crc)
-                size += len(chunk)
     except (OSError, AttributeError):
-        return None
-    if (size, crc) != (envelope.size, envelope.crc):
         return None
     return envelope
 
