@@ -346,14 +346,13 @@ class Peer(MultiService):
         self.sender = Sender(
             self, config.maxMessageSize, keepsEnvelopes=await self.inThreads(keepsEnvelopes, self.dataDir.spool)
         )
-        recorded = await self.ledger.query("SELECT spool FROM outgoing")
-        await self.sender.recoverUnrecorded(
-            await self.inThreads(findUnrecorded, self.dataDir.spool, [r["spool"] for r in recorded if r["spool"]])
-        )
-        accepted = await self.ledger.query("SELECT spool FROM outgoing WHERE state IN ('spooled', 'encrypted')")
-        await self.inThreads(
-            cleanAfterCrash, self.dataDir.spool, os.path.join(self.dataDir.path, "pulls"), [r["spool"] for r in accepted]
-        )
+        recorded = await self.ledger.query("SELECT spool, state FROM outgoing")
+        found = await self.inThreads(findUnrecorded, self.dataDir.spool, [r["spool"] for r in recorded if r["spool"]])
+        await self.sender.recoverUnrecorded(found)
+        # The messages still to send, those just recorded again among them.
+        accepted = [r["spool"] for r in recorded if r["state"] in ("spooled", "encrypted")]
+        accepted += [path for path, _ in found]
+        await self.inThreads(cleanAfterCrash, self.dataDir.spool, os.path.join(self.dataDir.path, "pulls"), accepted)
         await self.sender.forgetUnspooled()
         self.receiver = Receiver(self)
         self.mailStore.bodyFetcher = self.receiver.fetchBody
