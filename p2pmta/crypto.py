@@ -486,13 +486,30 @@ class Keyring:
         if isinstance(recipients, (str, Address)):
             recipients = [recipients]
         level = 6 if compress is True else int(compress or 0)
-        keys = self._recipientKeys(self._recipientFingerprints(recipients, toSelf))
+        keys = self.encryptionKeys(recipients, toSelf)
         with _source(source) as stream:
             if keys is None:
                 out.write(self._encryptBlocking(stream, recipients, False, level, toSelf))
                 return None
-            self._pins.seen(recipients)
-            return openpgp.encrypt(stream, out, keys, compress=level, strategy=strategy)
+            return openpgp.encrypt(stream, out, list(keys.values()), compress=level, strategy=strategy)
+
+    def encryptionKeys(self, recipients, toSelf=True) -> dict | None:
+        """
+        The keys to encrypt to C{recipients} (and to our own key, if
+        C{toSelf}), by fingerprint, for L{openpgp.encrypt} in this process
+        or in another; their pins are marked seen.  Blocking: only inside
+        L{whileShared}.
+
+        @return: L{openpgp.PublicKey}s, or L{None} if one of them (or ours)
+            is for gpg only.
+        @raise UnknownKey: when a recipient is not pinned.
+        """
+        fingerprints = self._recipientFingerprints(recipients, toSelf)
+        keys = self._recipientKeys(fingerprints)
+        if keys is None:
+            return None
+        self._pins.seen(recipients)
+        return dict(zip(fingerprints, keys))
 
     def _encryptBlocking(self, source, recipients, sign, compress, toSelf=True):
         if isinstance(recipients, (str, Address)):

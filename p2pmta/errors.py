@@ -65,6 +65,10 @@ class DecryptionFailed(CryptoError):
     """The message could not be decrypted and authenticated."""
 
 
+class SealingFailed(CryptoError):
+    """A sealing process could not encrypt the messages; the peer does it itself."""
+
+
 class StoreError(P2PMTAError):
     """The peer's data directory could not be used."""
 

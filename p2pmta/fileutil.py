@@ -348,21 +348,52 @@ class SpareFiles:
         @return: its file descriptor (open for writing, the file empty) and
             path, or L{None} if there is no spare.
         """
-        while True:
-            with self._lock:
-                if not self._spares:
-                    return None
-                spare = self._spares.pop()
-            temp = os.path.join(directory, TEMP_PREFIX + "spare-" + secrets.token_hex(8))
-            try:
-                os.rename(spare, temp)
-            except FileNotFoundError:
-                continue
-            try:
-                return os.open(temp, os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW), temp
-            except BaseException:
-                _unlinkQuietly(temp)
-                raise
+        while spare := self.claim(1):
+            taken = moveSpareInto(spare[0], directory)
+            if taken is not None:
+                return taken
+        return None
+
+    def claim(self, count: int) -> list[str]:
+        """
+        Take up to C{count} spares off the list, for another process to
+        move in with L{moveSpareInto} (not blocking: no file is touched).
+        Those it does not use come back with L{giveBack}; should it die
+        first, they stay in the spares' folder until the next start takes
+        them back.
+
+        @return: their paths.
+        """
+        with self._lock:
+            count = min(count, len(self._spares))
+            claimed = self._spares[len(self._spares) - count :]
+            del self._spares[len(self._spares) - count :]
+        return claimed
+
+    def giveBack(self, paths: Iterable[str]) -> None:
+        """Put back spares that L{claim} took and nobody used."""
+        with self._lock:
+            self._spares.extend(paths)
+
+
+def moveSpareInto(spare: str, directory: str) -> tuple[int, str] | None:
+    """
+    Move the spare file C{spare} (see L{SpareFiles}) into C{directory} under
+    a fresh temporary name.
+
+    @return: its file descriptor (open for writing, the file empty) and
+        path, or L{None} if it is gone.
+    """
+    temp = os.path.join(directory, TEMP_PREFIX + "spare-" + secrets.token_hex(8))
+    try:
+        os.rename(spare, temp)
+    except FileNotFoundError:
+        return None
+    try:
+        return os.open(temp, os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW), temp
+    except BaseException:
+        _unlinkQuietly(temp)
+        raise
 
 
 def _emptied(path: str) -> bool:

@@ -13,13 +13,11 @@ ciphertext leaves the outbox.  Deleting a message from C{Outbox} cancels it.
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import shutil
 import time
 import uuid
-import zlib
 
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.task import deferLater
@@ -29,91 +27,20 @@ from zope.interface import implementer
 
 from p2pmta.address import Address
 from p2pmta.dht import NOTIFICATION_TTL
-from p2pmta.errors import NotFound, P2PMTAError
+from p2pmta.errors import NotFound, P2PMTAError, SealingFailed
 from p2pmta.fileutil import removeIfThere
 from p2pmta.interfaces import ISubmission
 from p2pmta.logs import logFailure
 from p2pmta.notices import Notices
-from p2pmta.notification import BadNotification, ReceiveNotification, attachmentsOf
+from p2pmta.notification import BadNotification, ReceiveNotification
+from p2pmta.sealing import sealSpooled
 from p2pmta.spool import sizeAndCrc
 
 #: How long the key of a peer not seen (no mail to or from it) is kept.
 KEY_RETENTION = 90 * 86400.0
 
-#: Content types that are already compressed: looking for repeats in them
-#: only costs time (their base64 is still coded byte by byte, see
-#: L{HUFFMAN_ONLY}).
-_COMPRESSED_TYPES = (b"image/jpeg", b"image/png", b"application/zip", b"application/gzip", b"video/", b"audio/")
-
-
 #: How many messages go through the pipeline's steps together.
 PIPELINE_BATCH = 64
-
-#: Up to this size, a message that shrinks by its repeats is compressed
-#: hard (a few milliseconds), and one that does not byte by byte; beyond
-#: it, fast or not at all.
-_SMALL_MESSAGE = 256 * 1024
-
-#: Messages up to this size are compressed hard without a look first (the
-#: look would cost as much as it saves).
-_TINY_MESSAGE = 32 * 1024
-
-#: A larger one is compressed by its repeats only if a sample of it shrinks
-#: below this: text shrinks to 0.3-0.4, base64 of random bytes only to 0.77
-#: (at 25 ms per MB).  A sample of 16 KiB tells as well as one of 64 (0.764
-#: against 0.771 for base64) at a twelfth of the cost (0.13 ms).
-_WORTH_COMPRESSING = 0.6
-_SAMPLE = 16 * 1024
-
-#: How content that does not shrink by its repeats (base64 of binary) is
-#: compressed: each byte coded by its frequency, no repeats looked for.
-#: Base64 shrinks to 0.76 as with level 6, at a fifth of the cost (0.76 ms
-#: per 100 KB, against 3.8).
-HUFFMAN_ONLY = (1, zlib.Z_HUFFMAN_ONLY)
-
-
-def _compression(f, headers: bytes, size: int) -> tuple[int, int]:
-    """
-    The zlib level and strategy for the message read from C{f} (blocking):
-    level 0 for a large message that would hardly shrink.
-    """
-    lowered = headers.lower()
-    if not any(kind in lowered for kind in _COMPRESSED_TYPES):
-        if size <= _TINY_MESSAGE:
-            return 6, zlib.Z_DEFAULT_STRATEGY
-        f.seek(max(0, size // 2 - _SAMPLE // 2))
-        sample = f.read(_SAMPLE)
-        if len(zlib.compress(sample, 1)) < _WORTH_COMPRESSING * len(sample):
-            return (6 if size <= _SMALL_MESSAGE else 1), zlib.Z_DEFAULT_STRATEGY
-    # Compressed already, or does not shrink by its repeats.
-    return HUFFMAN_ONLY if size <= _SMALL_MESSAGE else (0, zlib.Z_DEFAULT_STRATEGY)
-
-
-def _readHeaders(f, limit: int) -> bytes:
-    """The header section of the message read from C{f}, blank line included."""
-    data = b""
-    while len(data) < limit:
-        chunk = f.read(64 * 1024)
-        if not chunk:
-            break
-        data += chunk
-        end = data.find(b"\r\n\r\n")
-        if end != -1:
-            return data[: end + 4]
-    return data + (b"\r\n" if data.endswith(b"\r\n") else b"\r\n\r\n")
-
-
-def _readMessageFacts(f, limit: int) -> tuple[bytes, int, list, tuple[int, int]]:
-    """
-    Header section, size, attachments and compression (zlib level and
-    strategy) of the spooled message read from C{f} (blocking), in one pass
-    without holding it in memory.
-    """
-    size = os.fstat(f.fileno()).st_size
-    headers = _readHeaders(f, limit)
-    f.seek(0)
-    attachments = attachmentsOf(f)
-    return headers, size, attachments, _compression(f, headers, size)
 
 
 @implementer(ISubmission)
@@ -414,19 +341,20 @@ class Sender:
     async def _encryptAll(self, rows, recipients: dict) -> list:
         """
         Encrypt spooled messages, each once for all its recipients, straight
-        into the outbox: one thread call per half of the batch, so that two
-        cores can share the work (compression and AES leave the GIL).
+        into the outbox: a part of the batch in each sealing process (see
+        L{_encryptPart}), or a half in each of two threads.
 
         @return: for each row, the facts to record (digest, ciphertext
             size, size, headers, attachments and session key), or the
             L{Failure} that stopped it.
         """
-        peer = self._peer
         started = time.monotonic()
-        half = (len(rows) + 1) // 2
-        parts = [rows[:half], rows[half:]] if len(rows) > 1 else [rows]
+        sealers = getattr(self._peer, "sealers", None)
+        count = sealers.count if sealers is not None and sealers.available() else 2
+        size = -(-len(rows) // count)
+        parts = [rows[start : start + size] for start in range(0, len(rows), size)]
         done = await DeferredList(
-            [peer.keyring.whileShared(self._encryptSome, part, recipients) for part in parts],
+            [Deferred.fromCoroutine(self._encryptPart(part, recipients)) for part in parts],
             consumeErrors=True,
         )
         results = []
@@ -441,6 +369,43 @@ class Sender:
             seconds=time.monotonic() - started,
         )
         return results
+
+    async def _encryptPart(self, rows, recipients: dict) -> list:
+        """
+        Encrypt some of a batch's rows (see L{_encryptAll}) in a sealing
+        process, away from the SMTP sessions' share of the GIL; or in the
+        keyring's threads if none can, or a message needs gpg.
+        """
+        peer = self._peer
+        sealers = getattr(peer, "sealers", None)
+        if sealers is not None and sealers.available():
+            prepared = await peer.keyring.whileShared(self._sealingJobs, rows, recipients)
+            if prepared is not None:
+                try:
+                    return await sealers.seal(peer.outbox, self.maxMessageSize, *prepared)
+                except SealingFailed as e:
+                    self.log.warn("sealing {n} messages in threads instead: {e}", n=len(rows), e=e)
+        return await peer.keyring.whileShared(self._encryptSome, rows, recipients)
+
+    def _sealingJobs(self, rows, recipients: dict) -> tuple[list, dict] | None:
+        """
+        The jobs and keys for L{p2pmta.sealers.Sealers.seal} (blocking:
+        inside L{p2pmta.crypto.Keyring.whileShared}), or L{None} if a
+        message is for a key only gpg takes, or for no known key (its
+        failure is then the threads' to report).
+        """
+        keyring = self._peer.keyring
+        jobs, keys = [], {}
+        for row in rows:
+            try:
+                found = keyring.encryptionKeys(recipients.get(row["id"], []), toSelf=False)
+            except P2PMTAError:
+                return None
+            if found is None:
+                return None
+            jobs.append((row["spool"], list(found)))
+            keys.update(found)
+        return jobs, keys
 
     def _encryptSome(self, rows, recipients: dict) -> list:
         """The blocking part of L{_encryptAll}, for some of its rows."""
@@ -462,15 +427,15 @@ class Sender:
 
     def _encryptOne(self, row, recipients: list) -> tuple:
         keyring, outbox = self._peer.keyring, self._peer.outbox
-        with open(row["spool"], "rb") as f:
-            headers, size, attachments, (level, strategy) = _readMessageFacts(f, self.maxMessageSize)
-            f.seek(0)
+        return sealSpooled(
+            row["spool"],
+            self.maxMessageSize,
+            lambda produce: outbox.storeWith(produce, syncFolder=False),
             # For the recipients only: we keep the plaintext in Sent.
-            digest, ciphertextSize, sessionKey = outbox.storeWith(
-                lambda out: keyring.encryptInto(f, out, recipients, compress=level, toSelf=False, strategy=strategy),
-                syncFolder=False,
-            )
-        return (digest, ciphertextSize, size, headers, json.dumps(attachments), sessionKey or b"")
+            lambda f, out, level, strategy: keyring.encryptInto(
+                f, out, recipients, compress=level, toSelf=False, strategy=strategy
+            ),
+        )
 
     async def _file(self, rows) -> None:
         """File sent messages in Sent and Outbox, then drop their spool files."""

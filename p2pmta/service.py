@@ -53,6 +53,7 @@ from p2pmta.replication import Replicator, ServedOutbox
 from p2pmta.mailstore import MailStore
 from p2pmta.polling import MailFlowService
 from p2pmta.receiving import Receiver
+from p2pmta.sealers import Sealers
 from p2pmta.sending import Sender
 from p2pmta.spool import findUnrecorded, keepsEnvelopes
 from p2pmta.smtp import SubmissionFactory
@@ -255,6 +256,8 @@ class Peer(MultiService):
         self.whenReady: Deferred = Deferred()
         self._tasks: set[Deferred] = set()
         self.sender: Sender | None = None
+        #: Where the sending pipeline encrypts (started when first used).
+        self.sealers = Sealers(reactor)
 
     def startService(self) -> None:
         for pool in (self.threads, self.ledgerThread, self.smtpThreads):
@@ -450,6 +453,8 @@ class Peer(MultiService):
                     await maybeDeferred(child.stopService)
                 except Exception:
                     self.log.failure("stopping {name} failed", name=child.name)
+            # The pipeline is drained: nothing more to seal.
+            await self.sealers.stop()
             if getattr(self, "httpPool", None) is not None:
                 await self.httpPool.closeCachedConnections()
             for resource in ("mailStore", "keyring"):

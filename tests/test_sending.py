@@ -15,7 +15,8 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from p2pmta.notices import Notices
-from p2pmta.sending import HUFFMAN_ONLY, Sender, _compression
+from p2pmta.sealing import HUFFMAN_ONLY, compression
+from p2pmta.sending import Sender
 
 
 class PipelineTestCase(SynchronousTestCase):
@@ -167,7 +168,7 @@ class CompressionTests(SynchronousTestCase):
 
     def compression(self, headers: bytes, body: bytes):
         data = headers + body
-        return _compression(io.BytesIO(data), headers, len(data))
+        return compression(io.BytesIO(data), headers, len(data))
 
     def test_tinyCompressedHard(self):
         """A message of a few KiB is compressed hard, whatever it holds."""

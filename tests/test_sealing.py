@@ -1,0 +1,267 @@
+"""
+Tests for L{p2pmta.sealing} and L{p2pmta.sealers}: spooled messages
+encrypted into the outbox in a child process (real processes, real keys
+made by gpg), and the pipeline sealing in its threads when no child can.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import sys
+import tempfile
+from types import SimpleNamespace
+
+from twisted.internet import reactor
+from twisted.logger import globalLogPublisher
+from twisted.trial.unittest import TestCase
+
+from p2pmta import openpgp
+from p2pmta.errors import SealingFailed
+from p2pmta.fileutil import SpareFiles
+from p2pmta.sealers import Sealers
+from p2pmta.sealing import factsOf, keyFields, keyFromFields, sealBatch
+from tests.peers import PeerHarness
+from tests.test_mailflow import fetchOne, makeMessage, stripAdded
+from tests.test_openpgp import _keys
+
+TEXT = makeMessage("alice@demo", ["bob@demo"], "text", b"")
+BINARY = makeMessage("alice@demo", ["bob@demo"], "binary", os.urandom(30_000))
+
+
+def _spooled(folder: str, name: str, message: bytes) -> str:
+    path = os.path.join(folder, name)
+    with open(path, "wb") as f:
+        f.write(message)
+    return path
+
+
+class _Folders:
+    """A spool, an outbox and its spares in a temporary folder."""
+
+    def setUp(self) -> None:
+        self.root = tempfile.mkdtemp(prefix="seal", dir="/tmp")
+        self.addCleanup(shutil.rmtree, self.root, True)
+        self.spool = os.path.join(self.root, "spool")
+        os.mkdir(self.spool)
+        directory = os.path.join(self.root, "outbox")
+        os.mkdir(directory)
+        self.outbox = SimpleNamespace(
+            directory=directory, fileMode=0o644, spares=SpareFiles(directory + ".spare", 10)
+        )
+        keys = _keys()
+        self.bob = openpgp.SecretKey.fromExport(keys["bob"][3])
+        self.carol = openpgp.SecretKey.fromExport(keys["carol"][3])
+        self.keys = {k.publicKey.fingerprint: k.publicKey for k in (self.bob, self.carol)}
+
+    def assertSealed(self, facts, spooled: str, secret) -> None:
+        """C{facts} are those of C{spooled}, sealed for C{secret}'s key."""
+        digest, ciphertextSize, size, headers, attachments, sessionKey = facts
+        with open(spooled, "rb") as f:
+            plaintext = f.read()
+        with open(os.path.join(self.outbox.directory, digest), "rb") as f:
+            ciphertext = f.read()
+        self.assertEqual(hashlib.sha256(ciphertext).hexdigest(), digest)
+        self.assertEqual(len(ciphertext), ciphertextSize)
+        self.assertEqual(size, len(plaintext))
+        self.assertEqual(headers, plaintext[: plaintext.index(b"\r\n\r\n") + 4])
+        self.assertIsInstance(json.loads(attachments), list)
+        for keys in ({"secretKey": secret}, {"sessionKey": sessionKey}):
+            out = io.BytesIO()
+            openpgp.decrypt(io.BytesIO(ciphertext), out, maxOutput=len(plaintext), **keys)
+            self.assertEqual(out.getvalue(), plaintext)
+
+
+class SealBatchTests(_Folders, TestCase):
+    """L{sealBatch}, the child's work, called in this process."""
+
+    def request(self, jobs, spares=()) -> dict:
+        return {"outbox": self.outbox.directory, "mode": 0o644, "limit": 1 << 20, "jobs": jobs, "spares": list(spares)}
+
+    def test_sealsEachForItsRecipients(self) -> None:
+        """
+        Each message lands in the outbox under the SHA-256 of its
+        ciphertext, readable with its recipient's key or its session key,
+        and its facts say its size, headers and attachments.
+        """
+        text = _spooled(self.spool, "a", TEXT)
+        binary = _spooled(self.spool, "b", BINARY)
+        bob, carol = self.bob.publicKey.fingerprint, self.carol.publicKey.fingerprint
+        answer = sealBatch(self.request([{"spool": text, "keys": [bob]}, {"spool": binary, "keys": [carol]}]), self.keys)
+        first, second = [factsOf(result) for result in answer["results"]]
+        self.assertSealed(first, text, self.bob)
+        self.assertSealed(second, binary, self.carol)
+        self.assertEqual([a["name"] for a in json.loads(second[4])], ["data.bin"])
+        self.assertRaises(Exception, self.assertSealed, second, binary, self.bob)
+        self.assertEqual(sorted(os.listdir(self.outbox.directory)), sorted([first[0], second[0]]))
+
+    def test_sparesUsedOrGivenBack(self) -> None:
+        """
+        A claimed spare holds a ciphertext (its inode used again); those
+        not used are named in the answer.
+        """
+        spares = []
+        for n in range(3):
+            path = os.path.join(self.outbox.spares.folder, f"spare{n}")
+            open(path, "wb").close()
+            spares.append(path)
+        inodes = {os.stat(p).st_ino for p in spares}
+        job = {"spool": _spooled(self.spool, "a", TEXT), "keys": [self.bob.publicKey.fingerprint]}
+        answer = sealBatch(self.request([job], spares), self.keys)
+        [result] = answer["results"]
+        self.assertIn(os.stat(os.path.join(self.outbox.directory, result["digest"])).st_ino, inodes)
+        self.assertEqual(len(answer["unusedSpares"]), 2)
+        self.assertTrue(all(os.path.exists(p) for p in answer["unusedSpares"]))
+
+    def test_oneFailsOthersSealed(self) -> None:
+        """A message that cannot be sealed is told of; the others are sealed."""
+        good = _spooled(self.spool, "a", TEXT)
+        fingerprint = self.bob.publicKey.fingerprint
+        jobs = [{"spool": os.path.join(self.spool, "gone"), "keys": [fingerprint]}, {"spool": good, "keys": [fingerprint]}]
+        missing, sealed = sealBatch(self.request(jobs), self.keys)["results"]
+        self.assertIn("FileNotFoundError", missing["error"])
+        self.assertEqual(os.listdir(self.outbox.directory), [sealed["digest"]])
+
+    def test_keysCrossWhole(self) -> None:
+        """A key sent to a child as fields is the key it was."""
+        key = self.bob.publicKey
+        self.assertEqual(keyFromFields(json.loads(json.dumps(keyFields(key)))), key)
+
+
+class SealersTests(_Folders, TestCase):
+    """L{Sealers}, with real child processes."""
+
+    timeout = 60
+
+    def sealers(self, argv=None) -> Sealers:
+        sealers = Sealers(reactor, argv=argv)
+        self.addCleanup(sealers.stop)
+        return sealers
+
+    def job(self, name: str = "a", message: bytes = TEXT):
+        return (_spooled(self.spool, name, message), [self.bob.publicKey.fingerprint])
+
+    async def test_sealsInAChild(self) -> None:
+        """
+        A child seals the jobs it is given, keeps the keys it was sent for
+        the next batch, and ends when the sealers stop.
+        """
+        sealers = self.sealers()
+        first = await sealers.seal(self.outbox, 1 << 20, [self.job("a")], self.keys)
+        [process] = sealers._processes
+        pid = process.transport.pid
+        self.assertNotEqual(pid, os.getpid())
+        # Keys go once to a process; a later batch names them only.
+        second = await sealers.seal(self.outbox, 1 << 20, [self.job("b", BINARY)], self.keys)
+        self.assertEqual(sealers._processes, [process])
+        self.assertSealed(first[0], os.path.join(self.spool, "a"), self.bob)
+        self.assertSealed(second[0], os.path.join(self.spool, "b"), self.bob)
+        await sealers.stop()
+        self.assertFalse(process.running)
+        self.assertRaises(ProcessLookupError, os.kill, pid, 0)
+        self.assertFalse(sealers.available())
+
+    async def test_sparesClaimedAndGivenBack(self) -> None:
+        """The outbox's spares go to the child; those it does not use come back."""
+        for n in range(3):
+            self.outbox.spares._spares.append(os.path.join(self.outbox.spares.folder, f"s{n}"))
+            open(self.outbox.spares._spares[-1], "wb").close()
+        await self.sealers().seal(self.outbox, 1 << 20, [self.job()], self.keys)
+        self.assertEqual(len(self.outbox.spares), 2)
+
+    async def test_jobFailureIsItsOwn(self) -> None:
+        """A job the child could not seal is a L{Failure} in its place."""
+        missing = (os.path.join(self.spool, "gone"), [self.bob.publicKey.fingerprint])
+        results = await self.sealers().seal(self.outbox, 1 << 20, [missing, self.job()], self.keys)
+        self.assertTrue(results[0].check(SealingFailed))
+        self.assertSealed(results[1], os.path.join(self.spool, "a"), self.bob)
+
+    async def test_childThatCannotStart(self) -> None:
+        """
+        A child that dies before answering fails the request with
+        L{SealingFailed}, and none is started again for a while.
+        """
+        sealers = self.sealers([sys.executable, "-c", "import sys; sys.exit(3)"])
+        with self.assertRaises(SealingFailed):
+            await sealers.seal(self.outbox, 1 << 20, [self.job()], self.keys)
+        self.assertFalse(sealers.available())
+        with self.assertRaises(SealingFailed):
+            await sealers.seal(self.outbox, 1 << 20, [self.job()], self.keys)
+
+    async def test_missingProgram(self) -> None:
+        """A program that is not there fails the request, not the caller."""
+        sealers = self.sealers([os.path.join(self.root, "no-such-python")])
+        with self.assertRaises(SealingFailed):
+            await sealers.seal(self.outbox, 1 << 20, [self.job()], self.keys)
+
+    async def test_killedWhileSealing(self) -> None:
+        """A child killed with a request in hand fails it."""
+        sealers = self.sealers([sys.executable, "-c", "import time; time.sleep(60)"])
+        d = sealers.seal(self.outbox, 1 << 20, [self.job()], self.keys)
+        sealers._processes[0].kill()
+        with self.assertRaises(SealingFailed):
+            await d
+
+    async def test_stuckChildKilledAtStop(self) -> None:
+        """A child that does not end when its input closes is killed."""
+        sealers = self.sealers([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGINT, signal.SIG_IGN); time.sleep(60)"])
+        d = sealers.seal(self.outbox, 1 << 20, [self.job()], self.keys)
+        d.addErrback(lambda f: f.trap(SealingFailed))
+        [process] = sealers._processes
+        await sealers.stop(timeout=0.5)
+        self.assertFalse(process.running)
+        await d
+
+
+class PipelineTests(TestCase):
+    """The sending pipeline between real peers, with and without a child."""
+
+    timeout = 180
+
+    async def _sendReceive(self, broken: bool) -> None:
+        h = PeerHarness(self)
+        alice = await h.start("alice")
+        await h.start("bob")
+        warnings = []
+        if broken:
+            alice.sealers = Sealers(reactor, argv=[sys.executable, "-c", "import sys; sys.exit(1)"])
+
+            def observe(event):
+                if "sealing" in event.get("log_format", "") and event.get("log_namespace") == "p2pmta.sending.Sender":
+                    warnings.append(event)
+
+            globalLogPublisher.addObserver(observe)
+            self.addCleanup(globalLogPublisher.removeObserver, observe)
+        messages = [makeMessage("alice@demo", ["bob@demo"], f"m{n}", os.urandom(5000 * n)) for n in range(3)]
+        for message in messages:
+            self.assertEqual(await h.send("alice", ["bob@demo"], message), {})
+        uids = await h.listed("bob", 3)
+        bodies = []
+        for uid in uids:
+            typ, data = await h.imap("bob", lambda c, uid=uid: fetchOne(c, uid, "(BODY[])"))
+            self.assertEqual(typ, "OK")
+            bodies.append(stripAdded(data[0][1]))
+        self.assertEqual(sorted(bodies), sorted(m.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n") for m in messages))
+        if broken:
+            self.assertTrue(warnings)
+            self.assertEqual(alice.sealers._processes, [])
+        else:
+            self.assertEqual(len(alice.sealers._processes), 1)
+            pid = alice.sealers._processes[0].transport.pid
+            await h.stop("alice")
+            self.assertRaises(ProcessLookupError, os.kill, pid, 0)
+
+    def test_sealedInAChild(self):
+        """
+        Sent messages are sealed in the peer's child process, read whole
+        by their recipient, and the child ends with the peer.
+        """
+        return self._sendReceive(broken=False)
+
+    def test_sealedInThreadsWithoutAChild(self):
+        """Where no child can run, the peer seals in its threads: nothing is lost."""
+        return self._sendReceive(broken=True)
+
