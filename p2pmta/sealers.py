@@ -15,6 +15,7 @@ import sys
 
 from twisted.internet import error, protocol
 from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.interfaces import IReactorProcess
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -126,7 +127,11 @@ class Sealers:
 
     def available(self) -> bool:
         """Whether a process can seal now (else the caller seals itself)."""
-        return not self._stopping and self._reactor.seconds() >= self._pausedUntil
+        return (
+            IReactorProcess.providedBy(self._reactor)
+            and not self._stopping
+            and self._reactor.seconds() >= self._pausedUntil
+        )
 
     def seal(self, outbox, limit: int, jobs: list, keys: dict) -> Deferred:
         """

@@ -191,6 +191,13 @@ class SealersTests(_Folders, TestCase):
         with self.assertRaises(SealingFailed):
             await sealers.seal(self.outbox, 1 << 20, [self.job()], self.keys)
 
+    def test_noProcessesWithoutAReactorForThem(self) -> None:
+        """On a reactor that cannot run processes, the caller seals itself."""
+        from twisted.internet.task import Clock
+
+        self.assertFalse(Sealers(Clock()).available())
+        self.assertTrue(Sealers(reactor).available())
+
     async def test_missingProgram(self) -> None:
         """A program that is not there fails the request, not the caller."""
         sealers = self.sealers([os.path.join(self.root, "no-such-python")])
