@@ -261,9 +261,9 @@ def sealBatch(request: dict, keys: dict) -> dict:
 
     results: list = []
     for job in request["jobs"]:
-        recipients = [keys[fpr] for fpr in job["keys"]]
 
-        def encrypt(f, out, level, strategy, recipients=recipients):
+        def encrypt(f, out, level, strategy, names=job["keys"]):
+            recipients = [keys[name] for name in names]
             return openpgp.encrypt(f, out, recipients, compress=level, strategy=strategy)
 
         try:

@@ -125,6 +125,13 @@ class SealBatchTests(_Folders, TestCase):
         self.assertIn("FileNotFoundError", missing["error"])
         self.assertEqual(os.listdir(self.outbox.directory), [sealed["digest"]])
 
+    def test_unknownKeyIsTheJobsError(self) -> None:
+        """A job naming a key the child was not sent fails alone."""
+        jobs = [{"spool": _spooled(self.spool, "a", TEXT), "keys": ["nobody"]}]
+        [result] = sealBatch(self.request(jobs), self.keys)["results"]
+        self.assertIn("KeyError", result["error"])
+        self.assertEqual(os.listdir(self.outbox.directory), [])
+
     def test_keysCrossWhole(self) -> None:
         """A key sent to a child as fields is the key it was."""
         key = self.bob.publicKey
