@@ -77,6 +77,8 @@ class _SealingProcess(protocol.ProcessProtocol):
             del self._buffer[: 4 + size]
             try:
                 answer = json.loads(body)
+                if not isinstance(answer, dict) or not ("results" in answer or "error" in answer):
+                    raise ValueError("not an answer")
                 waiter = self.waiting.popleft()
             except (ValueError, IndexError):
                 self.log.error("a sealing process answered what was not asked: stopping it")

@@ -211,6 +211,14 @@ class SealersTests(_Folders, TestCase):
         with self.assertRaises(SealingFailed):
             await sealers.seal(self.outbox, 1 << 20, [self.job()], self.keys)
 
+    async def test_childThatAnswersNonsense(self) -> None:
+        """A child that answers what is not an answer is stopped; the request fails."""
+        program = "import sys; sys.stdin.buffer.read(4); sys.stdout.buffer.write(b'\\0\\0\\0\\2[]'); sys.stdout.flush(); sys.stdin.read()"
+        sealers = self.sealers([sys.executable, "-c", program])
+        with self.assertRaises(SealingFailed):
+            await sealers.seal(self.outbox, 1 << 20, [self.job()], self.keys)
+        self.assertEqual(sealers._processes, [])
+
     async def test_killedWhileSealing(self) -> None:
         """A child killed with a request in hand fails it."""
         sealers = self.sealers([sys.executable, "-c", "import time; time.sleep(60)"])
