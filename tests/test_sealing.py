@@ -162,8 +162,11 @@ class SealersTests(_Folders, TestCase):
         pid = process.transport.pid
         self.assertNotEqual(pid, os.getpid())
         # Keys go once to a process; a later batch names them only.
+        asked, ask = [], process.ask
+        process.ask = lambda request: (asked.append(request), ask(request))[1]
         second = await sealers.seal(self.outbox, 1 << 20, [self.job("b", BINARY)], self.keys)
         self.assertEqual(sealers._processes, [process])
+        self.assertEqual([request["keys"] for request in asked], [{}])
         self.assertSealed(first[0], os.path.join(self.spool, "a"), self.bob)
         self.assertSealed(second[0], os.path.join(self.spool, "b"), self.bob)
         await sealers.stop()
