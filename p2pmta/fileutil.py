@@ -172,6 +172,27 @@ class HashingSink:
             self.write(chunk)
 
 
+def storeByDigest(directory: str, mode: int, spares, produce, syncFolder: bool = True) -> tuple:
+    """
+    Store in C{directory}, under the SHA-256 of its bytes, what C{produce}
+    writes, hashing it as it goes by (blocking).
+
+    @param spares: Empty files to take the new one from, if any (see
+        L{AtomicFile}).
+    @param produce: called with a binary file-like object that has
+        C{write} and C{writelines} only; what it returns is returned too.
+    @param syncFolder: whether to flush C{directory} now (pass L{False}
+        when flushing it once for several files).
+    @return: the digest, the size and what C{produce} returned.
+    """
+    with AtomicFile(directory, mode, spares) as f:
+        sink = HashingSink(f)
+        result = produce(sink)
+        digest = sink.hash.hexdigest()
+        f.commit(os.path.join(directory, digest), syncFolder)
+    return digest, sink.size, result
+
+
 def atomicWriteFrom(
     path: str, source: BinaryIO | Iterable[bytes], mode: int = 0o644
 ) -> int:

@@ -28,9 +28,12 @@ import struct
 import sys
 import zlib
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
+
 from p2pmta import openpgp
 from p2pmta.errors import SealingFailed
-from p2pmta.fileutil import AtomicFile, HashingSink, fsyncDir, moveSpareInto, removeIfThere
+from p2pmta.fileutil import fsyncDir, moveSpareInto, removeIfThere, storeByDigest
 from p2pmta.notification import attachmentsOf
 
 # Compression, chosen by content.
@@ -145,9 +148,6 @@ def keyFields(key: openpgp.PublicKey) -> dict:
 
 def keyFromFields(fields: dict) -> openpgp.PublicKey:
     """The key that L{keyFields} gave C{fields} of."""
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
-
     return openpgp.PublicKey(
         fingerprint=fields["fingerprint"],
         signingKey=Ed25519PublicKey.from_public_bytes(_unb64(fields["signing"])),
@@ -252,12 +252,7 @@ def sealBatch(request: dict, keys: dict) -> dict:
     spares = _Claimed(request.get("spares", []))
 
     def store(produce):
-        with AtomicFile(outbox, mode, spares) as f:
-            sink = HashingSink(f)
-            result = produce(sink)
-            digest = sink.hash.hexdigest()
-            f.commit(os.path.join(outbox, digest), syncFolder=False)
-        return digest, sink.size, result
+        return storeByDigest(outbox, mode, spares, produce, syncFolder=False)
 
     results: list = []
     for job in request["jobs"]:

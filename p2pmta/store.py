@@ -20,11 +20,11 @@ from zope.interface import implementer
 
 from p2pmta.fileutil import (
     AtomicFile,
-    HashingSink,
     SpareFiles,
     ensureDir,
     fsyncDir,
     removeTempFiles,
+    storeByDigest,
 )
 from p2pmta.interfaces import IOutbox
 
@@ -134,12 +134,7 @@ class Outbox:
             L{False} when calling L{syncFolder} once for several files).
         @return: the digest, the size and what C{produce} returned.
         """
-        with AtomicFile(self.directory, self.fileMode, self.spares) as f:
-            sink = HashingSink(f)
-            result = produce(sink)
-            digest = sink.hash.hexdigest()
-            f.commit(self._pathOf(digest), syncFolder)
-        return digest, sink.size, result
+        return storeByDigest(self.directory, self.fileMode, self.spares, produce, syncFolder)
 
     def syncFolder(self) -> None:
         """Flush the outbox folder (blocking): see L{storeWith}."""
