@@ -327,13 +327,15 @@ class MailFlowTests(TestCase):
             return not h.outboxDigests("alice")
 
         await eventually(emptied)
-        # The outbox is seen empty as soon as its files are moved among the
-        # spares; they are taken as spares once emptied, a moment later.
+        # The outbox also holds the notices, each gone once its messages are
+        # read, maybe a moment after the ciphertext.  The outbox is seen
+        # empty as soon as its files are moved among the spares; they are
+        # taken as spares once emptied, a moment later.
         outbox = h.running["alice"].outbox
         spares = outbox.directory + ".spare"
 
         async def settled():
-            return len(outbox.spares) == len(os.listdir(spares))
+            return not outbox.digests() and len(outbox.spares) == len(os.listdir(spares))
 
         await eventually(settled)
         # Its file, emptied, waits among the outbox's spares, and the next
