@@ -210,6 +210,26 @@ class Sender:
                 "forgot {n} messages whose spool file a crash took before their 250", n=len(missing)
             )
 
+    async def dropUnrecorded(self) -> None:
+        """
+        Remove from the outbox the files no live record names (at start,
+        before the pipeline runs): ciphertexts that a crash cut off before
+        the ledger recorded them (their messages are sealed again) or after
+        their messages were finished or cancelled, and notices retired.
+        Left there, they would be served, replicated and listed for ever.
+        """
+        peer = self._peer
+        rows = await peer.ledger.query(
+            "SELECT digest AS name FROM outgoing WHERE digest IS NOT NULL"
+            " AND state IN ('encrypted', 'sent', 'finishing')"
+            " UNION SELECT body FROM notices WHERE body IS NOT NULL AND state IN ('preparing', 'live')"
+        )
+        named = {row["name"] for row in rows}
+        stray = [digest for digest in await peer.inThreads(peer.outbox.digests) if digest not in named]
+        if stray:
+            await peer.outbox.removeMany(stray)
+            self.log.warn("removed {n} files from the outbox that no record names (a crash's)", n=len(stray))
+
     # The pipeline
 
     def process(self, messageId: str) -> Deferred:

@@ -357,6 +357,7 @@ class Peer(MultiService):
         accepted += [path for path, _ in found]
         await self.inThreads(cleanAfterCrash, self.dataDir.spool, os.path.join(self.dataDir.path, "pulls"), accepted)
         await self.sender.forgetUnspooled()
+        await self.sender.dropUnrecorded()
         self.receiver = Receiver(self)
         self.mailStore.bodyFetcher = self.receiver.fetchBody
         self.mailStore.expungeHook = self._expunged

@@ -24,6 +24,7 @@ from p2pmta.address import Address
 from p2pmta.dht import NOTIFICATION_TTL
 from p2pmta.notification import splitHeaders
 from p2pmta.spool import keepsEnvelopes
+from p2pmta.store import sha256Hex
 from tests.peers import PeerHarness, eventually, sleep, uids
 
 
@@ -598,6 +599,38 @@ class MailFlowTests(TestCase):
         is forgotten at the next start, not retried for ever.
         """
         return ensureDeferred(self._lostSpoolName())
+
+    async def _unrecordedCiphertext(self):
+        await self.peers("alice", "bob")
+        h = self.harness
+        first = makeMessage("alice@demo", ["bob@demo"], "recorded", os.urandom(5000))
+        await h.send("alice", ["bob@demo"], first)
+        await h.listed("bob")
+        [recorded] = h.outboxDigests("alice")
+        h.running["alice"].sender.process = lambda messageId: None
+        second = makeMessage("alice@demo", ["bob@demo"], "sealed again", os.urandom(5000))
+        await h.send("alice", ["bob@demo"], second)
+        await h.stop("alice")
+        # What a crash can leave: a ciphertext stored, its record not made.
+        stray = os.urandom(3000)
+        with open(os.path.join(h.root, "alice", "outbox", sha256Hex(stray)), "wb") as f:
+            f.write(stray)
+        await h.start("alice")
+        digests = h.running["alice"].outbox.digests()
+        self.assertNotIn(sha256Hex(stray), digests)
+        self.assertIn(recorded, digests)
+        found = await h.listed("bob", 2)
+        for uid, message in zip(sorted(found), (first, second)):
+            typ, data = await h.imap("bob", lambda c, uid=uid: fetchOne(c, uid, "(BODY[])"))
+            self.assertEqual(stripAdded(data[0][1]), message)
+
+    def test_unrecordedCiphertextRemoved(self):
+        """
+        A ciphertext no record names (a crash came between storing it and
+        recording it) is removed at the next start, and only that: the
+        recorded one stays, and the message is sealed again.
+        """
+        return ensureDeferred(self._unrecordedCiphertext())
 
     async def _badRecipients(self):
         await self.peers("alice", "bob")
