@@ -21,7 +21,7 @@ from twisted.python.failure import Failure
 
 import p2pmta
 from p2pmta.errors import SealingFailed
-from p2pmta.sealing import factsOf, frame, keyFields
+from p2pmta.sealing import PARENT_PID, factsOf, frame, keyFields
 
 #: How many sealing processes a peer runs at most.  One, sealing whole
 #: batches, leaves a core to the SMTP sessions: 1000 messages of 10 KB
@@ -189,6 +189,8 @@ class Sealers:
         # The child imports this very p2pmta, wherever it was run from.
         home = os.path.dirname(os.path.dirname(os.path.abspath(p2pmta.__file__)))
         env["PYTHONPATH"] = os.pathsep.join(p for p in (home, env.get("PYTHONPATH")) if p)
+        # ... and dies with the peer, should the peer be killed.
+        env[PARENT_PID] = str(os.getpid())
         try:
             self._reactor.spawnProcess(process, self._argv[0], self._argv, env=env, childFDs={0: "w", 1: "r", 2: "r"})
         except OSError as e:

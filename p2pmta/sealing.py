@@ -21,6 +21,7 @@ It writes only into the outbox: the peer records what it made.
 from __future__ import annotations
 
 import base64
+import ctypes
 import json
 import os
 import signal
@@ -275,6 +276,34 @@ def sealBatch(request: dict, keys: dict) -> dict:
     return {"results": results, "unusedSpares": spares.paths}
 
 
+#: The environment variable that gives a sealing process its peer's pid.
+PARENT_PID = "P2PMTA_SEALING_PARENT"
+
+#: prctl(2)'s option for a signal on the parent's death (Linux).
+_PR_SET_PDEATHSIG = 1
+
+
+def _dieWithParent() -> None:
+    """
+    Be killed the moment the peer that started this process dies (Linux).
+
+    A peer that stops closes our input, and we end once the batch in hand
+    is sealed.  A peer that is killed must not have us seal on: it may
+    already be running again and clearing its outbox of what no record
+    names (see L{p2pmta.sending.Sender.dropUnrecorded}), and a ciphertext
+    committed after that would stay there, unrecorded, for good.
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        except (OSError, AttributeError):
+            pass
+    parent = os.environ.get(PARENT_PID)
+    if parent and parent.isdigit() and os.getppid() != int(parent):
+        os._exit(0)  # it died before prctl took
+
+
 def main() -> None:
     """
     Serve requests on standard input until it ends (the peer stopped or
@@ -283,6 +312,7 @@ def main() -> None:
     # Ctrl-C in a terminal reaches the whole process group: the peer
     # decides when this process ends, by closing its input.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _dieWithParent()
     requests, answers = sys.stdin.buffer, sys.stdout.buffer
     keys: dict = {}
     while (request := _readFrame(requests)) is not None:

@@ -11,8 +11,13 @@ import io
 import json
 import os
 import shutil
+import signal
+import subprocess
+import struct
 import sys
 import tempfile
+import time
+from unittest import skipUnless
 from types import SimpleNamespace
 
 from twisted.internet import reactor
@@ -23,7 +28,7 @@ from p2pmta import openpgp
 from p2pmta.errors import SealingFailed
 from p2pmta.fileutil import SpareFiles
 from p2pmta.sealers import Sealers
-from p2pmta.sealing import factsOf, keyFields, keyFromFields, sealBatch
+from p2pmta.sealing import PARENT_PID, factsOf, frame, keyFields, keyFromFields, sealBatch
 from tests.peers import PeerHarness
 from tests.test_mailflow import fetchOne, makeMessage, stripAdded
 from tests.test_openpgp import _keys
@@ -239,6 +244,69 @@ class SealersTests(_Folders, TestCase):
         await sealers.stop(timeout=0.5)
         self.assertFalse(process.running)
         await d
+
+
+def _gone(pid: int) -> bool:
+    """Whether process C{pid} has ended (a zombie has)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+
+
+#: A stand-in peer: starts a sealing process reading the descriptor given,
+#: prints its pid, and waits to be killed.
+_PARENT = """
+import os, subprocess, sys, time
+env = dict(os.environ, {name}=str(os.getpid()))
+child = subprocess.Popen([sys.executable, "-m", "p2pmta.sealing"], stdin=int(sys.argv[1]), env=env)
+print(child.pid, flush=True)
+time.sleep(60)
+"""
+
+
+class DiesWithItsPeerTests(TestCase):
+    """A sealing process does not outlive a peer that was killed."""
+
+    timeout = 30
+
+    @skipUnless(sys.platform.startswith("linux"), "prctl(2) is Linux's")
+    def test_killedPeer(self) -> None:
+        """
+        Killed, the peer takes its sealing process with it, although the
+        process's input is still open (here, held by the test): it cannot
+        go on writing into an outbox the peer, started again, is clearing.
+        """
+        readEnd, writeEnd = os.pipe()
+        self.addCleanup(os.close, writeEnd)
+        env = dict(os.environ)
+        home = os.path.dirname(os.path.dirname(os.path.abspath(openpgp.__file__)))
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (home, env.get("PYTHONPATH")) if p)
+        parent = subprocess.Popen(
+            [sys.executable, "-c", _PARENT.format(name=PARENT_PID), str(readEnd)],
+            pass_fds=(readEnd,),
+            stdout=subprocess.PIPE,
+            env=env,
+        )
+        os.close(readEnd)
+        self.addCleanup(lambda: parent.poll() is None and (parent.kill(), parent.wait()))
+        self.addCleanup(parent.stdout.close)
+        child = int(parent.stdout.readline())
+        self.addCleanup(lambda: _gone(child) or os.kill(child, signal.SIGKILL))
+        # An answer shows it is past its start and serving requests.
+        outbox = self.mktemp()
+        os.makedirs(outbox)
+        os.write(writeEnd, frame({"outbox": outbox, "mode": 0o600, "limit": 1, "jobs": []}))
+        size = struct.unpack(">I", parent.stdout.read(4))[0]
+        self.assertEqual(json.loads(parent.stdout.read(size)), {"results": [], "unusedSpares": []})
+        self.assertFalse(_gone(child))
+        parent.kill()
+        parent.wait()
+        deadline = time.monotonic() + 10
+        while not _gone(child):
+            self.assertLess(time.monotonic(), deadline, "the sealing process outlived its peer")
+            time.sleep(0.05)
 
 
 class PipelineTests(TestCase):
