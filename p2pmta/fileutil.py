@@ -172,25 +172,42 @@ class HashingSink:
             self.write(chunk)
 
 
-def storeByDigest(directory: str, mode: int, spares, produce, syncFolder: bool = True) -> tuple:
+def writeByDigest(directory: str, mode: int, spares, produce) -> tuple:
     """
-    Store in C{directory}, under the SHA-256 of its bytes, what C{produce}
-    writes, hashing it as it goes by (blocking).
+    Write into a new temporary file of C{directory} what C{produce} writes,
+    hashing it as it goes by (blocking); the caller then commits the file
+    under its digest, or aborts it.
 
     @param spares: Empty files to take the new one from, if any (see
         L{AtomicFile}).
     @param produce: called with a binary file-like object that has
-        C{write} and C{writelines} only; what it returns is returned too.
+        C{write} and C{writelines} only.
+    @return: the L{AtomicFile}, the digest, the size and what C{produce}
+        returned.
+    """
+    f = AtomicFile(directory, mode, spares)
+    try:
+        sink = HashingSink(f)
+        result = produce(sink)
+    except BaseException:
+        f.abort()
+        raise
+    return f, sink.hash.hexdigest(), sink.size, result
+
+
+def storeByDigest(directory: str, mode: int, spares, produce, syncFolder: bool = True) -> tuple:
+    """
+    Store in C{directory}, under the SHA-256 of its bytes, what C{produce}
+    writes (see L{writeByDigest}).
+
     @param syncFolder: whether to flush C{directory} now (pass L{False}
         when flushing it once for several files).
     @return: the digest, the size and what C{produce} returned.
     """
-    with AtomicFile(directory, mode, spares) as f:
-        sink = HashingSink(f)
-        result = produce(sink)
-        digest = sink.hash.hexdigest()
+    f, digest, size, result = writeByDigest(directory, mode, spares, produce)
+    with f:
         f.commit(os.path.join(directory, digest), syncFolder)
-    return digest, sink.size, result
+    return digest, size, result
 
 
 def atomicWriteFrom(

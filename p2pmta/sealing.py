@@ -21,6 +21,7 @@ It writes only into the outbox: the peer records what it made.
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import ctypes
 import json
 import os
@@ -34,7 +35,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 
 from p2pmta import openpgp
 from p2pmta.errors import SealingFailed
-from p2pmta.fileutil import fsyncDir, moveSpareInto, removeIfThere, storeByDigest
+from p2pmta.fileutil import AtomicFile, fsyncDir, moveSpareInto, removeIfThere, writeByDigest
 from p2pmta.notification import attachmentsOf
 
 # Compression, chosen by content.
@@ -240,7 +241,8 @@ class _Claimed:
 def sealBatch(request: dict, keys: dict) -> dict:
     """
     Seal the messages of C{request} (blocking): each into a file of the
-    outbox named by its digest, then the outbox folder flushed once.
+    outbox named by its digest (flushed by one of L{FLUSHERS} threads while
+    the next message is sealed), then the outbox folder flushed once.
 
     @param keys: the recipients' L{openpgp.PublicKey}s, by the names the
         jobs give them.
@@ -251,11 +253,17 @@ def sealBatch(request: dict, keys: dict) -> dict:
     """
     outbox, mode, limit = request["outbox"], request["mode"], request["limit"]
     spares = _Claimed(request.get("spares", []))
+    results: list = []
+    commits: list = []  # (index in results, path, pending commit)
 
     def store(produce):
-        return storeByDigest(outbox, mode, spares, produce, syncFolder=False)
+        # Each file is flushed in a thread of its own while the next
+        # message is sealed: the flushes wait on the disk side by side.
+        f, digest, size, result = writeByDigest(outbox, mode, spares, produce)
+        path = os.path.join(outbox, digest)
+        commits.append((len(results), path, _flushers().submit(_commit, f, path)))
+        return digest, size, result
 
-    results: list = []
     for job in request["jobs"]:
 
         def encrypt(f, out, level, strategy, names=job["keys"]):
@@ -266,6 +274,14 @@ def sealBatch(request: dict, keys: dict) -> dict:
             results.append(answerOf(sealSpooled(job["spool"], limit, store, encrypt)))
         except Exception as e:
             results.append({"error": f"{type(e).__name__}: {e}"})
+    for index, path, pending in commits:
+        try:
+            pending.result()
+        except Exception as e:
+            results[index] = {"error": f"{type(e).__name__}: {e}"}
+        else:
+            if "error" in results[index]:
+                removeIfThere(path)  # stored, but its job failed after
     try:
         fsyncDir(outbox)
     except OSError as e:
@@ -274,6 +290,25 @@ def sealBatch(request: dict, keys: dict) -> dict:
                 removeIfThere(os.path.join(outbox, result["digest"]))
         return {"error": f"cannot flush the outbox: {e}", "unusedSpares": spares.paths}
     return {"results": results, "unusedSpares": spares.paths}
+
+
+#: How many files a sealing process flushes at once.
+FLUSHERS = 4
+
+_flushPool: concurrent.futures.ThreadPoolExecutor | None = None
+
+
+def _flushers() -> concurrent.futures.ThreadPoolExecutor:
+    global _flushPool
+    if _flushPool is None:
+        _flushPool = concurrent.futures.ThreadPoolExecutor(FLUSHERS, thread_name_prefix="p2pmta-flush")
+    return _flushPool
+
+
+def _commit(f: AtomicFile, path: str) -> None:
+    """Flush C{f} and name it C{path} (blocking), or else remove it."""
+    with f:
+        f.commit(path, syncFolder=False)
 
 
 #: The environment variable that gives a sealing process its peer's pid.

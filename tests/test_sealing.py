@@ -6,14 +6,16 @@ made by gpg), and the pipeline sealing in its threads when no child can.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
 import os
 import shutil
 import signal
-import subprocess
+import stat
 import struct
+import subprocess
 import sys
 import tempfile
 import time
@@ -24,7 +26,7 @@ from twisted.internet import reactor
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import TestCase
 
-from p2pmta import openpgp
+from p2pmta import openpgp, sealing
 from p2pmta.errors import SealingFailed
 from p2pmta.fileutil import SpareFiles
 from p2pmta.sealers import Sealers
@@ -135,6 +137,43 @@ class SealBatchTests(_Folders, TestCase):
         jobs = [{"spool": _spooled(self.spool, "a", TEXT), "keys": ["nobody"]}]
         [result] = sealBatch(self.request(jobs), self.keys)["results"]
         self.assertIn("KeyError", result["error"])
+        self.assertEqual(os.listdir(self.outbox.directory), [])
+
+    def test_flushFailsItsJobAlone(self) -> None:
+        """
+        A ciphertext that cannot be flushed (in a thread, while the next
+        message is sealed) fails its job, and leaves no file behind; the
+        others are sealed and flushed.
+        """
+        fingerprint = self.bob.publicKey.fingerprint
+        # The second message's ciphertext, much the largest, fails.
+        messages = {"a": TEXT, "b": BINARY, "c": TEXT + b"c"}
+        jobs = [{"spool": _spooled(self.spool, name, message), "keys": [fingerprint]} for name, message in messages.items()]
+        realFsync = os.fsync
+
+        def fsync(fd):
+            found = os.fstat(fd)
+            if stat.S_ISREG(found.st_mode) and found.st_size > len(BINARY) // 2:
+                raise OSError(errno.EIO, "the disk failed")
+            return realFsync(fd)
+
+        self.patch(os, "fsync", fsync)
+        first, failed, third = sealBatch(self.request(jobs), self.keys)["results"]
+        self.assertIn("the disk failed", failed["error"])
+        self.assertEqual(sorted(os.listdir(self.outbox.directory)), sorted([first["digest"], third["digest"]]))
+        self.assertSealed(factsOf(first), jobs[0]["spool"], self.bob)
+        self.assertSealed(factsOf(third), jobs[2]["spool"], self.bob)
+
+    def test_failedAfterStoringLeavesNoFile(self) -> None:
+        """A job that fails once its ciphertext is stored takes that file back."""
+        jobs = [{"spool": _spooled(self.spool, "a", TEXT), "keys": [self.bob.publicKey.fingerprint]}]
+
+        def answerOf(facts):
+            raise ValueError("cannot answer")
+
+        self.patch(sealing, "answerOf", answerOf)
+        [result] = sealBatch(self.request(jobs), self.keys)["results"]
+        self.assertIn("cannot answer", result["error"])
         self.assertEqual(os.listdir(self.outbox.directory), [])
 
     def test_keysCrossWhole(self) -> None:
