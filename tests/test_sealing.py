@@ -301,7 +301,7 @@ import os, subprocess, sys, time
 env = dict(os.environ, {name}=str(os.getpid()))
 child = subprocess.Popen([sys.executable, "-m", "p2pmta.sealing"], stdin=int(sys.argv[1]), env=env)
 print(child.pid, flush=True)
-time.sleep(60)
+time.sleep(20)  # bounds a blocked read of its output, should the test fail
 """
 
 
