@@ -261,7 +261,11 @@ def sealBatch(request: dict, keys: dict) -> dict:
         # message is sealed: the flushes wait on the disk side by side.
         f, digest, size, result = writeByDigest(outbox, mode, spares, produce)
         path = os.path.join(outbox, digest)
-        commits.append((len(results), path, _flushers().submit(_commit, f, path)))
+        try:
+            commits.append((len(results), path, _flushers().submit(_commit, f, path)))
+        except BaseException:
+            f.abort()
+            raise
         return digest, size, result
 
     for job in request["jobs"]:
