@@ -19,8 +19,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from unittest import skipUnless
 from types import SimpleNamespace
+from unittest import skipUnless
 
 from twisted.internet import reactor
 from twisted.logger import globalLogPublisher
