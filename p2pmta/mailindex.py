@@ -12,11 +12,27 @@ changes them only after a write has committed.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+#: Each distinct set of flags, once: most messages share one of a few
+#: (C{\\Seen}, none), so a record holds a reference, not a set of its own
+#: (216 bytes).  Bounded, as clients choose keywords.
+_FLAG_SETS: dict[frozenset, frozenset] = {}
+_MOST_FLAG_SETS = 512
 
-@dataclass(frozen=True)
+
+def _shared(flags: frozenset) -> frozenset:
+    shared = _FLAG_SETS.get(flags)
+    if shared is None:
+        shared = flags
+        if len(_FLAG_SETS) < _MOST_FLAG_SETS:
+            _FLAG_SETS[flags] = flags
+    return shared
+
+
+@dataclass(frozen=True, slots=True)
 class MessageRecord:
     """
     What the index knows of one message.
@@ -38,6 +54,14 @@ class MessageRecord:
     headers: bytes
     held: bool
     meta: dict = field(default_factory=dict, hash=False)
+
+    def __post_init__(self) -> None:
+        # A mailbox's records stay in memory: share what they have in
+        # common (the flag sets, the meta's keys; the keys are the core's
+        # own few names, so interning them is bounded).
+        object.__setattr__(self, "flags", _shared(self.flags))
+        for key in [k for k in self.meta if type(k) is str and k is not sys.intern(k)]:
+            self.meta[sys.intern(key)] = self.meta.pop(key)
 
 
 def splitHeaders(message: bytes) -> bytes:
@@ -69,7 +93,9 @@ class MailboxIndex:
         self.records: dict[int, MessageRecord] = {}
         self.files: dict[int, str] = {}
         self.uids: list[int] = []
-        # meta key -> value -> UIDs, for the keys looked up so far
+        # meta key -> value -> UID, or a set of UIDs when several share the
+        # value (the usual case is one: an int costs less than a set), for
+        # the keys looked up so far
         self._byMeta: dict[str, dict] = {}
 
     def put(self, record: MessageRecord, filename: str | None) -> None:
@@ -111,7 +137,9 @@ class MailboxIndex:
                 uids = index.get(value)
             except TypeError:  # unhashable: no meta value equals it
                 continue
-            if uids:
+            if type(uids) is int:
+                found[value] = [self.records[uids]]
+            elif uids:
                 found[value] = [self.records[u] for u in sorted(uids)]
         return found
 
@@ -123,21 +151,33 @@ class MailboxIndex:
         if record is None:
             return
         for key, index in self._byMeta.items():
+            if key not in record.meta:
+                continue
+            value = record.meta[key]
             try:
-                uids = index.get(record.meta.get(key))
+                uids = index.get(value)
             except TypeError:
                 continue
-            if uids is not None:
+            if uids == record.uid:
+                del index[value]
+            elif type(uids) is set:
                 uids.discard(record.uid)
-                if not uids:
-                    del index[record.meta[key]]
+                if len(uids) == 1:
+                    index[value] = uids.pop()
 
 
 def _add(index: dict, meta: dict, key: str, uid: int) -> None:
     """Index C{uid} under C{meta[key]}, if it has a hashable one."""
     if key not in meta:
         return
+    value = meta[key]
     try:
-        index.setdefault(meta[key], set()).add(uid)
+        uids = index.setdefault(value, uid)
     except TypeError:
-        pass
+        return
+    if uids == uid:
+        return
+    if type(uids) is int:
+        index[value] = {uids, uid}
+    else:
+        uids.add(uid)
