@@ -189,8 +189,22 @@ def lineFault(raw: bytes, limit: int) -> str | None:
     else L{None}.
 
     One split and a few scans in C, no loop over the lines in Python: a
-    1 MB message is some 19,000 lines, read 64 KiB at a time.
+    1 MB message is some 19,000 lines, read 64 KiB at a time.  Lines all of
+    one width, as base64 is written, need no split: strided slices find
+    their CRLFs, and counts show there is no other CR or LF (a third of the
+    cost).
     """
+    first = raw.find(b"\r\n")
+    width = first + 2
+    if 0 <= first <= limit and len(raw) % width == 0:
+        k = len(raw) // width
+        if (
+            raw[first::width] == b"\r" * k
+            and raw[width - 1 :: width] == b"\n" * k
+            and raw.count(b"\n") == k
+            and raw.count(b"\r") == k
+        ):
+            return None
     lines = raw.split(b"\r\n")
     rest = b"".join(lines)
     if b"\r" in rest or b"\n" in rest:

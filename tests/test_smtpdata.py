@@ -45,6 +45,30 @@ class LineFaultTests(SynchronousTestCase):
         raw = b"".join(pieces) + b"\r\n"
         self.assertEqual(lineFault(raw, limit), _byLines(raw, limit))
 
+    @settings(max_examples=1000, deadline=None)
+    @given(
+        limit=st.integers(0, 12),
+        width=st.integers(0, 12),
+        count=st.integers(1, 8),
+        changes=st.lists(
+            st.tuples(st.integers(0, 200), st.sampled_from([b"\r", b"\n", b"x", b"\r\n", b""])),
+            max_size=2,
+        ),
+    )
+    def test_evenLinesAgreeWithLineByLine(self, limit, width, count, changes):
+        """
+        Blocks of lines all of one width (the case with no split), and such
+        blocks with a byte or two changed, added or taken out, are judged
+        as line by line.
+        """
+        raw = (b"y" * width + b"\r\n") * count
+        for at, put in changes:
+            at %= len(raw) or 1
+            raw = raw[:at] + put + raw[at + 1 :]
+        if not raw.endswith(b"\r\n"):
+            raw += b"\r\n"
+        self.assertEqual(lineFault(raw, limit), _byLines(raw, limit))
+
     def test_longLineInLargeBlock(self):
         """One line of 999 octets among 19,000 short ones is found."""
         lines = [b"A" * 76] * 19_000
