@@ -171,9 +171,9 @@ class CompressionTests(SynchronousTestCase):
         return compression(io.BytesIO(data), headers, len(data))
 
     def test_tinyCompressedHard(self):
-        """A message of a few KiB is compressed hard, whatever it holds."""
+        """A message of up to 4 KiB is compressed hard, whatever it holds."""
         headers = b"Subject: x\r\n\r\n"
-        self.assertEqual(self.compression(headers, os.urandom(10_000)), (6, zlib.Z_DEFAULT_STRATEGY))
+        self.assertEqual(self.compression(headers, os.urandom(4_000)), (6, zlib.Z_DEFAULT_STRATEGY))
 
     def test_compressedTypesByteByByte(self):
         """
@@ -187,14 +187,17 @@ class CompressionTests(SynchronousTestCase):
     def test_byWhatItHolds(self):
         """
         A larger message is compressed by its repeats when a sample of it
-        shrinks well (text: hard up to 256 KiB, fast beyond); base64 of
-        random bytes, which does not, is coded byte by byte up to 256 KiB
-        and left as it is beyond.
+        shrinks well (text: hard up to 32 KiB, less hard up to 256 KiB,
+        fast beyond); base64 of random bytes, which does not, is coded byte
+        by byte up to 256 KiB and left as it is beyond.
         """
         headers = b"Subject: x\r\n\r\n"
         line = b"The quick brown fox jumps over the lazy dog, again.\r\n"
         random = base64.encodebytes(os.urandom(1_000_000)).replace(b"\n", b"\r\n")
-        self.assertEqual(self.compression(headers, line * 2_000), (6, zlib.Z_DEFAULT_STRATEGY))
+        self.assertEqual(self.compression(headers, line * 100), (6, zlib.Z_DEFAULT_STRATEGY))
+        self.assertEqual(self.compression(headers, random[:5_000]), HUFFMAN_ONLY)
+        self.assertEqual(self.compression(headers, random[:14_000]), HUFFMAN_ONLY)
+        self.assertEqual(self.compression(headers, line * 2_000), (4, zlib.Z_DEFAULT_STRATEGY))
         self.assertEqual(self.compression(headers, line * 20_000), (1, zlib.Z_DEFAULT_STRATEGY))
         self.assertEqual(self.compression(headers, random[:100_000]), HUFFMAN_ONLY)
         self.assertEqual(self.compression(headers, random)[0], 0)
