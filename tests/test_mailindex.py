@@ -8,6 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
+from p2pmta import mailindex
 from p2pmta.mailindex import MailboxIndex, MessageRecord, splitHeaders
 
 
@@ -103,10 +104,24 @@ class MessageRecordTests(SynchronousTestCase):
         """
         Records with equal flags hold the same set.
         """
+        self.patch(mailindex, "_FLAG_SETS", {})  # whatever other tests made
         one = _record(1, {}, ["\\Seen", "\\Flagged"])
         two = _record(2, {}, ["\\Flagged", "\\Seen"])
         self.assertIs(one.flags, two.flags)
         self.assertEqual(one.flags, frozenset(["\\Seen", "\\Flagged"]))
+
+    def test_flagSetsBounded(self) -> None:
+        """
+        Only so many flag sets are kept for sharing (clients choose
+        keywords); a record with another set still has its flags.
+        """
+        kept: dict = {}
+        self.patch(mailindex, "_FLAG_SETS", kept)
+        self.patch(mailindex, "_MOST_FLAG_SETS", 2)
+        records = [_record(uid, {}, [f"$K{uid}"]) for uid in range(1, 4)]
+        self.assertEqual(len(kept), 2)
+        self.assertEqual([r.flags for r in records], [frozenset([f"$K{uid}"]) for uid in range(1, 4)])
+        self.assertIs(_record(9, {}, ["$K1"]).flags, records[0].flags)
 
     def test_metaKeysShared(self) -> None:
         """
