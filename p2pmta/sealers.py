@@ -36,6 +36,20 @@ SEALERS = 1
 RESTART_DELAY = 5.0
 
 
+def childEnvironment(parentPid: int) -> dict:
+    """
+    The environment of a sealing process started by the peer C{parentPid}:
+    ours, with this very p2pmta importable wherever it was run from, and
+    the peer's pid, so that the child dies with it (see
+    L{p2pmta.sealing.PARENT_PID}).
+    """
+    env = dict(os.environ)
+    home = os.path.dirname(os.path.dirname(os.path.abspath(p2pmta.__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (home, env.get("PYTHONPATH")) if p)
+    env[PARENT_PID] = str(parentPid)
+    return env
+
+
 class _SealingProcess(protocol.ProcessProtocol):
     """
     One child running C{python -m p2pmta.sealing}: its requests are
@@ -185,12 +199,7 @@ class Sealers:
 
     def _spawn(self) -> _SealingProcess:
         process = _SealingProcess(self._ended)
-        env = dict(os.environ)
-        # The child imports this very p2pmta, wherever it was run from.
-        home = os.path.dirname(os.path.dirname(os.path.abspath(p2pmta.__file__)))
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (home, env.get("PYTHONPATH")) if p)
-        # ... and dies with the peer, should the peer be killed.
-        env[PARENT_PID] = str(os.getpid())
+        env = childEnvironment(os.getpid())
         try:
             self._reactor.spawnProcess(process, self._argv[0], self._argv, env=env, childFDs={0: "w", 1: "r", 2: "r"})
         except OSError as e:

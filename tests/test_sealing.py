@@ -29,7 +29,7 @@ from twisted.trial.unittest import TestCase
 from p2pmta import openpgp, sealing
 from p2pmta.errors import SealingFailed
 from p2pmta.fileutil import SpareFiles
-from p2pmta.sealers import Sealers
+from p2pmta.sealers import Sealers, childEnvironment
 from p2pmta.sealing import PARENT_PID, factsOf, frame, keyFields, keyFromFields, sealBatch
 from tests.peers import PeerHarness
 from tests.test_mailflow import fetchOne, makeMessage, stripAdded
@@ -319,9 +319,8 @@ class DiesWithItsPeerTests(TestCase):
         """
         readEnd, writeEnd = os.pipe()
         self.addCleanup(os.close, writeEnd)
-        env = dict(os.environ)
-        home = os.path.dirname(os.path.dirname(os.path.abspath(openpgp.__file__)))
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (home, env.get("PYTHONPATH")) if p)
+        # The stand-in gives the child its own pid as the peer's.
+        env = childEnvironment(os.getpid())
         parent = subprocess.Popen(
             [sys.executable, "-c", _PARENT.format(name=PARENT_PID), str(readEnd)],
             pass_fds=(readEnd,),
