@@ -33,6 +33,7 @@ from p2pmta.openpgp import (
     sign,
     verify,
 )
+from p2pmta.openpgp import encryption
 from p2pmta.openpgp.packets import lengthBytes, packetBytes, readPackets
 from p2pmta.receiving import _Chunks
 
@@ -813,6 +814,54 @@ class FuzzTests(_GPGTestCase):
         except DecryptionFailed:
             return
         self.assertEqual(plain, self.plain)
+
+    @_FUZZ
+    @given(st.data())
+    def test_wholeAgreesWithStreaming(self, data):
+        """
+        A small message's encrypted packet, read whole, gives what reading
+        it in a stream gives: the same plaintext, or DecryptionFailed.  The
+        packets inside are mutated before sealing, so that they pass the
+        MDC and reach the parser.
+        """
+        key = os.urandom(32)
+        plain = data.draw(st.binary(max_size=2000))
+        inner = data.draw(
+            st.sampled_from([_literal(plain), _compressed(_literal(plain)), _compressed(_literal(plain), 1)])
+        )
+        if data.draw(st.booleans()):
+            inner = self.mutate(inner, data.draw)
+        message = _seipd(key, inner)
+        if data.draw(st.booleans()):
+            message = self.mutate(message, data.draw)
+        maxOutput = data.draw(st.sampled_from([1 << 20, len(plain), max(0, len(plain) - 1)]))
+
+        def outcome(wholeBody: int):
+            self.patch(encryption, "_WHOLE_BODY", wholeBody)
+            try:
+                return _decrypt(message, maxOutput, sessionKey=key)
+            except DecryptionFailed:
+                return DecryptionFailed
+
+        self.assertEqual(outcome(encryption._WHOLE_BODY), outcome(-1))
+
+    def test_wholeOrStreamed(self):
+        """
+        A definite-length encrypted packet of up to C{_WHOLE_BODY} bytes is
+        read whole; a longer one, or one in partial lengths, is streamed.
+        """
+        opened = []
+        whole = encryption._openWhole
+        self.patch(encryption, "_openWhole", lambda *a: opened.append(len(a[0])) or whole(*a))
+        key = os.urandom(32)
+        small = os.urandom(1000)
+        self.assertEqual(_decrypt(_seipd(key, _literal(small)), sessionKey=key), small)
+        self.assertEqual(len(opened), 1)
+        large = os.urandom(encryption._WHOLE_BODY)
+        self.assertEqual(_decrypt(_seipd(key, _literal(large)), sessionKey=key), large)
+        partial = _encrypt(os.urandom(100_000), [self.pubs["alice"]], sessionKey=key)
+        self.assertEqual(len(_decrypt(partial, sessionKey=key)), 100_000)
+        self.assertEqual(len(opened), 1)
 
     @_FUZZ
     @given(st.data())

@@ -219,26 +219,69 @@ class _Decrypted:
 
 
 class _Inflated:
-    """The decompressed contents of a compressed data packet."""
+    """
+    The decompressed contents of a compressed data packet, inflated
+    L{CHUNK} bytes at a time (no bomb) and served from there: the packet
+    headers inside are read a byte or two at a time, and each call to
+    zlib copies the input it leaves for the next.
+    """
 
     def __init__(self, body: Body, algorithm: int):
         if algorithm not in (1, 2):
             raise Malformed(f"unsupported compression algorithm {algorithm}")
         self._body = body
         self._zlib = zlib.decompressobj(-15 if algorithm == 1 else 15)
+        self._inflated = b""
+        self._at = 0  # how much of it has been read
 
     def read(self, n: int) -> bytes:
+        if n <= 0:
+            return b""
+        if self._at == len(self._inflated):
+            self._inflated, self._at = self._inflate(), 0
+        data = self._inflated[self._at : self._at + n]  # itself when read whole
+        self._at += len(data)
+        return data
+
+    def _inflate(self) -> bytes:
+        """@return: up to L{CHUNK} more bytes; C{b""} at the end."""
         z = self._zlib
-        while n > 0 and not z.eof:
+        while not z.eof:
             data = z.unconsumed_tail or self._body.read(CHUNK)
             if not data:
                 raise Malformed("truncated compressed data")
-            out = z.decompress(data, n)  # at most n bytes: no bomb
+            out = z.decompress(data, CHUNK)
             if out:
                 return out
         if z.unused_data or self._body.read(1):
             raise Malformed("data after the compressed data")
         return b""
+
+
+_WHOLE_BODY = 4 * CHUNK
+"""
+The largest definite-length encrypted packet L{decrypt} reads whole (see
+L{_openWhole}): ours, up to L{CHUNK}, and others' of some size.
+"""
+
+
+def _openWhole(sealed: bytes, key: bytes, dst: BinaryIO, maxOutput: int) -> None:
+    """
+    L{decrypt}'s way with a SEIPD v1 body (after its version) read whole:
+    one pass of AES and one of SHA-1 over all of it, the MDC checked before
+    anything is written, then its packets read from memory.  It reads what
+    the streaming way (L{_Decrypted}) reads, in a tenth of the calls.
+    """
+    if len(sealed) < _PREFIX_SIZE + _MDC_SIZE:
+        raise Malformed("no modification detection code")
+    plain = Cipher(algorithms.AES(key), CFB(bytes(16))).decryptor().update(sealed)
+    if plain[-_MDC_SIZE:-20] != _MDC_HEADER:
+        raise Malformed("no modification detection code")
+    with memoryview(plain) as view:
+        if not hmac.compare_digest(hashlib.sha1(view[:-20]).digest(), view[-20:]):
+            raise Malformed("modification detection code mismatch")
+        inner = io.BytesIO(view[_PREFIX_SIZE:-_MDC_SIZE])
+    _message(inner, dst, maxOutput, False)
 
 
 def _literal(body: Body, dst: BinaryIO, maxOutput: int) -> None:
@@ -315,13 +358,17 @@ def decrypt(
             raise Malformed("not encrypted to our key")
         if readNumber(body, 1) != 1:
             raise Malformed("unsupported encrypted data version")
-        plain = _Decrypted(body, key)
-        try:
-            _message(plain, dst, maxOutput, False)
-        except FAILURES:
-            while plain.read(CHUNK):  # a bad MDC is the better reason
-                pass
-            raise
+        left = body.definiteLeft()
+        if left is not None and left <= _WHOLE_BODY:
+            _openWhole(body.readAll(_WHOLE_BODY), key, dst, maxOutput)
+        else:
+            plain = _Decrypted(body, key)
+            try:
+                _message(plain, dst, maxOutput, False)
+            except FAILURES:
+                while plain.read(CHUNK):  # a bad MDC is the better reason
+                    pass
+                raise
         if src.read(1):
             raise Malformed("data after the encrypted data")
         return key

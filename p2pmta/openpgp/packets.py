@@ -93,6 +93,13 @@ class Body:
         self._left -= len(data)
         return data
 
+    def definiteLeft(self) -> int | None:
+        """
+        @return: how many bytes are left of a body whose length is known
+            whole (not partial, not indeterminate), or L{None}.
+        """
+        return None if self._partial else self._left
+
     def readAll(self, limit: int) -> bytes:
         """@return: the whole body of a definite-length packet of C{limit} bytes at most."""
         if self._partial or self._left is None or self._left > limit:
