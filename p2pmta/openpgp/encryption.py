@@ -219,38 +219,21 @@ class _Decrypted:
 
 
 class _Inflated:
-    """
-    The decompressed contents of a compressed data packet, inflated
-    L{CHUNK} bytes at a time (no bomb) and served from there: the packet
-    headers inside are read a byte or two at a time, and each call to
-    zlib copies the input it leaves for the next.
-    """
+    """The decompressed contents of a compressed data packet."""
 
     def __init__(self, body: Body, algorithm: int):
         if algorithm not in (1, 2):
             raise Malformed(f"unsupported compression algorithm {algorithm}")
         self._body = body
         self._zlib = zlib.decompressobj(-15 if algorithm == 1 else 15)
-        self._inflated = b""
-        self._at = 0  # how much of it has been read
 
     def read(self, n: int) -> bytes:
-        if n <= 0:
-            return b""
-        if self._at == len(self._inflated):
-            self._inflated, self._at = self._inflate(), 0
-        data = self._inflated[self._at : self._at + n]  # itself when read whole
-        self._at += len(data)
-        return data
-
-    def _inflate(self) -> bytes:
-        """@return: up to L{CHUNK} more bytes; C{b""} at the end."""
         z = self._zlib
-        while not z.eof:
+        while n > 0 and not z.eof:
             data = z.unconsumed_tail or self._body.read(CHUNK)
             if not data:
                 raise Malformed("truncated compressed data")
-            out = z.decompress(data, CHUNK)
+            out = z.decompress(data, n)  # at most n bytes: no bomb
             if out:
                 return out
         if z.unused_data or self._body.read(1):
