@@ -210,12 +210,22 @@ class _Decrypted:
 
     def _finish(self) -> None:
         self._done, pending = True, self._pending
-        if len(pending) < _MDC_SIZE or pending[-_MDC_SIZE:-20] != _MDC_HEADER:
-            raise Malformed("no modification detection code")
-        self._hash.update(pending[:-20])
-        if not hmac.compare_digest(self._hash.digest(), bytes(pending[-20:])):
-            raise Malformed("modification detection code mismatch")
+        _checkMDC(pending, self._hash)
         del pending[-_MDC_SIZE:]
+
+
+def _checkMDC(plain, hasher) -> None:
+    """
+    Check that C{plain}, the end of a SEIPD body's plaintext, ends in its
+    MDC packet, whose SHA-1 is that of all before the hash: C{hasher} has
+    the SHA-1 of what came before C{plain}, and is given the rest.
+    """
+    if len(plain) < _MDC_SIZE or plain[-_MDC_SIZE:-20] != _MDC_HEADER:
+        raise Malformed("no modification detection code")
+    with memoryview(plain) as view:
+        hasher.update(view[:-20])
+        if not hmac.compare_digest(hasher.digest(), view[-20:]):
+            raise Malformed("modification detection code mismatch")
 
 
 class _Inflated:
@@ -258,13 +268,8 @@ def _openWhole(sealed: bytes, key: bytes, dst: BinaryIO, maxOutput: int) -> None
     if len(sealed) < _PREFIX_SIZE + _MDC_SIZE:
         raise Malformed("no modification detection code")
     plain = Cipher(algorithms.AES(key), CFB(bytes(16))).decryptor().update(sealed)
-    if plain[-_MDC_SIZE:-20] != _MDC_HEADER:
-        raise Malformed("no modification detection code")
-    with memoryview(plain) as view:
-        if not hmac.compare_digest(hashlib.sha1(view[:-20]).digest(), view[-20:]):
-            raise Malformed("modification detection code mismatch")
-        inner = io.BytesIO(view[_PREFIX_SIZE:-_MDC_SIZE])
-    _message(inner, dst, maxOutput, False)
+    _checkMDC(plain, hashlib.sha1())
+    _message(io.BytesIO(plain[_PREFIX_SIZE:-_MDC_SIZE]), dst, maxOutput, False)
 
 
 def _literal(body: Body, dst: BinaryIO, maxOutput: int) -> None:

@@ -102,7 +102,8 @@ class Body:
 
     def readAll(self, limit: int) -> bytes:
         """@return: the whole body of a definite-length packet of C{limit} bytes at most."""
-        if self._partial or self._left is None or self._left > limit:
+        left = self.definiteLeft()
+        if left is None or left > limit:
             raise Malformed("packet too long")
         return readExactly(self, self._left)
 
