@@ -93,17 +93,23 @@ class Maildir:
         if syncDir:
             fsyncDir(self.cur)
 
-    def writeMessage(self, data: bytes, sync: bool = True) -> str:
+    def writeMessage(self, data: bytes, sync: bool = True, cached: bool = True) -> str:
         """
         Write C{data} into the Maildir, through C{tmp/} (the file flushed).
 
         @param sync: flush the folders too (pass L{False} when the caller
             flushes C{cur/}, once for several files).
+        @param cached: L{False} to write it past the page cache (see
+            L{p2pmta.fileutil.writeUncached}), for a message its reader has
+            in memory already.
         @return: its name in C{cur/}.
         """
         name = self.newName()
         with AtomicFile(self.tmp, 0o600) as f:
-            f.write(data)
+            if cached:
+                f.write(data)
+            else:
+                f.writeUncached(data)
             f.commit(os.path.join(self.tmp, name), sync)
         self._intoMaildir(name, os.path.join(self.tmp, name), sync)
         return name
@@ -153,10 +159,10 @@ class Maildir:
 
     def takeBytes(self, data: bytes, headers: bytes) -> tuple[str, int]:
         """
-        Write the message C{data} into the Maildir (through C{tmp/}, flushed)
-        if it starts with exactly C{headers}; C{cur/} is not flushed.  One
-        of at most L{DATABASE_BODY} bytes is left to the caller to put in
-        the database.
+        Write the message C{data} into the Maildir (through C{tmp/}, flushed,
+        past the page cache) if it starts with exactly C{headers}; C{cur/}
+        is not flushed.  One of at most L{DATABASE_BODY} bytes is left to
+        the caller to put in the database.
 
         @return: its name in C{cur/} (or L{IN_DATABASE}) and its size.
         """
@@ -164,7 +170,9 @@ class Maildir:
             raise HeaderMismatch("the pulled message")
         if len(data) <= DATABASE_BODY:
             return IN_DATABASE, len(data)
-        return self.writeMessage(data, sync=False), len(data)
+        # Its reader was served from memory (see MailBodies._pull); filling
+        # fresh pages of the page cache with it costs more than the disk.
+        return self.writeMessage(data, sync=False, cached=False), len(data)
 
     def copyFile(self, filename: str) -> str:
         """

@@ -2,13 +2,18 @@
 Tests for L{p2pmta.fileutil}.
 """
 
+import errno
+import fcntl
 import io
 import os
 import stat
 
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
+from p2pmta import fileutil
 from p2pmta.fileutil import (
+    DIRECT_ALIGNMENT,
+    DIRECT_BUFFER,
     TEMP_PREFIX,
     AtomicFile,
     SpareFiles,
@@ -19,6 +24,7 @@ from p2pmta.fileutil import (
     fsyncDir,
     isTempName,
     removeTempFiles,
+    writeUncached,
 )
 
 
@@ -109,6 +115,178 @@ class AtomicWriteTests(SynchronousTestCase):
         with AtomicFile(self.dir) as f:
             self.assertRaises(ValueError, f.commit, os.path.join(other, "f"))
         self.assertEqual(os.listdir(self.dir), [])
+
+
+def _isDirect(fd: int) -> bool:
+    return bool(fcntl.fcntl(fd, fcntl.F_GETFL) & getattr(os, "O_DIRECT", 0))
+
+
+class UncachedWriteTests(SynchronousTestCase):
+    """
+    Tests for L{writeUncached} and L{AtomicFile.writeUncached}.
+    """
+
+    def setUp(self) -> None:
+        self.dir = self.mktemp()
+        os.mkdir(self.dir)
+        self.path = os.path.join(self.dir, "f")
+        self.writes: list[tuple[int, bool]] = []
+        realWrite = os.write
+
+        def write(fd, data):
+            self.writes.append((len(data), _isDirect(fd)))
+            return realWrite(fd, data)
+
+        self.realWrite = realWrite
+        self.patch(fileutil.os, "write", write)
+
+    def requireDirect(self) -> None:
+        """Skip unless this file system takes C{O_DIRECT}."""
+        fd = os.open(os.path.join(self.dir, "probe"), os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            if not fileutil._direct(fd, True):
+                raise SkipTest("no O_DIRECT on this file system")
+        finally:
+            os.close(fd)
+            os.unlink(os.path.join(self.dir, "probe"))
+
+    def written(self, data: bytes, prefix: bytes = b"") -> bytes:
+        """Write C{prefix} the plain way, then C{data} uncached: the file."""
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            self.realWrite(fd, prefix)
+            writeUncached(fd, data)
+            self.assertFalse(_isDirect(fd), "O_DIRECT is switched off again")
+        finally:
+            os.close(fd)
+        with open(self.path, "rb") as f:
+            return f.read()
+
+    def test_sizes(self) -> None:
+        """
+        Whatever its size, the data is written whole, in order.
+        """
+        for size in (0, 1, DIRECT_ALIGNMENT - 1, DIRECT_ALIGNMENT, DIRECT_ALIGNMENT + 1,
+                     DIRECT_BUFFER - 1, DIRECT_BUFFER, 2 * DIRECT_BUFFER + DIRECT_ALIGNMENT + 17):
+            data = os.urandom(size)
+            self.assertEqual(self.written(data), data, size)
+            self.assertEqual(self.written(bytearray(data)), data, size)
+
+    def test_alignedPartPastTheCache(self) -> None:
+        """
+        The aligned part goes in writes of at most L{DIRECT_BUFFER} bytes
+        with C{O_DIRECT}; the rest in one plain write.
+        """
+        self.requireDirect()
+        data = os.urandom(2 * DIRECT_BUFFER + DIRECT_ALIGNMENT + 17)
+        self.assertEqual(self.written(data), data)
+        self.assertEqual(
+            self.writes,
+            [(DIRECT_BUFFER, True), (DIRECT_BUFFER, True), (DIRECT_ALIGNMENT, True), (17, False)],
+        )
+
+    def test_unalignedPosition(self) -> None:
+        """
+        At a position in the file that is not aligned, everything is
+        written the plain way.
+        """
+        data = os.urandom(3 * DIRECT_ALIGNMENT)
+        self.assertEqual(self.written(data, prefix=b"0123456789"), b"0123456789" + data)
+        self.assertEqual(self.writes, [(len(data), False)])
+
+    def test_noDirectOnThisFileSystem(self) -> None:
+        """
+        Where C{O_DIRECT} cannot be switched on (C{EINVAL}), the data is
+        written the plain way.
+        """
+        realFcntl = fcntl.fcntl
+
+        def refusing(fd, command, *args):
+            if command == fcntl.F_SETFL and args[0] & getattr(os, "O_DIRECT", 0):
+                raise OSError(errno.EINVAL, "no O_DIRECT here")
+            return realFcntl(fd, command, *args)
+
+        self.patch(fileutil.fcntl, "fcntl", refusing)
+        data = os.urandom(DIRECT_BUFFER + 5)
+        self.assertEqual(self.written(data), data)
+        self.assertEqual(self.writes, [(len(data), False)])
+
+    def test_writeRefused(self) -> None:
+        """
+        A write the file system refuses with C{O_DIRECT} (C{EINVAL}: it
+        wants a larger alignment) is made again the plain way, from there.
+        """
+        self.requireDirect()
+        calls = []
+        write = fileutil.os.write
+
+        def refusingTheSecond(fd, data):
+            if _isDirect(fd):
+                calls.append(len(data))
+                if len(calls) == 2:
+                    raise OSError(errno.EINVAL, "misaligned")
+            return write(fd, data)
+
+        self.patch(fileutil.os, "write", refusingTheSecond)
+        data = os.urandom(2 * DIRECT_BUFFER + 3)
+        self.assertEqual(self.written(data), data)
+        self.assertEqual(calls, [DIRECT_BUFFER, DIRECT_BUFFER])
+        self.assertEqual(self.writes[-1], (DIRECT_BUFFER + 3, False))
+
+    def test_shortWrite(self) -> None:
+        """
+        After a short write with C{O_DIRECT}, the rest is written the plain
+        way from where it stopped.
+        """
+        self.requireDirect()
+        write = fileutil.os.write
+
+        def short(fd, data):
+            if _isDirect(fd) and len(data) > DIRECT_ALIGNMENT:
+                return write(fd, memoryview(data)[:DIRECT_ALIGNMENT])
+            return write(fd, data)
+
+        self.patch(fileutil.os, "write", short)
+        data = os.urandom(3 * DIRECT_ALIGNMENT + 1)
+        self.assertEqual(self.written(data), data)
+        self.assertEqual(self.writes, [(DIRECT_ALIGNMENT, True), (2 * DIRECT_ALIGNMENT + 1, False)])
+
+    def test_errorsRaised(self) -> None:
+        """
+        Any other error (a full disk) is raised, with C{O_DIRECT} switched
+        off again; an L{AtomicFile} then leaves nothing behind.
+        """
+        self.requireDirect()
+        seen = []
+
+        def full(fd, data):
+            seen.append(fd)
+            raise OSError(errno.ENOSPC, "disk full")
+
+        self.patch(fileutil.os, "write", full)
+        with self.assertRaises(OSError) as caught:
+            with AtomicFile(self.dir) as f:
+                f.writeUncached(os.urandom(DIRECT_BUFFER))
+                self.fail("not reached")
+        self.assertEqual(caught.exception.errno, errno.ENOSPC)
+        self.assertEqual(os.listdir(self.dir), [])
+
+    def test_atomicFile(self) -> None:
+        """
+        L{AtomicFile.writeUncached} appends after what was written before,
+        and the committed file holds it all.
+        """
+        head, data = b"Subject: x\r\n\r\n", os.urandom(DIRECT_BUFFER + 99)
+        for uncachedFirst in (True, False):
+            with AtomicFile(self.dir, 0o600) as f:
+                if uncachedFirst:
+                    f.writeUncached(data)
+                f.write(head)
+                if not uncachedFirst:
+                    f.writeUncached(data)
+                f.commit(self.path)
+            with open(self.path, "rb") as f:
+                self.assertEqual(f.read(), data + head if uncachedFirst else head + data)
 
 
 class SecretFileTests(SynchronousTestCase):

@@ -13,7 +13,7 @@ from twisted.internet.defer import (
 )
 from twisted.trial.unittest import TestCase
 
-from p2pmta import maildir
+from p2pmta import fileutil, maildir
 from p2pmta.errors import BodyUnavailable, HeaderMismatch, NoSuchMessage
 from tests.test_mailstore import HEADERS, MESSAGE, MailStoreMixin
 
@@ -103,6 +103,27 @@ class MessageBodiesTests(MailStoreMixin, TestCase):
         with open(path, "rb") as f:
             self.assertEqual(f.read(), MESSAGE)
         self.assertEqual(os.listdir(os.path.join(self.dir, "inbox", "tmp")), [])
+
+    @inlineCallbacks
+    def test_largePulledBytesPastTheCache(self):
+        """
+        A large pulled body, which its reader has from memory, is written
+        past the page cache (L{fileutil.writeUncached}); what is read back
+        from its file is the message.
+        """
+        big = MESSAGE + os.urandom(maildir.DATABASE_BODY)
+        uncached = []
+        write = fileutil.writeUncached
+        self.patch(fileutil, "writeUncached", lambda fd, data: (uncached.append(len(data)), write(fd, data)))
+        uid = yield self.store.deliver("INBOX", HEADERS, len(big), {})
+        self.store.bodyFetcher = self.fetcherReturning(big)
+        first = yield self.store.body("INBOX", uid)
+        self.assertEqual(first, big)
+        yield self.store.written("INBOX", [uid])
+        self.assertEqual(uncached, [len(big)])
+        path = yield self.store.body("INBOX", uid)
+        with open(path, "rb") as f:
+            self.assertEqual(f.read(), big)
 
     @inlineCallbacks
     def pulledIntoDatabase(self) -> int:
