@@ -7,6 +7,7 @@ a transport as fast as the client takes them.  FETCH answers through it.
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass, field
 
 from twisted.internet.defer import Deferred
@@ -54,6 +55,7 @@ class PieceSender:
         self._abort = abort or transport.loseConnection
         self._file = None
         self._ownFile = True
+        self._inMemory = False
         self._left = 0
         self._done: Deferred = Deferred()
         self._finished = False
@@ -72,7 +74,11 @@ class PieceSender:
         Write until done or until the transport has enough.  Pieces are
         gathered into writes of about L{chunkSize} bytes: a FETCH response
         is many small pieces, and each write costs about as much as a
-        small piece's making.
+        small piece's making.  Files are read L{chunkSize} bytes at a
+        time, but a message held in memory (a body just pulled, its handle
+        an L{io.BytesIO}) is written in one piece: its bytes are there
+        already, and in chunks the session would pause and resume for
+        every one the client takes.
         """
         if self._writing:
             return  # a Deferred waited for fired at once: the loop goes on
@@ -83,7 +89,7 @@ class PieceSender:
             while not (self._finished or self._waiting) and self._canWrite():
                 if self._left:
                     data = (
-                        self._file.read(min(self._left, self.chunkSize))
+                        self._file.read(self._left if self._inMemory else min(self._left, self.chunkSize))
                         if self._file
                         else b""
                     )
@@ -109,6 +115,10 @@ class PieceSender:
                             piece.addBoth(self._waited)
                         continue
                     data = piece
+                if len(data) > self.chunkSize and out:
+                    # Not copied into a join with what was gathered.
+                    self._write(out)
+                    out, size = [], 0
                 out.append(data)
                 size += len(data)
                 if size >= self.chunkSize:
@@ -139,6 +149,7 @@ class PieceSender:
                 self._file = open(piece.path, "rb")  # noqa: SIM115
             else:
                 self._file = piece.handle
+            self._inMemory = isinstance(self._file, io.BytesIO)
             self._file.seek(piece.offset)
         except OSError:
             self.log.warn("message file {path} vanished", path=piece.path)

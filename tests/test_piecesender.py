@@ -4,6 +4,8 @@ exercised end to end by L{tests.test_imap}; here, on a
 L{StringTransport}, what is hard to catch there.
 """
 
+import io
+
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import TestCase
@@ -121,3 +123,25 @@ class PieceSenderTests(TestCase):
         done = PieceSender(transport, [FileRange(path, 1, 5)]).start()
         self.assertEqual(transport.value(), b"bc   ")
         self.successResultOf(done)
+
+    def test_inMemoryRangeInOnePiece(self):
+        """
+        A range of a message held in memory is written in one piece, apart
+        from what was gathered before it; a file's range in chunks.
+        """
+        body = bytes(range(256)) * 1000
+        path = self.mktemp()
+        with open(path, "wb") as f:
+            f.write(body)
+        for handle, expected in ((io.BytesIO(body), [3, 250_000]), (None, [40_003, 40_000] + [40_000] * 4 + [10_000])):
+            transport = StringTransport()
+            writes = []
+            transport.write = lambda data, writes=writes, transport=transport: (
+                writes.append(len(data)),
+                StringTransport.write(transport, data),
+            )
+            sender = PieceSender(transport, [b"{1}", FileRange(path, 6, 250_000, handle)])
+            sender.chunkSize = 40_000
+            self.successResultOf(sender.start())
+            self.assertEqual(writes, expected)
+            self.assertEqual(transport.value(), b"{1}" + body[6:250_006])
