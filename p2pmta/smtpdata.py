@@ -82,21 +82,27 @@ class DataReader:
             the first CRLF may be the one that ended the previous line or the
             DATA command); what follows it stays in C{buffer}.
         """
-        prefix = b"\r\n" if self._atLineStart else b""
-        view = prefix + bytes(buffer)
-        # No dot, no end (base64 has none): a memchr instead of a search.
-        end = view.find(b"\r\n.\r\n") if b"." in view else -1
-        if end >= 0:
-            block, consumed = view[: end + 2], end + 5
+        # The block of whole lines is copied out of the buffer once: a 1 MB
+        # message comes in some twenty reads.
+        if self._atLineStart and buffer.startswith(b".\r\n"):
+            end, blockEnd, consumed = True, 0, 3
         else:
-            last = view.rfind(b"\r\n")
-            block = view[: last + 2] if last >= 0 else prefix
-            consumed = len(block)
-        del buffer[: consumed - len(prefix)]
-        if len(block) > len(prefix):
+            # No dot, no end (base64 has none): a memchr instead of a search.
+            at = buffer.find(b"\r\n.\r\n") if b"." in buffer else -1
+            if at >= 0:
+                end, blockEnd, consumed = True, at + 2, at + 5
+            else:
+                end, blockEnd = False, buffer.rfind(b"\r\n") + 2
+                if blockEnd == 1:  # no CRLF
+                    blockEnd = 0
+                consumed = blockEnd
+        with memoryview(buffer) as view:
+            block = view[:blockEnd].tobytes()
+        del buffer[:consumed]
+        if block:
             self._atLineStart = True
-            self._lines(block[len(prefix) :])
-        if end >= 0:
+            self._lines(block)
+        if end:
             return True
         tail = buffer[:-1] if buffer.endswith(b"\r") else buffer
         if len(tail) > self._maxLineLength - 2:
@@ -191,8 +197,9 @@ def lineFault(raw: bytes, limit: int) -> str | None:
     One split and a few scans in C, no loop over the lines in Python: a
     1 MB message is some 19,000 lines, read 64 KiB at a time.  Lines all of
     one width, as base64 is written, need no split: strided slices find
-    their CRLFs, and counts show there is no other CR or LF (a third of the
-    cost).
+    their CRLFs, and taking out the CRs, then the LFs, shows there is no
+    other CR or LF.  That is half the time of counting them: a C{replace}
+    finds each with C{memchr}, a C{count} of one byte looks at every byte.
     """
     first = raw.find(b"\r\n")
     width = first + 2
@@ -201,8 +208,8 @@ def lineFault(raw: bytes, limit: int) -> str | None:
         if (
             raw[first::width] == b"\r" * k
             and raw[width - 1 :: width] == b"\n" * k
-            and raw.count(b"\n") == k
-            and raw.count(b"\r") == k
+            and len(raw.replace(b"\n", b"")) == len(raw) - k
+            and len(raw.replace(b"\r", b"")) == len(raw) - k
         ):
             return None
     lines = raw.split(b"\r\n")
