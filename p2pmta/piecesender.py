@@ -55,7 +55,6 @@ class PieceSender:
         self._abort = abort or transport.loseConnection
         self._file = None
         self._ownFile = True
-        self._inMemory = False
         self._left = 0
         self._done: Deferred = Deferred()
         self._finished = False
@@ -88,8 +87,9 @@ class PieceSender:
         try:
             while not (self._finished or self._waiting) and self._canWrite():
                 if self._left:
+                    inMemory = isinstance(self._file, io.BytesIO)
                     data = (
-                        self._file.read(self._left if self._inMemory else min(self._left, self.chunkSize))
+                        self._file.read(self._left if inMemory else min(self._left, self.chunkSize))
                         if self._file
                         else b""
                     )
@@ -149,7 +149,6 @@ class PieceSender:
                 self._file = open(piece.path, "rb")  # noqa: SIM115
             else:
                 self._file = piece.handle
-            self._inMemory = isinstance(self._file, io.BytesIO)
             self._file.seek(piece.offset)
         except OSError:
             self.log.warn("message file {path} vanished", path=piece.path)

@@ -92,9 +92,8 @@ class DataReader:
             if at >= 0:
                 end, blockEnd, consumed = True, at + 2, at + 5
             else:
-                end, blockEnd = False, buffer.rfind(b"\r\n") + 2
-                if blockEnd == 1:  # no CRLF
-                    blockEnd = 0
+                last = buffer.rfind(b"\r\n")
+                end, blockEnd = False, last + 2 if last >= 0 else 0
                 consumed = blockEnd
         with memoryview(buffer) as view:
             block = view[:blockEnd].tobytes()

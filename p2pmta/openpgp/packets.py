@@ -105,7 +105,7 @@ class Body:
         left = self.definiteLeft()
         if left is None or left > limit:
             raise Malformed("packet too long")
-        return readExactly(self, self._left)
+        return readExactly(self, left)
 
 
 def readHeader(stream, partial=(), indeterminate=()) -> tuple[int, Body] | None:
