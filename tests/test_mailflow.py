@@ -19,7 +19,7 @@ from twisted.internet.threads import deferToThread
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SkipTest, TestCase
 
-from p2pmta import receiving
+from p2pmta import fileutil, maildir, receiving
 from p2pmta.address import Address
 from p2pmta.dht import NOTIFICATION_TTL
 from p2pmta.notification import splitHeaders
@@ -149,6 +149,42 @@ class MailFlowTests(TestCase):
         it byte for byte.
         """
         return ensureDeferred(self._codedByteByByte())
+
+    async def _largeBody(self):
+        await self.peers("alice", "bob")
+        h = self.harness
+        uncached = []
+        write = fileutil.writeUncached
+        self.patch(fileutil, "writeUncached", lambda fd, data: (uncached.append(len(data)), write(fd, data)))
+        attachment = os.urandom(400_000)
+        submitted = makeMessage("alice@demo", ["bob@demo"], "base64 of 400 KB", attachment)
+        await h.send("alice", ["bob@demo"], submitted)
+        [uid] = await h.listed("bob")
+        typ, data = await h.imap("bob", lambda c: fetchOne(c, uid, "(BODY[])"))
+        self.assertEqual(typ, "OK")
+        body = data[0][1]
+        self.assertGreater(len(body), maildir.DATABASE_BODY)
+        self.assertEqual(stripAdded(body), submitted.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n"))
+        parsed = email.message_from_bytes(body)
+        self.assertEqual([p.get_payload(decode=True) for p in parsed.walk() if p.get_filename()], [attachment])
+        # Served from memory, written past the page cache into a file of
+        # its own, which serves the next open with no new pull.
+        store = h.running["bob"].mailStore
+        await store.written("INBOX", [uid])
+        self.assertEqual(uncached, [len(body)])
+        with open(store.filePath("INBOX", uid), "rb") as f:
+            self.assertEqual(f.read(), body)
+        typ, again = await h.imap("bob", lambda c: fetchOne(c, uid, "(BODY[])"))
+        self.assertEqual(again[0][1], body)
+        self.assertEqual(len(h.access.bodyRequests()), 1)
+
+    def test_largeBodyStoredPastTheCache(self):
+        """
+        A 400 KB attachment is pulled, given to the client whole, and
+        stored in a Maildir file written past the page cache, byte for byte
+        what the client got.
+        """
+        return ensureDeferred(self._largeBody())
 
     async def _flushNotBehindPool(self):
         await self.peers("alice", "bob")
