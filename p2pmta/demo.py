@@ -13,6 +13,7 @@ from twisted.internet.defer import Deferred, DeferredList
 from twisted.logger import Logger
 
 from p2pmta.address import Address
+from p2pmta.allocator import keepFreedMemory
 from p2pmta.config import Config
 from p2pmta.service import buildService
 
@@ -70,6 +71,7 @@ def demoService(reactor, root: str, peers=PEERS) -> MultiService:
     """
     @return: a service running every demo peer, which logs how to connect.
     """
+    keepFreedMemory()
     top = DemoNetwork()
     for config in demoConfigs(root, peers):
         peer = buildService(config, reactor)

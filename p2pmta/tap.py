@@ -111,11 +111,14 @@ def toConfig(options) -> _config.Config:
 
 def makeService(options):
     """
-    Build the peer's service from parsed L{Options}.  Only here is the global
-    reactor imported.
+    Build the peer's service from parsed L{Options}, in a process set to
+    keep the memory it frees (see L{p2pmta.allocator}).  Only here is the
+    global reactor imported.
     """
     from twisted.internet import reactor
 
+    from p2pmta.allocator import keepFreedMemory
     from p2pmta.service import buildService
 
+    keepFreedMemory()
     return buildService(options.config, reactor)

@@ -14,6 +14,7 @@ from twisted.internet.defer import DeferredList, ensureDeferred
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from p2pmta import demo
 from p2pmta.demo import demoConfigs, demoService
 from tests.peers import eventually, uids
 from tests.peers import freePort
@@ -32,9 +33,15 @@ class DemoTests(SynchronousTestCase):
         self.assertTrue(all(c.smtp.endswith("interface=127.0.0.1") for c in (alice, bob)))
 
     def test_service(self):
-        """The demo service holds one named peer per demo address."""
+        """
+        The demo service holds one named peer per demo address, in a process
+        set to keep the memory it frees (see L{p2pmta.allocator}).
+        """
+        calls = []
+        self.patch(demo, "keepFreedMemory", lambda: calls.append(True))
         service = demoService(reactor, "/srv/demo")
         self.assertEqual(sorted(s.name for s in service), ["alice", "bob"])
+        self.assertEqual(calls, [True])
 
 
 class DemoStopTests(TestCase):

@@ -5,10 +5,12 @@ The twistd p2pmta command line.
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
+from p2pmta import allocator
 from p2pmta.address import Address
 from p2pmta.config import DEFAULT_HTTP, DEFAULT_IMAP, DEFAULT_SMTP
 from p2pmta.dht import NETWORK_ID
-from p2pmta.tap import Options
+from p2pmta.service import Peer
+from p2pmta.tap import Options, makeService
 
 BASE = ["--data-dir", "d1", "--address", "alice@demo", "--password", "pw"]
 
@@ -71,3 +73,17 @@ class OptionsTests(SynchronousTestCase):
         for i in range(0, 6, 2):
             args = BASE[:i] + BASE[i + 2:]
             self.assertRaises(usage.UsageError, Options().parseOptions, args)
+
+
+class MakeServiceTests(SynchronousTestCase):
+    def test_peerKeepsFreedMemory(self):
+        """
+        The twistd plugin builds a peer in a process set to keep the memory
+        it frees (see L{p2pmta.allocator}).
+        """
+        calls = []
+        self.patch(allocator, "keepFreedMemory", lambda: calls.append(True))
+        options = Options()
+        options.parseOptions(BASE)
+        self.assertIsInstance(makeService(options), Peer)
+        self.assertEqual(calls, [True])
