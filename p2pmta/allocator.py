@@ -2,23 +2,25 @@
 """
 How a peer's process keeps the memory it frees (GNU C library only).
 
-A pulled body of 1 MB passes through several buffers of about its size:
-the ciphertext's chunks, the decrypted message, the answer to the mail
-client.  By default the C library hands each such buffer back to the
-kernel when it is freed (it maps buffers over 128 KiB on their own, and
-trims the heap's free top beyond a few MiB), so the next body's buffers
-start on fresh pages: about 300 page faults per 1 MB message, each
-zeroing a page.  On a virtual machine that reports freed memory to its
-host, each of those faults is also a fault in the host.  Raw-client
-fetches of 300 x 1 MB on this project's 2-core VM took 2.3-2.6 s with
-about 300 faults per message, and 1.8-2.1 s with the settings below (a
-few hundred faults in all).
+A pulled body of 1 MB passes through several buffers of about its size
+(the decrypted message, what is written to the mail client and to disk).
+By default the C library hands such buffers back to the kernel when they
+are freed (it maps large buffers on their own, and trims the free top of
+a heap beyond about twice the largest it has mapped), so the next body's
+buffers start on fresh pages: about 300 page faults per 1 MB message,
+each zeroing a page.  On a virtual machine that reports freed memory to
+its host, each of those faults is also a fault in the host.  Raw-client
+fetches of 300 x 1 MB on this project's 2-core VM took 2.5-2.6 s with
+about 300 faults per message, and 1.8-2.1 s with the settings below
+(1,100-1,500 faults for all 300).
 
 So a peer asks the C library to serve buffers up to L{MMAP_THRESHOLD}
 from its heaps and to keep up to L{TRIM_THRESHOLD} free at the top of
-each heap.  The price is memory kept after a burst: about 20 MB more
-resident in that run (150 MB against 130).  Settings the user gave
-through the environment (C{MALLOC_*_} or C{GLIBC_TUNABLES}) win.
+each heap.  The price is memory: about 20 MB more at the peak in that
+run (150 MB against 130), and what a burst took stays resident after it
+(the benchmark's receiver held 161-167 MB through its full run, against
+107-143 MB before).  Settings the user gave through the environment
+(C{MALLOC_*_} or C{GLIBC_TUNABLES}) win.
 """
 
 from __future__ import annotations
