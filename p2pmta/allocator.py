@@ -48,6 +48,21 @@ def _userSetsAllocator(environ) -> bool:
     return "glibc.malloc." in environ.get("GLIBC_TUNABLES", "")
 
 
+def gnuLibc(libc=None):
+    """
+    C{libc} (by default, this process's C library) if it is the GNU C
+    library, else L{None}.  Only glibc names C{gnu_get_libc_version}; musl's
+    C{mallopt}, for one, does nothing.
+    """
+    try:
+        if libc is None:
+            libc = ctypes.CDLL(None)
+        libc.gnu_get_libc_version
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
 def keepFreedMemory(environ=os.environ, platform: str = sys.platform, libc=None) -> bool:
     """
     Set the process's allocator as described above, unless the user set it.
@@ -57,15 +72,10 @@ def keepFreedMemory(environ=os.environ, platform: str = sys.platform, libc=None)
     """
     if not platform.startswith("linux") or _userSetsAllocator(environ):
         return False
-    try:
-        if libc is None:
-            libc = ctypes.CDLL(None)
-        # Only the GNU C library names this: musl's mallopt does nothing.
-        libc.gnu_get_libc_version
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+    libc = gnuLibc(libc)
+    if libc is None:
         return False
     # Setting either one also stops glibc from moving the thresholds itself.
-    mapped = mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
-    trimmed = mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)
+    mapped = libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+    trimmed = libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)
     return bool(mapped and trimmed)

@@ -4,7 +4,6 @@ Tests for L{p2pmta.allocator}.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import subprocess
 import sys
@@ -44,14 +43,6 @@ def _churn() -> tuple[str, int]:
     return out[0], int(out[1])
 
 
-def _isGlibc() -> bool:
-    try:
-        ctypes.CDLL(None).gnu_get_libc_version
-    except (OSError, AttributeError):
-        return False
-    return sys.platform.startswith("linux")
-
-
 class _FakeLibc:
     """Records what L{keepFreedMemory} asks of the C library."""
 
@@ -72,7 +63,7 @@ class KeepFreedMemoryTests(SynchronousTestCase):
         again for the next wave.  (Without the settings, this machine's
         glibc 2.36 faults in about 4800 pages over the twenty waves.)
         """
-        if not _isGlibc():
+        if not (sys.platform.startswith("linux") and allocator.gnuLibc()):
             raise self.skipTest("the GNU C library only")
         took, faults = _churn()
         self.assertEqual(took, "True")
