@@ -23,6 +23,7 @@ from __future__ import annotations
 import base64
 import concurrent.futures
 import ctypes
+import io
 import json
 import os
 import signal
@@ -33,7 +34,7 @@ import zlib
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 
-from p2pmta import openpgp
+from p2pmta import allocator, openpgp
 from p2pmta.errors import SealingFailed
 from p2pmta.fileutil import AtomicFile, fsyncDir, moveSpareInto, removeIfThere, writeByDigest
 from p2pmta.notification import attachmentsOf
@@ -108,22 +109,30 @@ def _readHeaders(f, limit: int) -> bytes:
     return data + (b"\r\n" if data.endswith(b"\r\n") else b"\r\n\r\n")
 
 
-def _readMessageFacts(f, limit: int) -> tuple[bytes, int, list, tuple[int, int]]:
+#: Spooled messages up to this size are read whole, once, and then scanned
+#: and encrypted in memory: a 1 MB attachment took two passes over its
+#: file, the first joining blocks of a megabyte as it went.
+WHOLE_MESSAGE = 4 * 1024 * 1024
+
+
+def _readMessageFacts(f, size: int, limit: int, whole: bytes | None) -> tuple[bytes, list, tuple[int, int]]:
     """
-    Header section, size, attachments and compression (zlib level and
-    strategy) of the spooled message read from C{f} (blocking), in one pass
+    Header section, attachments and compression (zlib level and strategy)
+    of the spooled message of C{size} bytes read from C{f} (blocking): from
+    C{whole}, the message itself, if given; else in one pass over C{f}
     without holding it in memory.
     """
-    size = os.fstat(f.fileno()).st_size
     headers = _readHeaders(f, limit)
     f.seek(0)
-    attachments = attachmentsOf(f)
-    return headers, size, attachments, compression(f, headers, size)
+    # Our SMTP server refuses a CR or LF outside a CRLF: see attachmentsOf.
+    attachments = attachmentsOf(f if whole is None else whole, crlf=True)
+    return headers, attachments, compression(f, headers, size)
 
 
 def sealSpooled(spool: str, limit: int, store, encrypt) -> tuple:
     """
-    Encrypt the spooled message C{spool} into the outbox (blocking).
+    Encrypt the spooled message C{spool} into the outbox (blocking): read
+    whole if it is at most L{WHOLE_MESSAGE}, else twice, a block at a time.
 
     @param limit: the largest header section read.
     @param store: C{store(produce)} stores what C{produce(out)} writes
@@ -136,9 +145,12 @@ def sealSpooled(spool: str, limit: int, store, encrypt) -> tuple:
         header section, attachments (JSON) and session key (or C{b""}).
     """
     with open(spool, "rb") as f:
-        headers, size, attachments, (level, strategy) = _readMessageFacts(f, limit)
-        f.seek(0)
-        digest, ciphertextSize, sessionKey = store(lambda out: encrypt(f, out, level, strategy))
+        size = os.fstat(f.fileno()).st_size
+        whole = f.read() if size <= WHOLE_MESSAGE else None
+        source = f if whole is None else io.BytesIO(whole)
+        headers, attachments, (level, strategy) = _readMessageFacts(source, size, limit, whole)
+        source.seek(0)
+        digest, ciphertextSize, sessionKey = store(lambda out: encrypt(source, out, level, strategy))
     return (digest, ciphertextSize, size, headers, json.dumps(attachments), sessionKey or b"")
 
 
@@ -361,6 +373,8 @@ def main() -> None:
     # decides when this process ends, by closing its input.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _dieWithParent()
+    # A 1 MB message passes through buffers of its size, as in the peer.
+    allocator.keepFreedMemory()
     requests, answers = sys.stdin.buffer, sys.stdout.buffer
     keys: dict = {}
     while (request := _readFrame(requests)) is not None:

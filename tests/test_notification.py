@@ -4,6 +4,7 @@ put under its DHT keys.
 """
 
 import io
+import os
 
 from hypothesis import given
 from hypothesis import strategies as st
@@ -152,6 +153,32 @@ class MessageFactsTests(SynchronousTestCase):
         m.add_attachment(b"\x00" * 1000, maintype="image", subtype="png", filename="p.png")
         self.assertEqual(attachmentsOf(m.as_bytes()), [{"name": "p.png", "type": "image/png", "size": 1000}])
         self.assertEqual(attachmentsOf(b"not mime at all"), [])
+
+    def test_attachmentsCountedByLineFeeds(self):
+        """
+        Sizes are the same whether the message is scanned whole (L{bytes})
+        or read from a stream, and, for a message whose every line ends in
+        CRLF, whether or not C{crlf} says so (its base64 line ends are then
+        counted by their LFs alone).  Without C{crlf}, LF-only line ends
+        count as they are.
+        """
+        from email import policy
+        from email.message import EmailMessage
+
+        m = EmailMessage()
+        m["Subject"] = "x"
+        m.set_content("hi")
+        sizes = (1, 2, 57, 1000, 70_000)
+        for n, size in enumerate(sizes):
+            m.add_attachment(os.urandom(size), maintype="application", subtype="octet-stream", filename=f"f{n}")
+        message = m.as_bytes(policy=policy.SMTP)
+        self.assertEqual(message.count(b"\n"), message.count(b"\r\n"))
+        expected = [{"name": f"f{n}", "type": "application/octet-stream", "size": size} for n, size in enumerate(sizes)]
+        for crlf in (False, True):
+            self.assertEqual(attachmentsOf(message, crlf=crlf), expected)
+            self.assertEqual(attachmentsOf(io.BytesIO(message), crlf=crlf), expected)
+            self.assertEqual(attachmentsOf(bytearray(message), crlf=crlf), expected)
+        self.assertEqual(attachmentsOf(message.replace(b"\r\n", b"\n")), expected)
 
     def test_attachmentsAcrossReads(self):
         """

@@ -29,6 +29,7 @@ from twisted.trial.unittest import TestCase
 from p2pmta import openpgp, sealing
 from p2pmta.errors import SealingFailed
 from p2pmta.fileutil import SpareFiles
+from p2pmta.notification import attachmentsOf
 from p2pmta.sealers import Sealers, childEnvironment
 from p2pmta.sealing import PARENT_PID, factsOf, frame, keyFields, keyFromFields, sealBatch
 from tests.peers import PeerHarness
@@ -104,6 +105,23 @@ class SealBatchTests(_Folders, TestCase):
         self.assertEqual([a["name"] for a in json.loads(second[4])], ["data.bin"])
         self.assertRaises(Exception, self.assertSealed, second, binary, self.bob)
         self.assertEqual(sorted(os.listdir(self.outbox.directory)), sorted([first[0], second[0]]))
+
+    def test_largeMessageStreamed(self) -> None:
+        """
+        A message over L{sealing.WHOLE_MESSAGE} is read a block at a time,
+        not held whole: its facts are those it has when sealed whole.
+        """
+        bob = self.bob.publicKey.fingerprint
+        whole = factsOf(sealBatch(self.request([{"spool": _spooled(self.spool, "a", BINARY), "keys": [bob]}]), self.keys)["results"][0])
+        self.patch(sealing, "WHOLE_MESSAGE", len(BINARY) - 1)
+        held = []
+        self.patch(sealing, "attachmentsOf", lambda source, **kw: held.append(source) or attachmentsOf(source, **kw))
+        spooled = _spooled(self.spool, "b", BINARY)
+        streamed = factsOf(sealBatch(self.request([{"spool": spooled, "keys": [bob]}]), self.keys)["results"][0])
+        self.assertSealed(streamed, spooled, self.bob)
+        self.assertNotIsInstance(held[0], bytes)
+        self.assertEqual(streamed[2:5], whole[2:5])
+        self.assertEqual(json.loads(streamed[4]), [{"name": "data.bin", "type": "application/octet-stream", "size": 30_000}])
 
     def test_sparesUsedOrGivenBack(self) -> None:
         """
@@ -292,6 +310,24 @@ def _gone(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
     except (FileNotFoundError, ProcessLookupError):
         return True
+
+
+class MainTests(TestCase):
+    """L{sealing.main}, the child's loop, called in this process."""
+
+    def test_keepsFreedMemory(self) -> None:
+        """
+        The child sets its allocator as a peer does (see L{p2pmta.allocator}):
+        a 1 MB message passes through buffers of its size there too.
+        """
+        calls = []
+        self.patch(sealing.allocator, "keepFreedMemory", lambda: calls.append(True))
+        self.patch(sealing, "_dieWithParent", lambda: None)
+        self.patch(sealing.signal, "signal", lambda *args: None)
+        self.patch(sys, "stdin", SimpleNamespace(buffer=io.BytesIO()))
+        self.patch(sys, "stdout", SimpleNamespace(buffer=io.BytesIO()))
+        sealing.main()
+        self.assertEqual(calls, [True])
 
 
 #: A stand-in peer: starts a sealing process reading the descriptor given,
