@@ -569,7 +569,7 @@ class Keyring:
             )
         return plaintext
 
-    def decryptInto(self, source, out, maxOutput: int, sessionKey=None) -> None:
+    def decryptInto(self, source, out, maxOutput: int, sessionKey=None, authenticated: bool = False) -> None:
         """
         Like L{decrypt} without C{sender}, blocking, streaming into C{out}:
         only inside L{whileShared}.  Plaintext is written before the message is
@@ -577,6 +577,8 @@ class Keyring:
 
         @param source: L{bytes}, a file's path or a binary stream.
         @param out: anything with C{write}.
+        @param authenticated: C{source} is known to be what its sender made
+            (see L{p2pmta.openpgp.decrypt}; gpg checks the MDC all the same).
         @raise DecryptionFailed: as L{decrypt} does.
         """
         maxOutput = max(0, int(maxOutput))
@@ -586,7 +588,7 @@ class Keyring:
             return
         keys = {"sessionKey": sessionKey} if sessionKey else {"secretKey": self._secret}
         with _source(source) as stream:
-            openpgp.decrypt(stream, out, maxOutput=maxOutput, **keys)
+            openpgp.decrypt(stream, out, maxOutput=maxOutput, authenticated=authenticated, **keys)
 
     def _decryptInProcess(self, data, maxOutput):
         out = io.BytesIO()

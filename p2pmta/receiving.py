@@ -573,6 +573,8 @@ class Receiver:
         Decrypt a pulled ciphertext (L{bytes} or a stream in memory, or the
         path of its file, which goes) after the field C{extra}, and check
         it against its notification (blocking; see L{Keyring.whileShared}).
+        Only for a ciphertext whose SHA-256 was found to be the notified
+        one: it is decrypted as C{authenticated} (see L{p2pmta.openpgp.decrypt}).
 
         @return: the message: L{bytes} for a ciphertext pulled into memory,
             else the path of the file C{base}.eml it was written to.
@@ -588,7 +590,7 @@ class Receiver:
             with out:
                 out.write(extra)
                 sink = _Beginning(out, len(notified))
-                self._peer.keyring.decryptInto(source, sink, row["size"], row["session_key"] or None)
+                self._peer.keyring.decryptInto(source, sink, row["size"], row["session_key"] or None, authenticated=True)
                 message = out.getvalue() if inMemory else path
             if not inMemory:
                 os.remove(source)

@@ -834,16 +834,28 @@ class HostileInputTests(TestCase):
             original = f.read()
         if size >= receiving.IN_MEMORY_PULL:
             self.assertGreater(len(original), receiving.IN_MEMORY_PULL)
+        # Only a ciphertext whose hash matched is decrypted, as authenticated
+        # (its MDC's hash not computed: see openpgp.decrypt).
+        decryptions = []
+        decryptInto = bob.keyring.decryptInto
+
+        def spy(*args, **kwargs):
+            decryptions.append(kwargs.get("authenticated"))
+            return decryptInto(*args, **kwargs)
+
+        self.patch(bob.keyring, "decryptInto", spy)
         with open(path, "wb") as f:
             f.write(original[:100] + bytes([original[100] ^ 1]) + original[101:])
         typ, data = await h.imap("bob", lambda c: fetchOne(c, uid, "(BODY[])"))
         self.assertEqual(typ, "NO")
         self.assertIn(b"UNAVAILABLE", data[0])
+        self.assertEqual(decryptions, [])
         with open(path, "wb") as f:
             f.write(original)
         typ, data = await h.imap("bob", lambda c: fetchOne(c, uid, "(BODY[])"))
         self.assertEqual(typ, "OK")
         self.assertEqual(stripAdded(data[0][1]), message)
+        self.assertEqual(decryptions, [True])
         self.assertEqual(os.listdir(bob.receiver.pullDirectory), [])
 
     def test_tamperedCiphertext(self):

@@ -638,6 +638,29 @@ class HostileTests(_GPGTestCase):
         ]:
             self.assertFails(message, sessionKey=key)
 
+    def test_authenticated(self):
+        """
+        A message known to be its sender's (C{authenticated}, as a pulled
+        ciphertext whose SHA-256 its sender signed) decrypts without its
+        MDC's hash being computed, so a wrong hash goes unseen; an MDC packet
+        missing or out of form still fails.  Not so authenticated, the wrong
+        hash fails.  Whether the packet is read whole or streamed.
+        """
+        key = os.urandom(32)
+        for data in (b"data", os.urandom(300_000)):
+            inner = _literal(data)
+            self.assertEqual(_decrypt(_seipd(key, inner), sessionKey=key, authenticated=True), data)
+            wrongHash = _seipd(key, inner, mdc=b"\xd3\x14" + bytes(20))
+            self.assertFails(wrongHash, sessionKey=key)
+            self.assertEqual(_decrypt(wrongHash, sessionKey=key, authenticated=True), data)
+            for message in [
+                _seipd(key, inner, mdc=b""),
+                _seipd(key, inner, mdc=b"\xd3\x13" + bytes(20)),
+                _seipd(key, inner, tag=9),
+                _seipd(key, inner + b"x", mdc=b"\xd3\x14" + bytes(20))[:-1],
+            ]:
+                self.assertFails(message, sessionKey=key, authenticated=True)
+
     def test_compressionBomb(self):
         """256 MB of compressed zeros stop at maxOutput, fast, in little memory."""
         bomb = io.BytesIO()
