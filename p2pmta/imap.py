@@ -69,6 +69,7 @@ from p2pmta.imapmailbox import SelectedMailbox
 from p2pmta.imapselected import SelectedCommands
 from p2pmta.imapsyntax import Args, BadCommand, No, TooComplex
 from p2pmta.mailindex import splitHeaders
+from p2pmta.transports import sendInLargeWrites
 
 # Account, MailboxInfo and makeAccount (p2pmta.imapaccount), MAX_COMMAND
 # and MAX_LINE (p2pmta.imapreader) are importable from here too.
@@ -137,6 +138,8 @@ class IMAPServer(protocol.Protocol, policies.TimeoutMixin, SelectedCommands):
             # A tagged reply sent after the data it ends must not wait for
             # the client's delayed ACK (Nagle): that costs 40 ms a command.
             noDelay(True)
+        # A message of a megabyte goes out in one send, not eleven.
+        sendInLargeWrites(self.transport)
         self.setTimeout(self.preAuthTimeout)
         self.transport.registerProducer(self, True)
         self._producing = True

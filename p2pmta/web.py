@@ -35,6 +35,7 @@ from twisted.logger import Logger
 from twisted.web import http, server
 from twisted.web.resource import Resource
 
+from p2pmta.transports import sendInLargeWrites
 from p2pmta.webtree import (
     ALLOWED_METHODS,
     BAD_TARGET,
@@ -155,6 +156,8 @@ class _Channel(http.HTTPChannel):
             # An answer's last bytes must not wait for the client's
             # delayed ACK (Nagle).
             noDelay(True)
+        # A ciphertext of a megabyte goes out in one send, not eleven.
+        sendInLargeWrites(self.transport)
         self.site._connected(self)
         self._counted = True
 

@@ -22,6 +22,7 @@ from twisted.mail.imap4 import IAccount
 from twisted.python.threadpool import ThreadPool
 from twisted.trial.unittest import TestCase
 
+from p2pmta import transports
 from p2pmta.address import Address
 from p2pmta.auth import makePortal
 from p2pmta.errors import BodyUnavailable, DiskFull
@@ -403,6 +404,17 @@ class IMAPServerTests(TestCase):
         [server] = self.servers
         handle = server.transport.getHandle()
         self.assertTrue(handle.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+
+    @inlineCallbacks
+    def test_largeSends(self):
+        """
+        IMAP connections send up to L{transports.SEND_LIMIT} bytes at a
+        time: a message of a megabyte goes out in one send.
+        """
+        client = yield self.inThread(self.raw, False)
+        self.assertTrue(client.greeting.startswith(b"* OK"))
+        [server] = self.servers
+        self.assertEqual(server.transport.SEND_LIMIT, transports.SEND_LIMIT)
 
     @inlineCallbacks
     def test_seenStoredBeforeOK(self):

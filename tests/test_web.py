@@ -33,9 +33,12 @@ from twisted.python.threadpool import ThreadPool
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import Agent, HTTPConnectionPool, readBody
 from twisted.web.http_headers import Headers
+from twisted.web.test.requesthelper import DummyRequest
 
+from p2pmta import transports
 from p2pmta.store import Outbox
 from p2pmta.web import ACCESS_LOG_NAMESPACE, makeSite
+from p2pmta.webtree import READ_SIZE, Ciphertext
 
 CURL = "/usr/bin/curl"
 
@@ -207,6 +210,52 @@ class ServeTests(_ServerMixin, TestCase):
         [wrapper] = self.tracking.protocols
         handle = wrapper.transport.getHandle()
         self.assertTrue(handle.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+
+    @inlineCallbacks
+    def test_largeSends(self):
+        """
+        The outbox's connections send up to L{transports.SEND_LIMIT} bytes
+        at a time: a ciphertext of a megabyte goes out in one send.
+        """
+        sock = socket.create_connection(("127.0.0.1", self.port))
+        self.addCleanup(sock.close)
+        while not self.tracking.protocols:
+            yield deferLater(reactor, 0.01, lambda: None)
+        [wrapper] = self.tracking.protocols
+        self.assertEqual(wrapper.transport.SEND_LIMIT, transports.SEND_LIMIT)
+        self.assertGreater(transports.SEND_LIMIT, 1024 * 1024 - 1)
+
+    def test_readSize(self):
+        """
+        A ciphertext's file is read L{READ_SIZE} bytes at a time, whether
+        it is served whole or a range of it.
+        """
+        path = self.mktemp()
+        with open(path, "wb") as f:
+            f.write(os.urandom(1000))
+        resource = Ciphertext(path)
+        for wanted in (None, b"bytes=10-19"):
+            request = DummyRequest([b""])
+            if wanted is not None:
+                request.requestHeaders.setRawHeaders(b"range", [wanted])
+            with open(path, "rb") as f:
+                producer = resource.makeProducer(request, f)
+            self.assertEqual(producer.bufferSize, READ_SIZE)
+            self.assertEqual(request.responseCode, 200 if wanted is None else 206)
+
+    @inlineCallbacks
+    def test_rangeAcrossReads(self):
+        """
+        A range that starts and ends inside different reads of the file is
+        served exactly.
+        """
+        data = os.urandom(3 * READ_SIZE)
+        digest = yield self.outbox.add(data)
+        first, last = READ_SIZE - 7, 2 * READ_SIZE + 11
+        url = f"{self.base}/outbox/{digest}"
+        status, headers, body = yield self.curl("-H", f"Range: bytes={first}-{last}", url)
+        self.assertEqual(status, 206)
+        self.assertEqual(body, data[first : last + 1])
 
     @inlineCallbacks
     def test_pubkey(self):
