@@ -260,6 +260,200 @@ def _direct(fd: int, on: bool) -> bool:
     return True
 
 
+STAGING_SIZE = 256 * 1024
+"""
+The block an L{UncachedAppender} writes past the page cache: its staging
+buffer's size.  Each such write waits for the disk (about a quarter of a
+millisecond here), so the blocks are kept small enough not to hold up
+its caller's other work for long.
+"""
+
+
+class _StagingBuffers:
+    """
+    Page-aligned buffers of L{STAGING_SIZE} bytes, kept once used (up to
+    C{keep} of them), so that their pages are fresh only once: see
+    L{writeUncached} on what a fresh page costs.  Taken and given back
+    from any thread.
+    """
+
+    def __init__(self, keep: int = 8) -> None:
+        self._free: list[mmap.mmap] = []
+        self._keep = keep
+        self._lock = threading.Lock()
+
+    def take(self) -> mmap.mmap:
+        with self._lock:
+            if self._free:
+                return self._free.pop()
+        return mmap.mmap(-1, STAGING_SIZE)
+
+    def give(self, buffer: mmap.mmap) -> None:
+        with self._lock:
+            if len(self._free) < self._keep:
+                self._free.append(buffer)
+                return
+        buffer.close()
+
+
+_stagingBuffers = _StagingBuffers()
+
+
+class UncachedAppender:
+    """
+    A new file, written from its start, the way L{writeUncached} writes:
+    past the page cache, in aligned blocks of L{STAGING_SIZE} bytes gathered
+    in a staging buffer (one of a few kept for reuse, taken at the first
+    write), with C{O_DIRECT}.  L{flush} writes what is gathered: its aligned
+    part the same way, its last partial block the plain way; the file's end
+    is then no longer aligned, so whatever is written after goes the plain
+    way too.  Where C{O_DIRECT} cannot be had or is refused, blocks are
+    written the plain way.
+
+    For a file written once and flushed to disk, such as a message in the
+    spool: its writer fills no fresh page of the page cache, and a reader
+    that wants to skip the page cache too can (L{readUncached}).  It has the
+    binary file methods the spool uses: C{write}, C{flush}, C{fileno},
+    C{close} and C{closed}.  A failed block write raises L{OSError}, from
+    C{write} or from C{flush}, like a buffered file's.
+    """
+
+    def __init__(self, fd: int, buffers: _StagingBuffers = _stagingBuffers) -> None:
+        self._fd = fd
+        self._buffers = buffers
+        self._buffer: mmap.mmap | None = None
+        self._used = 0  # bytes gathered in the buffer
+        self._direct: bool | None = None  # unknown until the first block
+        self.closed = False
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def write(self, data) -> int:
+        if self.closed:
+            raise ValueError("write to a closed file")
+        view = memoryview(data).cast("B")
+        if self._direct is False:
+            # Nothing more goes past the cache: nothing more is staged.
+            if self._used:
+                self._writeStaged(self._used)
+            _writeAll(self._fd, view)
+            return len(view)
+        if self._buffer is None:
+            self._buffer = self._buffers.take()
+        done = 0
+        while done < len(view):
+            room = STAGING_SIZE - self._used
+            take = min(room, len(view) - done)
+            self._buffer[self._used : self._used + take] = view[done : done + take]
+            self._used += take
+            done += take
+            if self._used == STAGING_SIZE:
+                self._writeStaged(STAGING_SIZE)
+        return len(view)
+
+    def _writeStaged(self, size: int) -> None:
+        """
+        Write the first C{size} staged bytes (a multiple of
+        L{DIRECT_ALIGNMENT}) at the file's position, then keep the rest.
+        """
+        with memoryview(self._buffer) as whole, whole[:size] as block:
+            done = 0
+            if self._direct is None:
+                self._direct = _direct(self._fd, True)
+            if self._direct:
+                try:
+                    done = os.write(self._fd, block)
+                except OSError as e:
+                    if e.errno != errno.EINVAL:
+                        raise
+                    done = 0
+                if done != size:
+                    # Refused, or short: the rest of the file the plain way,
+                    # from wherever this write stopped.
+                    self._plain()
+            if done < size:
+                _writeAll(self._fd, block[done:])
+        rest = self._used - size
+        if rest:
+            self._buffer.move(0, size, rest)
+        self._used = rest
+
+    def _plain(self) -> None:
+        if self._direct:
+            _direct(self._fd, False)
+        self._direct = False
+
+    def flush(self) -> None:
+        if self.closed or not self._used:
+            return
+        aligned = self._used - self._used % DIRECT_ALIGNMENT
+        if aligned and self._direct is not False:
+            self._writeStaged(aligned)
+        if self._used:
+            self._plain()
+            self._writeStaged(self._used)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        try:
+            self.flush()
+        finally:
+            self.closed = True
+            if self._buffer is not None:
+                self._buffers.give(self._buffer)
+                self._buffer = None
+            os.close(self._fd)
+
+
+def _writeAll(fd: int, view) -> None:
+    done = 0
+    while done < len(view):
+        done += os.write(fd, view[done:])
+
+
+def readUncached(fd: int, size: int) -> bytes:
+    """
+    Read the first C{size} bytes of the file C{fd} past the page cache
+    (C{O_DIRECT}, into this thread's page-aligned buffer, kept for the
+    next read) where the file system allows it, else the plain way
+    (blocking).  For a file written past the cache (L{UncachedAppender}):
+    reading it the plain way would fill as many fresh pages of the page
+    cache as writing it would have.
+
+    @return: the bytes read: fewer than C{size} if the file is shorter.
+    """
+    rounded = -(-size // DIRECT_ALIGNMENT) * DIRECT_ALIGNMENT
+    if size and _direct(fd, True):
+        try:
+            buffer = getattr(_directBuffers, "reading", None)
+            if buffer is None or len(buffer) < rounded:
+                # The old one is unmapped once nothing refers to it.
+                buffer = _directBuffers.reading = mmap.mmap(-1, max(rounded, DIRECT_BUFFER))
+            done = 0
+            with memoryview(buffer) as whole:
+                while done < size:
+                    try:
+                        n = os.preadv(fd, [whole[done:rounded]], done)
+                    except OSError as e:
+                        if e.errno != errno.EINVAL:
+                            raise
+                        break  # refused: the rest the plain way
+                    if n <= 0:
+                        return bytes(whole[: min(done, size)])
+                    done += n
+                    if done % DIRECT_ALIGNMENT:
+                        break  # the end of the file, or a short read
+                if done >= size:
+                    return bytes(whole[:size])
+                head = bytes(whole[:done])
+        finally:
+            _direct(fd, False)
+        return head + os.pread(fd, size - done, done)
+    return os.pread(fd, size, 0)
+
+
 class HashingSink:
     """
     A file's C{write}, counting and hashing what goes through.

@@ -36,7 +36,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 
 from p2pmta import allocator, openpgp
 from p2pmta.errors import SealingFailed
-from p2pmta.fileutil import AtomicFile, fsyncDir, moveSpareInto, removeIfThere, writeByDigest
+from p2pmta.fileutil import AtomicFile, fsyncDir, moveSpareInto, readUncached, removeIfThere, writeByDigest
 from p2pmta.notification import attachmentsOf
 
 # Compression, chosen by content.
@@ -146,7 +146,9 @@ def sealSpooled(spool: str, limit: int, store, encrypt) -> tuple:
     """
     with open(spool, "rb") as f:
         size = os.fstat(f.fileno()).st_size
-        whole = f.read() if size <= WHOLE_MESSAGE else None
+        # Written past the page cache (p2pmta.spool.openedForMessage), and
+        # read past it too: nothing else reads it soon.
+        whole = readUncached(f.fileno(), size) if size <= WHOLE_MESSAGE else None
         source = f if whole is None else io.BytesIO(whole)
         headers, attachments, (level, strategy) = _readMessageFacts(source, size, limit, whole)
         source.seek(0)

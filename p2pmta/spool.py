@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from p2pmta.fileutil import CHUNK_SIZE, fsyncDir, removeIfThere
+from p2pmta.fileutil import CHUNK_SIZE, UncachedAppender, fsyncDir, removeIfThere
 
 #: The name prefix of a message file the SMTP server writes in the spool.
 #: Once accepted, the file stays there under its name: the ledger tells
@@ -39,10 +39,24 @@ def openSpoolFile(directory: str):
     """
     Create the file a message arrives in.
 
-    @return: the file, open for writing, and its path.
+    @return: the file, open for writing (an L{UncachedAppender}: see
+        L{openedForMessage}), and its path.
     """
     fd, path = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=directory)
-    return os.fdopen(fd, "wb"), path
+    return openedForMessage(fd), path
+
+
+def openedForMessage(fd: int) -> UncachedAppender:
+    """
+    The spool file C{fd} (new, empty), as the SMTP server writes a message
+    into it: past the page cache.  Nothing reads it back soon but the
+    sealing process, which reads it past the cache too
+    (L{p2pmta.sealing.sealSpooled}); and on a virtual machine that gives
+    freed memory back to its host, filling fresh pages of the page cache
+    with a 1 MB message cost the server's reactor thread 4-5 ms of kernel
+    time, which its 250 waited for (benchmarks/README.md).
+    """
+    return UncachedAppender(fd)
 
 
 def _makeSpoolFiles(directory: str, count: int) -> list[str]:
@@ -98,7 +112,7 @@ class SpoolAhead:
                 fd = os.open(path, os.O_WRONLY)  # not O_CREAT: its name is on disk
             except OSError:
                 continue
-            return os.fdopen(fd, "wb"), path, True
+            return openedForMessage(fd), path, True
         return (*openSpoolFile(self._directory), False)
 
     def _refill(self) -> None:

@@ -2,11 +2,14 @@
 Tests for L{p2pmta.fileutil}.
 """
 
+import ctypes
 import errno
 import fcntl
 import io
+import mmap
 import os
 import stat
+import tempfile
 
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
@@ -14,15 +17,18 @@ from p2pmta import fileutil
 from p2pmta.fileutil import (
     DIRECT_ALIGNMENT,
     DIRECT_BUFFER,
+    STAGING_SIZE,
     TEMP_PREFIX,
     AtomicFile,
     SpareFiles,
+    UncachedAppender,
     atomicWrite,
     atomicWriteFrom,
     createSecretFile,
     ensureDir,
     fsyncDir,
     isTempName,
+    readUncached,
     removeTempFiles,
     writeUncached,
 )
@@ -121,9 +127,53 @@ def _isDirect(fd: int) -> bool:
     return bool(fcntl.fcntl(fd, fcntl.F_GETFL) & getattr(os, "O_DIRECT", 0))
 
 
-class UncachedWriteTests(SynchronousTestCase):
+def requireDirect(folder: str) -> None:
+    """Skip unless the file system of C{folder} takes C{O_DIRECT}."""
+    fd, probe = tempfile.mkstemp(dir=folder)
+    try:
+        if not fileutil._direct(fd, True):
+            raise SkipTest("no O_DIRECT on this file system")
+    finally:
+        os.close(fd)
+        os.unlink(probe)
+
+
+def cachedPages(path: str) -> list[int]:
     """
-    Tests for L{writeUncached} and L{AtomicFile.writeUncached}.
+    The pages of the file at C{path} that are in the page cache, by number
+    (C{mincore} over a mapping of it, which reads nothing).
+    """
+    size = os.path.getsize(path)
+    if not size:
+        return []
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p)
+    pages = -(-size // mmap.PAGESIZE)
+    vector = (ctypes.c_ubyte * pages)()
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY) as mapping:
+        address = ctypes.c_char.from_buffer(mapping)
+        try:
+            if libc.mincore(ctypes.addressof(address), size, vector) != 0:
+                raise OSError(ctypes.get_errno(), "mincore")
+        finally:
+            del address
+    return [i for i in range(pages) if vector[i] & 1]
+
+
+def evict(path: str) -> None:
+    """Put the file at C{path} on disk and drop its pages from the page cache."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+class _WritesRecorded:
+    """
+    A folder for a file C{path}, and every write of L{fileutil} recorded in
+    C{writes}: its size and whether C{O_DIRECT} was on.
     """
 
     def setUp(self) -> None:
@@ -142,13 +192,54 @@ class UncachedWriteTests(SynchronousTestCase):
 
     def requireDirect(self) -> None:
         """Skip unless this file system takes C{O_DIRECT}."""
-        fd = os.open(os.path.join(self.dir, "probe"), os.O_WRONLY | os.O_CREAT, 0o600)
-        try:
-            if not fileutil._direct(fd, True):
-                raise SkipTest("no O_DIRECT on this file system")
-        finally:
-            os.close(fd)
-            os.unlink(os.path.join(self.dir, "probe"))
+        requireDirect(self.dir)
+
+    def refuseDirect(self) -> None:
+        """Make switching C{O_DIRECT} on fail (C{EINVAL}), as some file systems do."""
+        realFcntl = fcntl.fcntl
+
+        def refusing(fd, command, *args):
+            if command == fcntl.F_SETFL and args[0] & getattr(os, "O_DIRECT", 0):
+                raise OSError(errno.EINVAL, "no O_DIRECT here")
+            return realFcntl(fd, command, *args)
+
+        self.patch(fileutil.fcntl, "fcntl", refusing)
+
+    def refuseSecondDirectWrite(self) -> list:
+        """
+        Make the second write with C{O_DIRECT} fail (C{EINVAL}).
+
+        @return: the sizes of the writes with C{O_DIRECT}, as they come.
+        """
+        write = fileutil.os.write
+        calls = []
+
+        def refusingTheSecond(fd, data):
+            if _isDirect(fd):
+                calls.append(len(data))
+                if len(calls) == 2:
+                    raise OSError(errno.EINVAL, "misaligned")
+            return write(fd, data)
+
+        self.patch(fileutil.os, "write", refusingTheSecond)
+        return calls
+
+    def shortDirectWrites(self) -> None:
+        """Make each write with C{O_DIRECT} of more than a page write one page."""
+        write = fileutil.os.write
+
+        def short(fd, data):
+            if _isDirect(fd) and len(data) > DIRECT_ALIGNMENT:
+                return write(fd, memoryview(data)[:DIRECT_ALIGNMENT])
+            return write(fd, data)
+
+        self.patch(fileutil.os, "write", short)
+
+
+class UncachedWriteTests(_WritesRecorded, SynchronousTestCase):
+    """
+    Tests for L{writeUncached} and L{AtomicFile.writeUncached}.
+    """
 
     def written(self, data: bytes, prefix: bytes = b"") -> bytes:
         """Write C{prefix} the plain way, then C{data} uncached: the file."""
@@ -199,14 +290,7 @@ class UncachedWriteTests(SynchronousTestCase):
         Where C{O_DIRECT} cannot be switched on (C{EINVAL}), the data is
         written the plain way.
         """
-        realFcntl = fcntl.fcntl
-
-        def refusing(fd, command, *args):
-            if command == fcntl.F_SETFL and args[0] & getattr(os, "O_DIRECT", 0):
-                raise OSError(errno.EINVAL, "no O_DIRECT here")
-            return realFcntl(fd, command, *args)
-
-        self.patch(fileutil.fcntl, "fcntl", refusing)
+        self.refuseDirect()
         data = os.urandom(DIRECT_BUFFER + 5)
         self.assertEqual(self.written(data), data)
         self.assertEqual(self.writes, [(len(data), False)])
@@ -217,17 +301,7 @@ class UncachedWriteTests(SynchronousTestCase):
         wants a larger alignment) is made again the plain way, from there.
         """
         self.requireDirect()
-        calls = []
-        write = fileutil.os.write
-
-        def refusingTheSecond(fd, data):
-            if _isDirect(fd):
-                calls.append(len(data))
-                if len(calls) == 2:
-                    raise OSError(errno.EINVAL, "misaligned")
-            return write(fd, data)
-
-        self.patch(fileutil.os, "write", refusingTheSecond)
+        calls = self.refuseSecondDirectWrite()
         data = os.urandom(2 * DIRECT_BUFFER + 3)
         self.assertEqual(self.written(data), data)
         self.assertEqual(calls, [DIRECT_BUFFER, DIRECT_BUFFER])
@@ -239,14 +313,7 @@ class UncachedWriteTests(SynchronousTestCase):
         way from where it stopped.
         """
         self.requireDirect()
-        write = fileutil.os.write
-
-        def short(fd, data):
-            if _isDirect(fd) and len(data) > DIRECT_ALIGNMENT:
-                return write(fd, memoryview(data)[:DIRECT_ALIGNMENT])
-            return write(fd, data)
-
-        self.patch(fileutil.os, "write", short)
+        self.shortDirectWrites()
         data = os.urandom(3 * DIRECT_ALIGNMENT + 1)
         self.assertEqual(self.written(data), data)
         self.assertEqual(self.writes, [(DIRECT_ALIGNMENT, True), (2 * DIRECT_ALIGNMENT + 1, False)])
@@ -287,6 +354,282 @@ class UncachedWriteTests(SynchronousTestCase):
                 f.commit(self.path)
             with open(self.path, "rb") as f:
                 self.assertEqual(f.read(), data + head if uncachedFirst else head + data)
+
+
+class UncachedAppenderTests(_WritesRecorded, SynchronousTestCase):
+    """
+    Tests for L{UncachedAppender}: a new file written in aligned blocks
+    past the page cache, its tail the plain way.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.buffers = fileutil._StagingBuffers(keep=2)
+
+    def appender(self) -> UncachedAppender:
+        return UncachedAppender(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), self.buffers)
+
+    def written(self, data: bytes, piece: int) -> bytes:
+        """Write C{data} in pieces of C{piece} bytes, close: the file."""
+        f = self.appender()
+        for i in range(0, len(data), piece):
+            self.assertEqual(f.write(data[i : i + piece]), len(data[i : i + piece]))
+        f.close()
+        self.assertTrue(f.closed)
+        with open(self.path, "rb") as g:
+            return g.read()
+
+    def test_sizes(self) -> None:
+        """
+        Whatever its size, and however it is cut into writes, the data is
+        in the file whole, in order.
+        """
+        for size in (0, 1, DIRECT_ALIGNMENT - 1, DIRECT_ALIGNMENT, DIRECT_ALIGNMENT + 1,
+                     STAGING_SIZE - 1, STAGING_SIZE, STAGING_SIZE + 1, 3 * STAGING_SIZE + DIRECT_ALIGNMENT + 17):
+            data = os.urandom(size)
+            for piece in (1000, 65536, STAGING_SIZE, 2 * STAGING_SIZE + 1):
+                if size > 100_000 and piece == 1000:
+                    continue
+                self.assertEqual(self.written(data, piece), data, (size, piece))
+            self.assertEqual(self.written(bytearray(data), 4096), data)
+
+    def test_blocks(self) -> None:
+        """
+        Full blocks go with C{O_DIRECT} as they fill; the flush writes the
+        aligned part of the rest the same way and its last partial page the
+        plain way, with C{O_DIRECT} switched off.
+        """
+        self.requireDirect()
+        data = os.urandom(2 * STAGING_SIZE + DIRECT_ALIGNMENT + 17)
+        f = self.appender()
+        for i in range(0, len(data), 10_000):
+            f.write(data[i : i + 10_000])
+        self.assertEqual(self.writes, [(STAGING_SIZE, True), (STAGING_SIZE, True)])
+        f.flush()
+        self.assertEqual(self.writes[2:], [(DIRECT_ALIGNMENT, True), (17, False)])
+        self.assertFalse(_isDirect(f.fileno()))
+        # Written after the flush, past an unaligned end: the plain way.
+        f.write(b"more" * 5000)
+        f.close()
+        self.assertEqual(self.writes[4:], [(20000, False)])
+        with open(self.path, "rb") as g:
+            self.assertEqual(g.read(), data + b"more" * 5000)
+
+    def test_pastThePageCache(self) -> None:
+        """
+        The file's pages are not in the page cache once it is written and
+        flushed, but for its last partial one; written the plain way, all
+        of them are.
+        """
+        self.requireDirect()
+        data = os.urandom(STAGING_SIZE + 5 * DIRECT_ALIGNMENT + 100)
+        f = self.appender()
+        for i in range(0, len(data), 8000):
+            f.write(data[i : i + 8000])
+        f.close()
+        self.assertEqual(cachedPages(self.path), [len(data) // mmap.PAGESIZE])
+        with open(self.path, "rb") as g:
+            self.assertEqual(g.read(), data)
+        with open(self.path, "wb") as g:
+            g.write(data)
+        self.assertEqual(len(cachedPages(self.path)), -(-len(data) // mmap.PAGESIZE))
+
+    def test_noDirectOnThisFileSystem(self) -> None:
+        """
+        Where C{O_DIRECT} cannot be switched on (C{EINVAL}), the first block
+        is written the plain way, and then what is staged and every write
+        as it comes.
+        """
+        self.refuseDirect()
+        data = os.urandom(STAGING_SIZE + 300_000)
+        self.assertEqual(self.written(data, 100_000), data)
+        rest = 3 * 100_000 - STAGING_SIZE
+        self.assertEqual(
+            self.writes,
+            [(STAGING_SIZE, False), (rest, False), (100_000, False), (100_000, False), (len(data) - 500_000, False)],
+        )
+        self.assertEqual(sum(size for size, _ in self.writes), len(data))
+
+    def test_writeRefused(self) -> None:
+        """
+        A block the file system refuses with C{O_DIRECT} (C{EINVAL}) is
+        written again the plain way, and so is the rest of the file.
+        """
+        self.requireDirect()
+        calls = self.refuseSecondDirectWrite()
+        data = os.urandom(3 * STAGING_SIZE + 3)
+        self.assertEqual(self.written(data, 50_000), data)
+        self.assertEqual(calls, [STAGING_SIZE, STAGING_SIZE])
+        self.assertEqual(self.writes[0], (STAGING_SIZE, True))
+        self.assertTrue(all(not direct for _, direct in self.writes[1:]))
+
+    def test_shortWrite(self) -> None:
+        """
+        After a short write with C{O_DIRECT}, the rest of the block and of
+        the file goes the plain way, from where it stopped.
+        """
+        self.requireDirect()
+        self.shortDirectWrites()
+        data = os.urandom(2 * STAGING_SIZE + 1)
+        self.assertEqual(self.written(data, STAGING_SIZE), data)
+        self.assertEqual(self.writes[:2], [(DIRECT_ALIGNMENT, True), (STAGING_SIZE - DIRECT_ALIGNMENT, False)])
+        self.assertTrue(all(not direct for _, direct in self.writes[1:]))
+
+    def test_errorsRaised(self) -> None:
+        """
+        A full disk is raised by the write that fills a block, or by the
+        flush (or the close) for what was staged; the file is closed all
+        the same and its buffer goes back.
+        """
+        def full(fd, data):
+            raise OSError(errno.ENOSPC, "disk full")
+
+        self.patch(fileutil.os, "write", full)
+        f = self.appender()
+        f.write(b"x" * (STAGING_SIZE - 1))
+        with self.assertRaises(OSError) as caught:
+            f.write(b"yy")
+        self.assertEqual(caught.exception.errno, errno.ENOSPC)
+        fd = f.fileno()
+        self.assertRaises(OSError, f.close)
+        self.assertTrue(f.closed)
+        self.assertRaises(OSError, os.fstat, fd)
+        self.assertEqual(len(self.buffers._free), 1)
+        g = self.appender()
+        g.write(b"short")
+        self.assertRaises(OSError, g.flush)
+        self.assertRaises(OSError, g.close)
+        self.assertTrue(g.closed)
+
+    def test_closed(self) -> None:
+        """
+        A closed appender refuses writes; closing it again does nothing.
+        """
+        f = self.appender()
+        f.write(b"abc")
+        f.close()
+        f.close()
+        self.assertRaises(ValueError, f.write, b"d")
+        with open(self.path, "rb") as g:
+            self.assertEqual(g.read(), b"abc")
+
+    def test_buffersKept(self) -> None:
+        """
+        A staging buffer is taken at the first write and given back at the
+        close, to be taken again; no more than C{keep} are kept.
+        """
+        first = self.appender()
+        self.assertEqual(self.buffers._free, [])
+        first.write(b"a")
+        buffer = first._buffer
+        first.close()
+        self.assertEqual(self.buffers._free, [buffer])
+        appenders = [self.appender() for _ in range(3)]
+        for f in appenders:
+            f.write(b"b")
+        self.assertIs(appenders[0]._buffer, buffer)  # the one given back
+        for f in appenders:
+            f.close()
+        self.assertEqual(len(self.buffers._free), 2)
+        self.assertIn(buffer, self.buffers._free)
+        self.assertTrue(appenders[0]._buffer is None)
+
+
+class ReadUncachedTests(_WritesRecorded, SynchronousTestCase):
+    """
+    Tests for L{readUncached}.
+    """
+
+    def read(self, size: int) -> bytes:
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            data = readUncached(fd, size)
+            self.assertFalse(_isDirect(fd), "O_DIRECT is switched off again")
+            return data
+        finally:
+            os.close(fd)
+
+    def test_sizes(self) -> None:
+        """
+        The first C{size} bytes of the file, whatever the size; fewer when
+        the file is shorter.
+        """
+        for length in (0, 1, DIRECT_ALIGNMENT - 1, DIRECT_ALIGNMENT, DIRECT_ALIGNMENT + 1,
+                       DIRECT_BUFFER + 3, 2 * DIRECT_BUFFER + DIRECT_ALIGNMENT):
+            data = os.urandom(length)
+            with open(self.path, "wb") as f:
+                f.write(data)
+            for cached in (True, False):
+                if not cached:
+                    evict(self.path)
+                self.assertEqual(self.read(length), data, length)
+                self.assertEqual(self.read(length + 10), data, length)
+                self.assertEqual(self.read(length // 2), data[: length // 2], length)
+
+    def test_pastThePageCache(self) -> None:
+        """
+        Reading a file that is not in the page cache does not put it there.
+        """
+        self.requireDirect()
+        data = os.urandom(DIRECT_BUFFER + 3 * DIRECT_ALIGNMENT)
+        with open(self.path, "wb") as f:
+            f.write(data)
+        evict(self.path)
+        self.assertEqual(self.read(len(data)), data)
+        self.assertEqual(cachedPages(self.path), [])
+
+    def test_noDirect(self) -> None:
+        """
+        Where C{O_DIRECT} cannot be switched on, the file is read the plain
+        way.
+        """
+        data = os.urandom(3 * DIRECT_ALIGNMENT + 5)
+        with open(self.path, "wb") as f:
+            f.write(data)
+        self.refuseDirect()
+        self.assertEqual(self.read(len(data)), data)
+
+    def test_readRefused(self) -> None:
+        """
+        Where a read with C{O_DIRECT} is refused (C{EINVAL}), the rest of
+        the file is read the plain way.
+        """
+        self.requireDirect()
+        data = os.urandom(3 * DIRECT_ALIGNMENT + 5)
+        with open(self.path, "wb") as f:
+            f.write(data)
+        realPreadv, calls = os.preadv, []
+
+        def preadv(fd, buffers, offset):
+            calls.append(offset)
+            if len(calls) == 2:
+                raise OSError(errno.EINVAL, "misaligned")
+            return realPreadv(fd, [memoryview(buffers[0])[:DIRECT_ALIGNMENT]], offset)
+
+        self.patch(fileutil.os, "preadv", preadv)
+        self.assertEqual(self.read(len(data)), data)
+        self.assertEqual(calls, [0, DIRECT_ALIGNMENT])
+
+    def test_otherErrorsRaised(self) -> None:
+        """
+        Any other error of the read is raised, with C{O_DIRECT} off again.
+        """
+        with open(self.path, "wb") as f:
+            f.write(b"x" * 10_000)
+
+        def failing(fd, buffers, offset):
+            raise OSError(errno.EIO, "I/O error")
+
+        self.patch(fileutil.os, "preadv", failing)
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            if fileutil._direct(fd, False):
+                with self.assertRaises(OSError) as caught:
+                    readUncached(fd, 10_000)
+                self.assertEqual(caught.exception.errno, errno.EIO)
+                self.assertFalse(_isDirect(fd))
+        finally:
+            os.close(fd)
 
 
 class SecretFileTests(SynchronousTestCase):

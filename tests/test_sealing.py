@@ -34,6 +34,7 @@ from p2pmta.sealers import Sealers, childEnvironment
 from p2pmta.sealing import PARENT_PID, factsOf, frame, keyFields, keyFromFields, sealBatch
 from tests.peers import PeerHarness
 from tests.test_mailflow import fetchOne, makeMessage, stripAdded
+from tests.test_fileutil import cachedPages, evict, requireDirect
 from tests.test_openpgp import _keys
 
 TEXT = makeMessage("alice@demo", ["bob@demo"], "text", b"")
@@ -122,6 +123,19 @@ class SealBatchTests(_Folders, TestCase):
         self.assertNotIsInstance(held[0], bytes)
         self.assertEqual(streamed[2:5], whole[2:5])
         self.assertEqual(json.loads(streamed[4]), [{"name": "data.bin", "type": "application/octet-stream", "size": 30_000}])
+
+    def test_spoolReadPastThePageCache(self) -> None:
+        """
+        A spooled message is read past the page cache, as it was written
+        (L{p2pmta.spool.openedForMessage}): sealing it puts none of its
+        pages there.
+        """
+        requireDirect(self.spool)
+        spooled = _spooled(self.spool, "a", BINARY)
+        evict(spooled)
+        facts = factsOf(sealBatch(self.request([{"spool": spooled, "keys": [self.bob.publicKey.fingerprint]}]), self.keys)["results"][0])
+        self.assertEqual(cachedPages(spooled), [])
+        self.assertSealed(facts, spooled, self.bob)
 
     def test_sparesUsedOrGivenBack(self) -> None:
         """

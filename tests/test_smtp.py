@@ -5,6 +5,7 @@ driven over TCP on 127.0.0.1 by the stdlib C{smtplib}.
 
 import base64
 import errno
+import mmap
 import os
 import smtplib
 import socket
@@ -26,6 +27,7 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
+from p2pmta import fileutil
 from p2pmta.address import Address
 from p2pmta.auth import makePortal
 from p2pmta.errors import CryptoError, UnknownPeer
@@ -34,6 +36,7 @@ from p2pmta.smtp import SubmissionFactory
 from p2pmta.smtpsession import SubmissionServer
 from p2pmta.spool import ENVELOPE_ATTRIBUTE, TEMP_PREFIX, Envelope, findUnrecorded, keepsEnvelopes
 from p2pmta.tls import loadOrCreateCertificate
+from tests.test_fileutil import cachedPages, requireDirect
 
 ALICE = Address.parse("alice@demo")
 PASSWORD = "s3cret pass"
@@ -855,6 +858,72 @@ class SpoolAheadTests(ServerMixin, SynchronousTestCase):
             self.calls, [("_makeSpoolFiles", (4,)), ("flushAndClose", (os.path.abspath(self.spool), None))]
         )
         self.assertEqual(self.spoolNames(), [])
+
+
+class UncachedSpoolTests(ServerMixin, SynchronousTestCase):
+    """
+    A message is written into its spool file past the page cache
+    (L{p2pmta.spool.openedForMessage}), made ahead of time or not.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.submission.maxMessageSize = 2_000_000
+        self.cached = []
+        accept = self.submission.accept
+
+        def accepting(sender, recipients, path, flushing, check):
+            # Before the fake reads the file back (which caches it).
+            flushing.addCallback(lambda kept: self.cached.append(cachedPages(path)) or kept)
+            return accept(sender, recipients, path, flushing, check)
+
+        self.submission.accept = accepting
+        self.login()
+
+    def message(self, size: int) -> bytes:
+        line = b"QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVphYmNkZWZnaGlqa2xtbm9wcXJzdHV2d3h5ejAxMjM0NTY3\r\n"
+        return b"Subject: big\r\n\r\n" + line * (size // len(line))
+
+    def test_pastThePageCache(self) -> None:
+        """
+        Once flushed, a 600 KB message's spool file has at most its last
+        page in the page cache, and it is stored byte for byte.
+        """
+        requireDirect(self.spool)
+        message = self.message(600_000)
+        lines = self.send(b"MAIL FROM:<alice@demo>\r\nRCPT TO:<carol@demo>\r\nDATA\r\n")
+        self.assertEqual(codes(lines), [250, 250, 354])
+        self.assertEqual(codes(self.send(message + b".\r\n", chunk=65536)), [250])
+        stored = self.submission.accepted[-1][2]
+        self.assertEqual(stored.split(b"\r\n", 3)[3], message)
+        self.assertLessEqual(len(self.cached[-1]), 1)
+        self.assertEqual(self.cached[-1], [(len(stored) - 1) // mmap.PAGESIZE] if len(stored) % mmap.PAGESIZE else [])
+
+    def test_diskFull(self) -> None:
+        """
+        A full disk met by a block written past the cache, or by the flush
+        of what was staged, gets 452 4.3.1, leaves no spool file behind and
+        spoils no later message.
+        """
+        write = fileutil.os.write
+        self.full = False
+
+        def writing(fd, data):
+            if self.full:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return write(fd, data)
+
+        self.patch(fileutil.os, "write", writing)
+        for size in (600_000, 1000):
+            self.full = True
+            lines = self.send(b"MAIL FROM:<alice@demo>\r\nRCPT TO:<carol@demo>\r\nDATA\r\n")
+            self.assertEqual(codes(lines), [250, 250, 354])
+            self.assertEqual(self.send(self.message(size) + b".\r\n", chunk=65536)[-1][:9], b"452 4.3.1")
+            self.assertEqual(self.spoolNames(), [])
+            self.full = False
+            self.send(b"MAIL FROM:<alice@demo>\r\nRCPT TO:<carol@demo>\r\nDATA\r\n")
+            self.assertEqual(codes(self.send(self.message(size) + b".\r\n")), [250])
+            self.assertEqual(self.submission.accepted[-1][2].split(b"\r\n", 3)[3], self.message(size))
 
 
 class SpoolEnvelopeTests(ServerMixin, SynchronousTestCase):
