@@ -243,6 +243,75 @@ class ServeTests(_ServerMixin, TestCase):
             self.assertEqual(producer.bufferSize, READ_SIZE)
             self.assertEqual(request.responseCode, 200 if wanted is None else 206)
 
+    def _served(self, data: bytes, wanted=None, shrink: bool = False) -> tuple:
+        """
+        Serve a ciphertext file holding C{data} (its range C{wanted}) to a
+        L{DummyRequest}, truncated once its response began if C{shrink}.
+
+        @return: the events, in order (C{"resume"}, C{("write", n)},
+            C{"finish"}), and the request.
+        """
+        path = self.mktemp()
+        with open(path, "wb") as f:
+            f.write(data)
+        events = []
+
+        class Request(DummyRequest):
+            def write(self, chunk):
+                events.append(("write", len(chunk)))
+                super().write(chunk)
+
+            def finish(self):
+                events.append("finish")
+                super().finish()
+
+        request = Request([b""])
+        request.transport = transport = StringTransport()
+
+        def abort():
+            request.go = 0  # DummyRequest's loop, as a real connection's loss ends it
+            StringTransport.abortConnection(transport)
+
+        transport.abortConnection = abort
+        if wanted is not None:
+            request.requestHeaders.setRawHeaders(b"range", [wanted])
+        with open(path, "rb") as f:
+            producer = Ciphertext(path).makeProducer(request, f)
+            if shrink:
+                os.truncate(path, len(data) // 2)
+            resume = producer.resumeProducing
+            producer.resumeProducing = lambda: events.append("resume") or resume()
+            producer.start()
+        return events, request
+
+    def test_finishedWithItsLastBytes(self):
+        """
+        A response is finished by the write of its last bytes, whole or a
+        range: not one turn of the reactor later, which let the download
+        count against its client's limit after the client had it all.
+        """
+        data = os.urandom(2 * READ_SIZE + 5)
+        for wanted, sizes in [(None, [READ_SIZE, READ_SIZE, 5]), (b"bytes=3-", [READ_SIZE, READ_SIZE, 2]),
+                              (b"bytes=0-9", [10])]:
+            events, request = self._served(data, wanted)
+            expected = []
+            for size in sizes:
+                expected += ["resume", ("write", size)]
+            self.assertEqual(events, expected + ["finish"], wanted)
+            self.assertEqual(b"".join(request.written), data[3:] if wanted == b"bytes=3-" else data[: sum(sizes)])
+        events, request = self._served(b"", None)
+        self.assertEqual(events, ["resume", "finish"])
+
+    def test_shrunkFileAborts(self):
+        """
+        A file found shorter than it was when its response began aborts the
+        connection rather than leave the client waiting.
+        """
+        events, request = self._served(os.urandom(3 * READ_SIZE), shrink=True)
+        self.assertEqual(events, ["resume", ("write", READ_SIZE), "resume", ("write", READ_SIZE // 2), "resume"])
+        self.assertTrue(request.transport.disconnected)
+        self.assertFalse(request.finished)
+
     @inlineCallbacks
     def test_rangeAcrossReads(self):
         """
