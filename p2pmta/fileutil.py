@@ -11,6 +11,8 @@ L{TEMP_PREFIX}) so that a folder can be swept of a crash's leftovers with
 L{removeTempFiles}.
 """
 
+import collections
+import concurrent.futures
 import errno
 import fcntl
 import hashlib
@@ -303,27 +305,41 @@ class UncachedAppender:
     """
     A new file, written from its start, the way L{writeUncached} writes:
     past the page cache, in aligned blocks of L{STAGING_SIZE} bytes gathered
-    in a staging buffer (one of a few kept for reuse, taken at the first
-    write), with C{O_DIRECT}.  L{flush} writes what is gathered: its aligned
+    in a staging buffer (taken at the first write from a few kept for
+    reuse), with C{O_DIRECT}.  L{flush} writes what is gathered: its aligned
     part the same way, its last partial block the plain way; the file's end
     is then no longer aligned, so whatever is written after goes the plain
     way too.  Where C{O_DIRECT} cannot be had or is refused, blocks are
     written the plain way.
 
+    Given a C{writer} (an executor of one thread, say), each full block is
+    written by it while the caller goes on gathering the next in another
+    buffer: a write past the cache waits for the disk, and the caller, a
+    reactor, need not.  At most C{ahead} blocks are in its hands at once;
+    the next full one waits for the oldest.  L{flush} waits for all.
+
     For a file written once and flushed to disk, such as a message in the
     spool: its writer fills no fresh page of the page cache, and a reader
     that wants to skip the page cache too can (L{readUncached}).  It has the
     binary file methods the spool uses: C{write}, C{flush}, C{fileno},
-    C{close} and C{closed}.  A failed block write raises L{OSError}, from
-    C{write} or from C{flush}, like a buffered file's.
+    C{close} and C{closed}.  A failed block write raises L{OSError} from the
+    next C{write}, or from C{flush}, like a buffered file's.  Every write is
+    made at its place in the file (C{pwrite}): the file's position does not
+    move.
     """
 
-    def __init__(self, fd: int, buffers: _StagingBuffers = _stagingBuffers) -> None:
+    def __init__(
+        self, fd: int, buffers: _StagingBuffers = _stagingBuffers, writer=None, ahead: int = 2
+    ) -> None:
         self._fd = fd
         self._buffers = buffers
+        self._writer = writer
+        self._ahead = ahead
         self._buffer: mmap.mmap | None = None
         self._used = 0  # bytes gathered in the buffer
+        self._offset = 0  # where in the file they go
         self._direct: bool | None = None  # unknown until the first block
+        self._pending: collections.deque = collections.deque()  # (future, buffer) given to the writer
         self.closed = False
 
     def fileno(self) -> int:
@@ -332,52 +348,96 @@ class UncachedAppender:
     def write(self, data) -> int:
         if self.closed:
             raise ValueError("write to a closed file")
+        self._collect(wait=False)
         view = memoryview(data).cast("B")
         if self._direct is False:
             # Nothing more goes past the cache: nothing more is staged.
             if self._used:
                 self._writeStaged(self._used)
-            _writeAll(self._fd, view)
+            _pwriteAll(self._fd, view, self._offset)
+            self._offset += len(view)
             return len(view)
-        if self._buffer is None:
-            self._buffer = self._buffers.take()
         done = 0
         while done < len(view):
-            room = STAGING_SIZE - self._used
-            take = min(room, len(view) - done)
+            if self._buffer is None:
+                self._buffer = self._buffers.take()
+            take = min(STAGING_SIZE - self._used, len(view) - done)
             self._buffer[self._used : self._used + take] = view[done : done + take]
             self._used += take
             done += take
             if self._used == STAGING_SIZE:
-                self._writeStaged(STAGING_SIZE)
+                self._blockFull()
         return len(view)
 
-    def _writeStaged(self, size: int) -> None:
+    def _blockFull(self) -> None:
+        if self._direct is None:
+            self._direct = _direct(self._fd, True)
+        if self._writer is None or not self._direct:
+            self._writeStaged(STAGING_SIZE)
+            return
+        buffer, offset = self._buffer, self._offset
+        self._pending.append((self._writer.submit(self._writeBlock, buffer, STAGING_SIZE, offset), buffer))
+        self._buffer, self._used = None, 0
+        self._offset += STAGING_SIZE
+        if len(self._pending) > self._ahead:
+            self._collect(wait=True, count=len(self._pending) - self._ahead)
+
+    def _writeBlock(self, buffer, size: int, offset: int) -> None:
         """
-        Write the first C{size} staged bytes (a multiple of
-        L{DIRECT_ALIGNMENT}) at the file's position, then keep the rest.
+        Write the first C{size} bytes of C{buffer} at C{offset}, with
+        C{O_DIRECT} if it is on (in any thread).
         """
-        with memoryview(self._buffer) as whole, whole[:size] as block:
+        with memoryview(buffer) as whole, whole[:size] as block:
             done = 0
-            if self._direct is None:
-                self._direct = _direct(self._fd, True)
             if self._direct:
                 try:
-                    done = os.write(self._fd, block)
+                    done = os.pwrite(self._fd, block, offset)
                 except OSError as e:
                     if e.errno != errno.EINVAL:
                         raise
-                    done = 0
                 if done != size:
                     # Refused, or short: the rest of the file the plain way,
                     # from wherever this write stopped.
                     self._plain()
-            if done < size:
-                _writeAll(self._fd, block[done:])
+            _pwriteAll(self._fd, block[done:], offset + done)
+
+    def _writeStaged(self, size: int) -> None:
+        """
+        Write the first C{size} staged bytes (a multiple of
+        L{DIRECT_ALIGNMENT}, unless C{O_DIRECT} is off) here and now, then
+        keep the rest.
+        """
+        if self._direct is None:
+            self._direct = _direct(self._fd, True)
+        self._writeBlock(self._buffer, size, self._offset)
+        self._offset += size
         rest = self._used - size
         if rest:
             self._buffer.move(0, size, rest)
         self._used = rest
+
+    def _collect(self, wait: bool, count: int | None = None) -> None:
+        """
+        Take back the buffers of the blocks the writer is done with, first
+        waiting for the oldest C{count} (all, if not given) if C{wait}.
+
+        @raise OSError: the first failure of those blocks' writes.
+        """
+        error = None
+        while self._pending:
+            future, buffer = self._pending[0]
+            if not future.done():
+                if not wait or count == 0:
+                    break
+                concurrent.futures.wait([future])
+            self._pending.popleft()
+            self._buffers.give(buffer)
+            if count:
+                count -= 1
+            if error is None:
+                error = future.exception()
+        if error is not None:
+            raise error
 
     def _plain(self) -> None:
         if self._direct:
@@ -385,7 +445,10 @@ class UncachedAppender:
         self._direct = False
 
     def flush(self) -> None:
-        if self.closed or not self._used:
+        if self.closed:
+            return
+        self._collect(wait=True)
+        if not self._used:
             return
         aligned = self._used - self._used % DIRECT_ALIGNMENT
         if aligned and self._direct is not False:
@@ -401,16 +464,21 @@ class UncachedAppender:
             self.flush()
         finally:
             self.closed = True
+            while self._pending:
+                # After a failure: nothing may write to the file once closed.
+                future, buffer = self._pending.popleft()
+                concurrent.futures.wait([future])
+                self._buffers.give(buffer)
             if self._buffer is not None:
                 self._buffers.give(self._buffer)
                 self._buffer = None
             os.close(self._fd)
 
 
-def _writeAll(fd: int, view) -> None:
+def _pwriteAll(fd: int, view, offset: int) -> None:
     done = 0
     while done < len(view):
-        done += os.write(fd, view[done:])
+        done += os.pwrite(fd, view[done:], offset + done)
 
 
 def readUncached(fd: int, size: int) -> bytes:

@@ -2,6 +2,8 @@
 Tests for L{p2pmta.fileutil}.
 """
 
+import collections
+import concurrent.futures
 import ctypes
 import errno
 import fcntl
@@ -10,6 +12,7 @@ import mmap
 import os
 import stat
 import tempfile
+import threading
 
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
@@ -172,8 +175,10 @@ def evict(path: str) -> None:
 
 class _WritesRecorded:
     """
-    A folder for a file C{path}, and every write of L{fileutil} recorded in
-    C{writes}: its size and whether C{O_DIRECT} was on.
+    A folder for a file C{path}, and every write of L{fileutil} (C{write}
+    and C{pwrite}) recorded in C{writes}: its size and whether C{O_DIRECT}
+    was on.  C{hook(fd, data)}, if set, sees each first: it may raise, or
+    return a size to write only that much.
     """
 
     def setUp(self) -> None:
@@ -181,14 +186,18 @@ class _WritesRecorded:
         os.mkdir(self.dir)
         self.path = os.path.join(self.dir, "f")
         self.writes: list[tuple[int, bool]] = []
-        realWrite = os.write
+        self.hook = None
+        realWrite, realPwrite = os.write, os.pwrite
 
-        def write(fd, data):
+        def hooked(fd, data) -> memoryview:
+            size = self.hook(fd, data) if self.hook is not None else None
+            data = memoryview(data)[:size] if size is not None else data
             self.writes.append((len(data), _isDirect(fd)))
-            return realWrite(fd, data)
+            return data
 
         self.realWrite = realWrite
-        self.patch(fileutil.os, "write", write)
+        self.patch(fileutil.os, "write", lambda fd, data: realWrite(fd, hooked(fd, data)))
+        self.patch(fileutil.os, "pwrite", lambda fd, data, offset: realPwrite(fd, hooked(fd, data), offset))
 
     def requireDirect(self) -> None:
         """Skip unless this file system takes C{O_DIRECT}."""
@@ -211,7 +220,6 @@ class _WritesRecorded:
 
         @return: the sizes of the writes with C{O_DIRECT}, as they come.
         """
-        write = fileutil.os.write
         calls = []
 
         def refusingTheSecond(fd, data):
@@ -219,21 +227,21 @@ class _WritesRecorded:
                 calls.append(len(data))
                 if len(calls) == 2:
                     raise OSError(errno.EINVAL, "misaligned")
-            return write(fd, data)
 
-        self.patch(fileutil.os, "write", refusingTheSecond)
+        self.hook = refusingTheSecond
         return calls
 
     def shortDirectWrites(self) -> None:
         """Make each write with C{O_DIRECT} of more than a page write one page."""
-        write = fileutil.os.write
+        self.hook = lambda fd, data: DIRECT_ALIGNMENT if _isDirect(fd) and len(data) > DIRECT_ALIGNMENT else None
 
-        def short(fd, data):
-            if _isDirect(fd) and len(data) > DIRECT_ALIGNMENT:
-                return write(fd, memoryview(data)[:DIRECT_ALIGNMENT])
-            return write(fd, data)
+    def diskFull(self) -> None:
+        """Make every write fail with C{ENOSPC}."""
 
-        self.patch(fileutil.os, "write", short)
+        def full(fd, data):
+            raise OSError(errno.ENOSPC, "disk full")
+
+        self.hook = full
 
 
 class UncachedWriteTests(_WritesRecorded, SynchronousTestCase):
@@ -324,13 +332,7 @@ class UncachedWriteTests(_WritesRecorded, SynchronousTestCase):
         off again; an L{AtomicFile} then leaves nothing behind.
         """
         self.requireDirect()
-        seen = []
-
-        def full(fd, data):
-            seen.append(fd)
-            raise OSError(errno.ENOSPC, "disk full")
-
-        self.patch(fileutil.os, "write", full)
+        self.diskFull()
         with self.assertRaises(OSError) as caught:
             with AtomicFile(self.dir) as f:
                 f.writeUncached(os.urandom(DIRECT_BUFFER))
@@ -366,8 +368,81 @@ class UncachedAppenderTests(_WritesRecorded, SynchronousTestCase):
         super().setUp()
         self.buffers = fileutil._StagingBuffers(keep=2)
 
-    def appender(self) -> UncachedAppender:
-        return UncachedAppender(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), self.buffers)
+    def appender(self, writer=None, ahead: int = 2) -> UncachedAppender:
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        return UncachedAppender(fd, self.buffers, writer, ahead)
+
+    def writer(self) -> concurrent.futures.ThreadPoolExecutor:
+        """An executor of one thread, shut down after the test."""
+        writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="test-writer")
+        self.addCleanup(writer.shutdown)
+        return writer
+
+    def test_writer(self) -> None:
+        """
+        Given a writer, full blocks are written by it, each at its place,
+        with C{O_DIRECT}; the flush writes the rest itself.  The file holds
+        the data whole, in order.
+        """
+        self.requireDirect()
+        threads = []
+        self.hook = lambda fd, data: threads.append(threading.current_thread().name)
+        data = os.urandom(5 * STAGING_SIZE + DIRECT_ALIGNMENT + 123)
+        f = self.appender(self.writer())
+        for i in range(0, len(data), 70_000):
+            f.write(data[i : i + 70_000])
+        f.close()
+        with open(self.path, "rb") as g:
+            self.assertEqual(g.read(), data)
+        self.assertEqual(self.writes, [(STAGING_SIZE, True)] * 5 + [(DIRECT_ALIGNMENT, True), (123, False)])
+        self.assertTrue(all(name.startswith("test-writer") for name in threads[:5]), threads)
+        self.assertEqual(threads[5:], [threading.current_thread().name] * 2)
+        self.assertEqual(len(self.buffers._free), 2)
+
+    def test_writerAhead(self) -> None:
+        """
+        At most C{ahead} blocks are in the writer's hands: the next full
+        one waits until the oldest is written.
+        """
+        self.requireDirect()
+        writer, release = self.writer(), threading.Event()
+        writer.submit(release.wait)  # the writer is busy until released
+        f = self.appender(writer, ahead=2)
+        f.write(b"a" * (2 * STAGING_SIZE))
+        self.assertEqual((len(f._pending), self.writes), (2, []))
+        threading.Timer(0.2, release.set).start()
+        f.write(b"b" * STAGING_SIZE)  # waits for the first block
+        self.assertTrue(release.is_set())
+        self.assertLessEqual(len(f._pending), 2)
+        self.assertGreaterEqual(len(self.writes), 1)
+        f.close()
+        with open(self.path, "rb") as g:
+            self.assertEqual(g.read(), b"a" * (2 * STAGING_SIZE) + b"b" * STAGING_SIZE)
+
+    def test_writerFailure(self) -> None:
+        """
+        A block the writer fails to write fails the next C{write}, or else
+        the flush; the close still waits for the writer before closing the
+        file, and gives every buffer back.
+        """
+        self.requireDirect()
+        for failAt in ("write", "flush"):
+            self.diskFull()
+            writer = self.writer()
+            f = self.appender(writer)
+            f.write(b"x" * STAGING_SIZE)
+            writer.submit(lambda: None).result()  # the block's write is done
+            with self.assertRaises(OSError) as caught:
+                if failAt == "write":
+                    f.write(b"y")
+                else:
+                    f.flush()
+            self.assertEqual(caught.exception.errno, errno.ENOSPC)
+            self.hook = None
+            fd = f.fileno()
+            f.close()
+            self.assertRaises(OSError, os.fstat, fd)
+            self.assertEqual(f._pending, collections.deque())
 
     def written(self, data: bytes, piece: int) -> bytes:
         """Write C{data} in pieces of C{piece} bytes, close: the file."""
@@ -481,10 +556,7 @@ class UncachedAppenderTests(_WritesRecorded, SynchronousTestCase):
         flush (or the close) for what was staged; the file is closed all
         the same and its buffer goes back.
         """
-        def full(fd, data):
-            raise OSError(errno.ENOSPC, "disk full")
-
-        self.patch(fileutil.os, "write", full)
+        self.diskFull()
         f = self.appender()
         f.write(b"x" * (STAGING_SIZE - 1))
         with self.assertRaises(OSError) as caught:

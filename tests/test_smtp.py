@@ -10,6 +10,7 @@ import os
 import smtplib
 import socket
 import ssl
+import threading
 import zlib
 
 from hypothesis import given, settings
@@ -887,9 +888,17 @@ class UncachedSpoolTests(ServerMixin, SynchronousTestCase):
     def test_pastThePageCache(self) -> None:
         """
         Once flushed, a 600 KB message's spool file has at most its last
-        page in the page cache, and it is stored byte for byte.
+        page in the page cache, and it is stored byte for byte; its full
+        blocks were written by the spool's writer thread.
         """
         requireDirect(self.spool)
+        pwrite, writers = fileutil.os.pwrite, set()
+
+        def recording(fd, data, offset):
+            writers.add(threading.current_thread().name.split("_")[0])
+            return pwrite(fd, data, offset)
+
+        self.patch(fileutil.os, "pwrite", recording)
         message = self.message(600_000)
         lines = self.send(b"MAIL FROM:<alice@demo>\r\nRCPT TO:<carol@demo>\r\nDATA\r\n")
         self.assertEqual(codes(lines), [250, 250, 354])
@@ -897,6 +906,8 @@ class UncachedSpoolTests(ServerMixin, SynchronousTestCase):
         stored = self.submission.accepted[-1][2]
         self.assertEqual(stored.split(b"\r\n", 3)[3], message)
         self.assertLessEqual(len(self.cached[-1]), 1)
+        # Full blocks by the spool's writer thread, the rest by the flush.
+        self.assertEqual(writers, {"p2pmta-spool", threading.current_thread().name})
         self.assertEqual(self.cached[-1], [(len(stored) - 1) // mmap.PAGESIZE] if len(stored) % mmap.PAGESIZE else [])
 
     def test_diskFull(self) -> None:
@@ -905,15 +916,15 @@ class UncachedSpoolTests(ServerMixin, SynchronousTestCase):
         of what was staged, gets 452 4.3.1, leaves no spool file behind and
         spoils no later message.
         """
-        write = fileutil.os.write
+        pwrite = fileutil.os.pwrite
         self.full = False
 
-        def writing(fd, data):
+        def writing(fd, data, offset):
             if self.full:
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-            return write(fd, data)
+            return pwrite(fd, data, offset)
 
-        self.patch(fileutil.os, "write", writing)
+        self.patch(fileutil.os, "pwrite", writing)
         for size in (600_000, 1000):
             self.full = True
             lines = self.send(b"MAIL FROM:<alice@demo>\r\nRCPT TO:<carol@demo>\r\nDATA\r\n")
