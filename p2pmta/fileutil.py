@@ -309,8 +309,9 @@ class UncachedAppender:
     reuse), with C{O_DIRECT}.  L{flush} writes what is gathered: its aligned
     part the same way, its last partial block the plain way; the file's end
     is then no longer aligned, so whatever is written after goes the plain
-    way too.  Where C{O_DIRECT} cannot be had or is refused, blocks are
-    written the plain way.
+    way too.  A file smaller than a block is written the plain way at the
+    flush, through the page cache.  Where C{O_DIRECT} cannot be had or is
+    refused, blocks are written the plain way.
 
     Given a C{writer} (an executor of one thread, say), each full block is
     written by it while the caller goes on gathering the next in another
@@ -451,9 +452,12 @@ class UncachedAppender:
         if not self._used:
             return
         aligned = self._used - self._used % DIRECT_ALIGNMENT
-        if aligned and self._direct is not False:
+        if aligned and self._direct:
             self._writeStaged(aligned)
         if self._used:
+            # The last partial page; or all of a file smaller than a block,
+            # for which the fresh pages cost less than one more wait for
+            # the disk before the flush's own.
             self._plain()
             self._writeStaged(self._used)
 
@@ -488,12 +492,14 @@ def readUncached(fd: int, size: int) -> bytes:
     next read) where the file system allows it, else the plain way
     (blocking).  For a file written past the cache (L{UncachedAppender}):
     reading it the plain way would fill as many fresh pages of the page
-    cache as writing it would have.
+    cache as writing it would have.  Less than a block (L{STAGING_SIZE})
+    is read the plain way: an L{UncachedAppender} writes so small a file
+    through the page cache.
 
     @return: the bytes read: fewer than C{size} if the file is shorter.
     """
     rounded = -(-size // DIRECT_ALIGNMENT) * DIRECT_ALIGNMENT
-    if size and _direct(fd, True):
+    if size >= STAGING_SIZE and _direct(fd, True):
         try:
             buffer = getattr(_directBuffers, "reading", None)
             if buffer is None or len(buffer) < rounded:

@@ -490,6 +490,21 @@ class UncachedAppenderTests(_WritesRecorded, SynchronousTestCase):
         with open(self.path, "rb") as g:
             self.assertEqual(g.read(), data + b"more" * 5000)
 
+    def test_smallFileCached(self) -> None:
+        """
+        A file smaller than a block is written the plain way, through the
+        page cache, at the flush: C{O_DIRECT} is never switched on.
+        """
+        self.requireDirect()
+        data = os.urandom(STAGING_SIZE - 1)
+        f = self.appender()
+        f.write(data)
+        self.assertEqual(self.writes, [])
+        f.flush()
+        self.assertEqual(self.writes, [(len(data), False)])
+        f.close()
+        self.assertEqual(len(cachedPages(self.path)), -(-len(data) // mmap.PAGESIZE))
+
     def test_pastThePageCache(self) -> None:
         """
         The file's pages are not in the page cache once it is written and
@@ -650,12 +665,23 @@ class ReadUncachedTests(_WritesRecorded, SynchronousTestCase):
         self.assertEqual(self.read(len(data)), data)
         self.assertEqual(cachedPages(self.path), [])
 
+    def test_smallFilePlain(self) -> None:
+        """
+        A file smaller than a block (L{STAGING_SIZE}) is read the plain way,
+        as an L{UncachedAppender} writes it.
+        """
+        data = os.urandom(STAGING_SIZE - 1)
+        with open(self.path, "wb") as f:
+            f.write(data)
+        self.patch(fileutil.os, "preadv", lambda *args: self.fail("read past the cache"))
+        self.assertEqual(self.read(len(data)), data)
+
     def test_noDirect(self) -> None:
         """
         Where C{O_DIRECT} cannot be switched on, the file is read the plain
         way.
         """
-        data = os.urandom(3 * DIRECT_ALIGNMENT + 5)
+        data = os.urandom(STAGING_SIZE + 3 * DIRECT_ALIGNMENT + 5)
         with open(self.path, "wb") as f:
             f.write(data)
         self.refuseDirect()
@@ -667,7 +693,7 @@ class ReadUncachedTests(_WritesRecorded, SynchronousTestCase):
         the file is read the plain way.
         """
         self.requireDirect()
-        data = os.urandom(3 * DIRECT_ALIGNMENT + 5)
+        data = os.urandom(STAGING_SIZE + 3 * DIRECT_ALIGNMENT + 5)
         with open(self.path, "wb") as f:
             f.write(data)
         realPreadv, calls = os.preadv, []
@@ -687,7 +713,7 @@ class ReadUncachedTests(_WritesRecorded, SynchronousTestCase):
         Any other error of the read is raised, with C{O_DIRECT} off again.
         """
         with open(self.path, "wb") as f:
-            f.write(b"x" * 10_000)
+            f.write(b"x" * (STAGING_SIZE + 10_000))
 
         def failing(fd, buffers, offset):
             raise OSError(errno.EIO, "I/O error")
@@ -697,7 +723,7 @@ class ReadUncachedTests(_WritesRecorded, SynchronousTestCase):
         try:
             if fileutil._direct(fd, False):
                 with self.assertRaises(OSError) as caught:
-                    readUncached(fd, 10_000)
+                    readUncached(fd, STAGING_SIZE + 10_000)
                 self.assertEqual(caught.exception.errno, errno.EIO)
                 self.assertFalse(_isDirect(fd))
         finally:

@@ -126,12 +126,13 @@ class SealBatchTests(_Folders, TestCase):
 
     def test_spoolReadPastThePageCache(self) -> None:
         """
-        A spooled message is read past the page cache, as it was written
-        (L{p2pmta.spool.openedForMessage}): sealing it puts none of its
-        pages there.
+        A spooled message of a block or more is read past the page cache,
+        as it was written (L{p2pmta.spool.openedForMessage}): sealing it
+        puts none of its pages there.
         """
         requireDirect(self.spool)
-        spooled = _spooled(self.spool, "a", BINARY)
+        large = makeMessage("alice@demo", ["bob@demo"], "binary", os.urandom(300_000))
+        spooled = _spooled(self.spool, "a", large)
         evict(spooled)
         facts = factsOf(sealBatch(self.request([{"spool": spooled, "keys": [self.bob.publicKey.fingerprint]}]), self.keys)["results"][0])
         self.assertEqual(cachedPages(spooled), [])
