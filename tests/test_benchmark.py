@@ -41,6 +41,30 @@ def _paper():
     return module
 
 
+class FreePortsTests(SynchronousTestCase):
+    """
+    Tests for the benchmark's choice of ports.
+    """
+
+    def test_neverTheSameTwice(self):
+        """
+        A port handed out once is not handed out again in the same process,
+        though it is still free: each system chooses its ports when it is
+        made and binds them when it starts, so the baseline could otherwise
+        be given one of p2pmta's.
+        """
+        _paper()  # puts benchmarks/ on the path
+        from paperbench import procs
+
+        self.patch(procs, "_handedOut", set())
+        seeded = procs.random.Random
+        self.patch(procs.random, "Random", lambda: seeded(1234))  # the same draws each time
+        first, second = procs.freePorts(12), procs.freePorts(2)
+        self.assertEqual(len(set(first)), 12)
+        self.assertFalse(set(first) & set(second))
+        self.assertEqual(procs._handedOut, set(first) | set(second))
+
+
 class TurnsTests(SynchronousTestCase):
     """
     Tests for the order the systems take their turns in.

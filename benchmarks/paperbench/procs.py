@@ -28,11 +28,19 @@ def ephemeralRange() -> tuple[int, int]:
         return 32768, 60999
 
 
+#: Every port L{freePorts} has handed out in this process.  Each system
+#: chooses its ports when it is made, and binds them only when it starts:
+#: without this, the baseline could be given a port p2pmta's peers were
+#: given a moment before, and whichever started second could not listen.
+_handedOut: set[int] = set()
+
+
 def freePorts(count: int, low: int = 20000) -> list[int]:
     """
     C{count} ports free for both TCP and UDP on 127.0.0.1, chosen at random
     below the ephemeral range: a counter that matches a server's port then
-    never matches some client's source port as well.
+    never matches some client's source port as well.  None of them was
+    handed out before in this process.
     """
     high = min(ephemeralRange()[0], 65536) - 1
     chosen: list[int] = []
@@ -41,12 +49,13 @@ def freePorts(count: int, low: int = 20000) -> list[int]:
         if len(chosen) == count:
             break
         port = rng.randint(low, high)
-        if port in chosen:
+        if port in chosen or port in _handedOut:
             continue
         if _bindable(port, socket.SOCK_STREAM) and _bindable(port, socket.SOCK_DGRAM):
             chosen.append(port)
     if len(chosen) < count:
         raise RuntimeError(f"could not find {count} free ports in {low}-{high}")
+    _handedOut.update(chosen)
     return chosen
 
 
