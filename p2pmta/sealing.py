@@ -146,8 +146,9 @@ def sealSpooled(spool: str, limit: int, store, encrypt) -> tuple:
     """
     with open(spool, "rb") as f:
         size = os.fstat(f.fileno()).st_size
-        # Written past the page cache (p2pmta.spool.openedForMessage), and
-        # read past it too: nothing else reads it soon.
+        # From a block up, written past the page cache
+        # (p2pmta.spool.openedForMessage), and read past it too: nothing
+        # else reads it soon.
         whole = readUncached(f.fileno(), size) if size <= WHOLE_MESSAGE else None
         source = f if whole is None else io.BytesIO(whole)
         headers, attachments, (level, strategy) = _readMessageFacts(source, size, limit, whole)

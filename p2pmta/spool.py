@@ -51,9 +51,10 @@ def openedForMessage(fd: int) -> UncachedAppender:
     """
     The spool file C{fd} (new, empty), as the SMTP server writes a message
     into it: past the page cache, each full block by the spool's writer
-    thread (L{blockWriter}) while the server reads on.  Nothing reads the
-    file back soon but the sealing process, which reads it past the cache
-    too (L{p2pmta.sealing.sealSpooled}).  On a virtual machine that gives
+    thread (L{blockWriter}) while the server reads on; a message smaller
+    than a block goes through the cache at the flush (see
+    L{UncachedAppender}).  Nothing reads the file back soon but the sealing
+    process, which reads it the same way (L{p2pmta.sealing.sealSpooled}).  On a virtual machine that gives
     freed memory back to its host, filling fresh pages of the page cache
     with a 1 MB message cost the server's reactor thread 4-5 ms of kernel
     time, which its 250 waited for (benchmarks/README.md).
