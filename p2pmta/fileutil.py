@@ -469,7 +469,8 @@ class UncachedAppender:
         finally:
             self.closed = True
             while self._pending:
-                # After a failure: nothing may write to the file once closed.
+                # Only if the flush was cut short before it collected them:
+                # nothing may write to the file once it is closed.
                 future, buffer = self._pending.popleft()
                 concurrent.futures.wait([future])
                 self._buffers.give(buffer)
@@ -515,7 +516,7 @@ def readUncached(fd: int, size: int) -> bytes:
                             raise
                         break  # refused: the rest the plain way
                     if n <= 0:
-                        return bytes(whole[: min(done, size)])
+                        break  # the end of the file, at a block's end
                     done += n
                     if done % DIRECT_ALIGNMENT:
                         break  # the end of the file, or a short read

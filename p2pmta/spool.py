@@ -54,10 +54,11 @@ def openedForMessage(fd: int) -> UncachedAppender:
     thread (L{blockWriter}) while the server reads on; a message smaller
     than a block goes through the cache at the flush (see
     L{UncachedAppender}).  Nothing reads the file back soon but the sealing
-    process, which reads it the same way (L{p2pmta.sealing.sealSpooled}).  On a virtual machine that gives
-    freed memory back to its host, filling fresh pages of the page cache
-    with a 1 MB message cost the server's reactor thread 4-5 ms of kernel
-    time, which its 250 waited for (benchmarks/README.md).
+    process, which reads it the same way (L{p2pmta.sealing.sealSpooled}).
+    On a virtual machine that gives freed memory back to its host, filling
+    fresh pages of the page cache with a 1 MB message cost the server's
+    reactor thread 4-5 ms of kernel time, which its 250 waited for
+    (benchmarks/README.md).
     """
     return UncachedAppender(fd, writer=blockWriter())
 
