@@ -22,6 +22,7 @@ from collections import OrderedDict
 
 from twisted.internet.defer import Deferred, DeferredLock, DeferredSemaphore, succeed
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from p2pmta.address import Address
 from p2pmta.dht import NOTIFICATION_TTL
@@ -516,15 +517,17 @@ class Receiver:
         peer = self._peer
         started = time.monotonic()
         if row["ciphertext_size"] <= IN_MEMORY_PULL:
-            # No ciphertext file: its chunks as they came, read by one
-            # thread call to decrypt and check, never joined.
-            chunks: list = []
+            # No ciphertext file: its chunks as they came, hashed, decrypted
+            # and checked by one thread call, never joined.
+            extra = authenticationResults(self.address, sender, row["reason"])
+            opened: list = []
 
             async def attempt(descriptor) -> str:
-                return await self._downloadChunks(descriptor, row, chunks)
+                url, opened[:] = await self._downloadAndOpen(descriptor, row, extra)
+                return url
 
             url = await self._fromSenderOrGroup(sender, row["digest"], attempt)
-            source = _Chunks(chunks)
+            return self._logOpened(opened[0], row, url, started)
         else:
             f = await peer.inThreads(open, base + ".gpg", "wb")
             try:
@@ -559,6 +562,17 @@ class Receiver:
             raise
         if not logged:
             return message
+        return self._logOpened(message, row, url, started)
+
+    def _logOpened(self, message, row, url: str, started: float):
+        """
+        Log the message pulled from C{url} and opened (or the L{Failure} of
+        opening it, raised here): L{_opened}'s end.
+        """
+        if isinstance(message, Failure):
+            if message.check(DecryptionFailed):
+                self.log.info("refused a message: {reason}", reason=message.getErrorMessage())
+            message.raiseException()
         self.log.info(
             "pulled {digest} from {url}: {size} bytes in {seconds:.3f}s",
             digest=row["digest"],
@@ -650,23 +664,43 @@ class Receiver:
         _checkDigest(url, digest, row)
         return url
 
-    async def _downloadChunks(self, descriptor, row, chunks: list) -> str:
+    async def _downloadAndOpen(self, descriptor, row, extra: bytes) -> tuple:
         """
-        Download the ciphertext into the list C{chunks} (emptied first) and
-        check its hash: a large one's in a thread, so that the reactor only
-        moves its bytes (hashing 1 MB costs about a millisecond).
+        Download the ciphertext into memory, a chunk at a time as it comes,
+        check its hash and open it (see L{_checkedAndOpened}): a large one
+        in one thread call, so that the reactor only moves its bytes
+        (hashing 1 MB costs about a millisecond, decrypting as much again).
 
-        @return: the URL it came from.
+        @return: the URL it came from, and a list of the message or of the
+            L{Failure} of opening it.
+        @raise BodyUnavailable: if the bytes are not the ones notified
+            (another member of the sender's group may have them).
         """
+        peer = self._peer
         url = descriptor.link("outbox/" + row["digest"])
-        del chunks[:]
-        await fetchInto(self._peer.agent, url, chunks.append, row["ciphertext_size"], self._peer.reactor)
-        if row["ciphertext_size"] <= INLINE_DECRYPTION:
-            digest = _sha256(chunks)
-        else:
-            digest = await self._peer.inThreads(_sha256, chunks)
-        _checkDigest(url, digest, row)
-        return url
+        chunks: list = []
+        await fetchInto(peer.agent, url, chunks.append, row["ciphertext_size"], peer.reactor)
+        if row["session_key"] and row["ciphertext_size"] <= INLINE_DECRYPTION:
+            # As in _opened: quicker here than a thread's round trip.
+            return url, self._checkedAndOpened(url, chunks, row, extra)
+        return url, await peer.keyring.whileShared(self._checkedAndOpened, url, chunks, row, extra)
+
+    def _checkedAndOpened(self, url: str, chunks: list, row, extra: bytes):
+        """
+        Check that the ciphertext C{chunks} pulled from C{url} is the one
+        notified, then decrypt and check it (see L{_openPulled}; blocking).
+
+        @return: a list of the message, or of the L{Failure} of opening it
+            (which a Deferred firing with it would take for its own): only
+            a ciphertext that is not the one notified is worth pulling
+            again from elsewhere.
+        @raise BodyUnavailable: for that one.
+        """
+        _checkDigest(url, _sha256(chunks), row)
+        try:
+            return [self._openPulled(_Chunks(chunks), row, "", extra)]
+        except Exception:
+            return [Failure()]
 
     # Step 10: receive notifications
 

@@ -11,7 +11,9 @@ from twisted.internet.defer import ensureDeferred
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from p2pmta import receiving
 from p2pmta.address import Address
+from p2pmta.errors import BodyUnavailable
 from p2pmta.groups import GroupDescriptor, UnknownGroup
 from p2pmta.notification import BadNotification, wrapSigned
 from tests.peers import PeerHarness, eventually
@@ -110,6 +112,71 @@ class GroupTests(TestCase):
         receipt and deletes the ciphertext; dave's replica goes next.
         """
         return ensureDeferred(self._offlineSender())
+
+    async def _wrongBytes(self):
+        h = await self.startFour()
+        pulled = PulledLog()
+        globalLogPublisher.addObserver(pulled)
+        self.addCleanup(globalLogPublisher.removeObserver, pulled)
+        # Pulled alone, into memory, hashed and opened by one thread call.
+        size = receiving.BATCH_ITEM + 1000
+        message = makeMessage("alice@g", ["bob@h"], "from a replica", os.urandom(size))
+        await h.send("alice", ["bob@h"], message)
+
+        [uid] = await h.listed("bob")
+        [digest] = h.outboxDigests("alice")
+        dave = h.running["dave"]
+
+        async def replicated():
+            return digest in h.messageDigests(dave.replicas.digests())
+
+        await eventually(replicated)
+        path = h.running["alice"].outbox.path(digest).path
+        with open(path, "rb") as f:
+            original = f.read()
+        self.assertGreater(len(original), receiving.INLINE_DECRYPTION)
+        with open(path, "wb") as f:
+            f.write(original[:-1] + bytes([original[-1] ^ 1]))
+        typ, data = await h.imap("bob", lambda c: fetchOne(c, uid, "(BODY[])"))
+        self.assertEqual(typ, "OK", data)
+        self.assertEqual(stripAdded(data[0][1]), message)
+        self.assertEqual(pulled.urls, [dave.publicURL + "/outbox/" + digest])
+
+        # The very bytes notified, that do not open: no other copy would.
+        bob = h.running["bob"]
+        message = makeMessage("alice@g", ["bob@h"], "does not open", os.urandom(size))
+        await h.send("alice", ["bob@h"], message)
+        [uid] = [u for u in await h.listed("bob", 2) if u != uid]
+        second = [d for d in h.outboxDigests("alice") if d != digest]
+
+        async def replicatedToo():
+            return second and second[0] in h.messageDigests(dave.replicas.digests())
+
+        await eventually(replicatedToo)
+        checked = []
+        checkedAndOpened = bob.receiver._checkedAndOpened
+
+        def opened(url, *args):
+            checked.append(url)
+            return checkedAndOpened(url, *args)
+
+        def refuse(*args):
+            raise BodyUnavailable("the message does not match its notification")
+
+        self.patch(bob.receiver, "_checkedAndOpened", opened)
+        self.patch(bob.receiver, "_openPulled", refuse)
+        typ, data = await h.imap("bob", lambda c: fetchOne(c, uid, "(BODY[])"))
+        self.assertEqual(typ, "NO", data)
+        self.assertEqual([url.split("/outbox/")[0] for url in checked], [h.running["alice"].publicURL])
+
+    def test_pullFromMemberWhenSenderServesWrongBytes(self):
+        """
+        The sender's outbox serves a large ciphertext that is not the one
+        notified: bob pulls it again from a member of the sender's group,
+        which replicated it, and opens it.  One that is the one notified
+        but does not open is not pulled again from the group.
+        """
+        return ensureDeferred(self._wrongBytes())
 
     async def _forged(self):
         h = await self.startFour()
