@@ -66,22 +66,39 @@ class GroupTests(TestCase):
         await h.start("carol", "h")
         return h
 
-    async def _offlineSender(self):
-        h = await self.startFour()
+    def pulledLog(self) -> PulledLog:
         pulled = PulledLog()
         globalLogPublisher.addObserver(pulled)
         self.addCleanup(globalLogPublisher.removeObserver, pulled)
-        message = makeMessage("alice@g", ["bob@h"], "while you were away", os.urandom(30_000))
-        await h.send("alice", ["bob@h"], message)
+        return pulled
 
-        [uid] = await h.listed("bob")
-        [digest] = h.outboxDigests("alice")
+    async def sentAndReplicated(self, message: bytes) -> tuple[int, str]:
+        """
+        alice sends C{message} to bob; wait until bob lists it and dave
+        holds a replica of its ciphertext.
+
+        @return: its UID at bob, and its ciphertext's digest.
+        """
+        h = self.harness
+        known = set(h.outboxDigests("alice"))
+        listed = set(await h.imap("bob", uids))
+        await h.send("alice", ["bob@h"], message)
+        [uid] = set(await h.listed("bob", len(listed) + 1)) - listed
+        [digest] = set(h.outboxDigests("alice")) - known
         dave = h.running["dave"]
 
         async def replicated():
             return digest in h.messageDigests(dave.replicas.digests())
 
         await eventually(replicated)
+        return uid, digest
+
+    async def _offlineSender(self):
+        h = await self.startFour()
+        pulled = self.pulledLog()
+        message = makeMessage("alice@g", ["bob@h"], "while you were away", os.urandom(30_000))
+        uid, digest = await self.sentAndReplicated(message)
+        dave = h.running["dave"]
         with open(dave.replicas.path(digest).path, "rb") as f, open(h.running["alice"].outbox.path(digest).path, "rb") as g:
             self.assertEqual(f.read(), g.read())
 
@@ -115,22 +132,12 @@ class GroupTests(TestCase):
 
     async def _wrongBytes(self):
         h = await self.startFour()
-        pulled = PulledLog()
-        globalLogPublisher.addObserver(pulled)
-        self.addCleanup(globalLogPublisher.removeObserver, pulled)
+        pulled = self.pulledLog()
         # Pulled alone, into memory, hashed and opened by one thread call.
         size = receiving.BATCH_ITEM + 1000
         message = makeMessage("alice@g", ["bob@h"], "from a replica", os.urandom(size))
-        await h.send("alice", ["bob@h"], message)
-
-        [uid] = await h.listed("bob")
-        [digest] = h.outboxDigests("alice")
+        uid, digest = await self.sentAndReplicated(message)
         dave = h.running["dave"]
-
-        async def replicated():
-            return digest in h.messageDigests(dave.replicas.digests())
-
-        await eventually(replicated)
         path = h.running["alice"].outbox.path(digest).path
         with open(path, "rb") as f:
             original = f.read()
@@ -144,15 +151,7 @@ class GroupTests(TestCase):
 
         # The very bytes notified, that do not open: no other copy would.
         bob = h.running["bob"]
-        message = makeMessage("alice@g", ["bob@h"], "does not open", os.urandom(size))
-        await h.send("alice", ["bob@h"], message)
-        [uid] = [u for u in await h.listed("bob", 2) if u != uid]
-        second = [d for d in h.outboxDigests("alice") if d != digest]
-
-        async def replicatedToo():
-            return second and second[0] in h.messageDigests(dave.replicas.digests())
-
-        await eventually(replicatedToo)
+        uid, _ = await self.sentAndReplicated(makeMessage("alice@g", ["bob@h"], "does not open", os.urandom(size)))
         checked = []
         checkedAndOpened = bob.receiver._checkedAndOpened
 
