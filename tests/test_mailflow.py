@@ -22,6 +22,7 @@ from twisted.trial.unittest import SkipTest, TestCase
 from p2pmta import fileutil, maildir, receiving
 from p2pmta.address import Address
 from p2pmta.dht import NOTIFICATION_TTL
+from p2pmta.errors import DecryptionFailed
 from p2pmta.notification import splitHeaders
 from p2pmta.spool import keepsEnvelopes
 from p2pmta.store import sha256Hex
@@ -44,6 +45,18 @@ def fetchOne(client, uid: int, what: str, mailbox: str = "INBOX"):
     client.select(mailbox)
     typ, data = client.uid("FETCH", str(uid), what)
     return typ, data
+
+
+def fetchBodies(client, uids: list):
+    """
+    UID FETCH the bodies of C{uids} in C{INBOX}, in one command.
+
+    @return: its status and data, and the untagged FETCH responses (where
+        imaplib keeps them after a NO).
+    """
+    client.select("INBOX")
+    typ, data = client.uid("FETCH", ",".join(map(str, uids)), "(BODY[])")
+    return typ, data, client.untagged_responses.pop("FETCH", [])
 
 
 def stripAdded(message: bytes) -> bytes:
@@ -257,15 +270,38 @@ class MailFlowTests(TestCase):
         """
         return ensureDeferred(self._filedOnce())
 
-    async def _batchPull(self):
+    async def fourSent(self, subject: str) -> tuple:
+        """
+        alice sends bob four small messages, to be pulled in one batch.
+
+        @return: the messages, their UIDs at bob, and their ciphertexts'
+            digests.
+        """
         await self.peers("alice", "bob")
         h = self.harness
-        sent = [makeMessage("alice@demo", ["bob@demo"], f"batch {n}", os.urandom(3000 + n)) for n in range(4)]
+        sent = [makeMessage("alice@demo", ["bob@demo"], f"{subject} {n}", os.urandom(3000 + n)) for n in range(4)]
         for message in sent:
             await h.send("alice", ["bob@demo"], message)
         listed = await h.listed("bob", 4)
         digests = h.outboxDigests("alice")
         self.assertEqual(len(digests), 4)
+        return sent, listed, digests
+
+    async def partlyFetched(self, listed: list, sent: list, count: int) -> None:
+        """
+        One FETCH of the bodies of C{listed} at bob says NO [UNAVAILABLE],
+        after C{count} of them, each one of C{sent}.
+        """
+        typ, data, fetched = await self.harness.imap("bob", lambda c: fetchBodies(c, listed))
+        self.assertEqual(typ, "NO")
+        self.assertIn(b"UNAVAILABLE", data[0])
+        bodies = [stripAdded(item[1]) for item in fetched if isinstance(item, tuple)]
+        self.assertEqual(len(bodies), count)
+        self.assertTrue(all(body in sent for body in bodies))
+
+    async def _batchPull(self):
+        sent, listed, digests = await self.fourSent("batch")
+        h = self.harness
         # One ciphertext is gone from alice's outbox (and she has no group):
         # the batch says so, that one is asked for alone, and fails alone.
         missing = digests[0]
@@ -279,18 +315,7 @@ class MailFlowTests(TestCase):
         globalLogPublisher.addObserver(observe)
         self.addCleanup(globalLogPublisher.removeObserver, observe)
 
-        def fetchAll(c):
-            c.select("INBOX")
-            typ, data = c.uid("FETCH", ",".join(map(str, listed)), "(BODY[])")
-            # A NO leaves the untagged FETCH responses where imaplib keeps them.
-            return typ, data, c.untagged_responses.pop("FETCH", [])
-
-        typ, data, fetched = await h.imap("bob", fetchAll)
-        self.assertEqual(typ, "NO")
-        self.assertIn(b"UNAVAILABLE", data[0])
-        bodies = [stripAdded(item[1]) for item in fetched if isinstance(item, tuple)]
-        self.assertEqual(len(bodies), 3)
-        self.assertTrue(all(body in sent for body in bodies))
+        await self.partlyFetched(listed, sent, 3)
         requests = h.access.bodyRequests()
         batches = [h.access.asked(line) for line in requests if "/outbox/batch?" in line]
         self.assertEqual([sorted(asked) for asked in batches], [sorted(digests)], "one request for the four")
@@ -302,7 +327,7 @@ class MailFlowTests(TestCase):
         self.assertEqual(sorted(batchLine["digests"].split()), sorted(digests[1:]))
         # Asked again, the three stored are served from the store, and the
         # missing one is asked for alone again.
-        typ, _, fetched = await h.imap("bob", fetchAll)
+        typ, _, fetched = await h.imap("bob", lambda c: fetchBodies(c, listed))
         self.assertEqual(typ, "NO")
         self.assertEqual(len([item for item in fetched if isinstance(item, tuple)]), 3)
         self.assertEqual(len(h.access.bodyRequests()), len(requests) + 1)
@@ -314,6 +339,45 @@ class MailFlowTests(TestCase):
         only that message is unavailable.
         """
         return ensureDeferred(self._batchPull())
+
+    async def _batchOpened(self):
+        sent, listed, digests = await self.fourSent("opened")
+        h = self.harness
+        bob = h.running["bob"]
+        # One ciphertext in alice's outbox is changed: its hash is wrong.
+        # Another is the one notified but does not open.
+        changed, refused = digests[0], digests[1]
+        path = h.running["alice"].outbox.path(changed).path
+        with open(path, "rb") as f:
+            original = f.read()
+        with open(path, "wb") as f:
+            f.write(original[:-1] + bytes([original[-1] ^ 1]))
+        openPulled = bob.receiver._openPulled
+        threads = []
+
+        def opening(source, row, base, extra):
+            threads.append(threading.current_thread())
+            if row["digest"] == refused:
+                raise DecryptionFailed("refused for the test")
+            return openPulled(source, row, base, extra)
+
+        self.patch(bob.receiver, "_openPulled", opening)
+
+        await self.partlyFetched(listed, sent, 2)
+        # The changed one is asked for again alone, and not opened; the
+        # refused one is not asked for again.
+        requests = h.access.bodyRequests()
+        self.assertEqual([sorted(h.access.asked(line)) for line in requests], [sorted(digests), [changed]])
+        self.assertEqual(len(threads), 3)
+        self.assertNotIn(threading.main_thread(), threads, "opened in the reactor's thread")
+
+    def test_batchOpenedInThreads(self):
+        """
+        The ciphertexts of a batch are checked and opened in threads: one
+        whose bytes are not the ones notified is asked for again alone; one
+        that does not open fails alone, and is not asked for again.
+        """
+        return ensureDeferred(self._batchOpened())
 
     async def _burstEnds(self):
         await self.peers("alice", "bob")
