@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import threading
 
-from twisted.internet import reactor
+from twisted.internet import reactor, tcp
 from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
@@ -21,7 +21,7 @@ from twisted.web.client import ResponseDone
 from twisted.web.server import Site
 
 from p2pmta.errors import FetchError
-from p2pmta.httpclient import BUSY_RETRIES, BUSY_WAIT, MAX_PERSISTENT_PER_HOST, fetchBytes, makeAgent
+from p2pmta.httpclient import BUSY_RETRIES, BUSY_WAIT, MAX_PERSISTENT_PER_HOST, READ_SIZE, fetchBytes, makeAgent
 from p2pmta.store import Outbox
 from p2pmta.web import makeSite
 
@@ -75,8 +75,8 @@ class PullCostTests(TestCase):
         self.addCleanup(port.stopListening)
         self.addCleanup(self._closeServerSide)
         self.url = f"http://127.0.0.1:{port.getHost().port}/outbox/" + "0" * 64
-        self.agent, pool = makeAgent(reactor)
-        self.addCleanup(pool.closeCachedConnections)
+        self.agent, self.pool = makeAgent(reactor)
+        self.addCleanup(self.pool.closeCachedConnections)
 
     def _closeServerSide(self) -> None:
         for connection in self.factory.connections:
@@ -134,6 +134,20 @@ class PullCostTests(TestCase):
                 self.assertEqual(await self.pull(), BODY)
             self.assertEqual(len(self.factory.connections), 1)
             self.assertEqual([n for n, _ in self.factory.requests], [0] * 5)
+
+        return Deferred.fromCoroutine(run())
+
+    def test_readsLargeBlocks(self):
+        """
+        A pull's connection reads L{READ_SIZE} bytes at a time, more than
+        Twisted's default.
+        """
+
+        async def run():
+            self.assertEqual(await self.pull(), BODY)
+            [[protocol]] = self.pool._connections.values()
+            self.assertEqual(protocol.transport.bufferSize, READ_SIZE)
+            self.assertGreater(READ_SIZE, tcp.Connection.bufferSize)
 
         return Deferred.fromCoroutine(run())
 
