@@ -855,19 +855,22 @@ class _BatchOpener:
         receiver, sender = self._receiver, self._sender
         if isinstance(outcomes, Failure):
             outcomes = [outcomes] * len(jobs)
-        for (row, _, _, url, d), outcome in zip(jobs, outcomes):
-            if outcome is None:
-                receiver.log.warn("{url} served bytes that do not match the notified hash", url=url)
-                receiver._pullAlone(row).chainDeferred(d)
-            elif isinstance(outcome, Failure):
-                if outcome.check(DecryptionFailed):
-                    receiver.log.info("refused a message: {reason}", reason=outcome.getErrorMessage())
-                if outcome.check(P2PMTAError, OSError):
-                    outcome = Failure(receiver._unavailable(row, sender, outcome.value))
-                d.errback(outcome)
-            else:
-                d.callback(outcome)
-        self._next()
+        try:
+            for (row, _, _, url, d), outcome in zip(jobs, outcomes):
+                if outcome is None:
+                    receiver.log.warn("{url} served bytes that do not match the notified hash", url=url)
+                    receiver._pullAlone(row).chainDeferred(d)
+                elif isinstance(outcome, Failure):
+                    if outcome.check(DecryptionFailed):
+                        receiver.log.info("refused a message: {reason}", reason=outcome.getErrorMessage())
+                    if outcome.check(P2PMTAError, OSError):
+                        outcome = Failure(receiver._unavailable(row, sender, outcome.value))
+                    d.errback(outcome)
+                else:
+                    d.callback(outcome)
+        finally:
+            # Whatever befell these, those queued meanwhile are opened.
+            self._next()
 
 
 class _Chunks:

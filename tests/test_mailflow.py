@@ -371,6 +371,27 @@ class MailFlowTests(TestCase):
         self.assertEqual(len(threads), 3)
         self.assertNotIn(threading.main_thread(), threads, "opened in the reactor's thread")
 
+    async def _batchOpenerFails(self):
+        sent, listed, _ = await self.fourSent("opener fails")
+        bob = self.harness.running["bob"]
+
+        def failing(jobs):
+            raise OSError(errno.EIO, "the thread call failed for the test")
+
+        patched = self.patch(bob.receiver, "_openBatched", failing)
+        await self.partlyFetched(listed, sent, 0)
+        patched.restore()
+        typ, data, _ = await self.harness.imap("bob", lambda c: fetchBodies(c, listed))
+        self.assertEqual(typ, "OK")
+        self.assertEqual(sorted(stripAdded(item[1]) for item in data if isinstance(item, tuple)), sorted(sent))
+
+    def test_batchOpenerFails(self):
+        """
+        A batch's thread call that fails makes each of its messages
+        unavailable, not the FETCH hang; the next FETCH opens them all.
+        """
+        return ensureDeferred(self._batchOpenerFails())
+
     def test_batchOpenedInThreads(self):
         """
         The ciphertexts of a batch are checked and opened in threads: one
