@@ -575,7 +575,9 @@ class Keyring:
         only inside L{whileShared}.  Plaintext is written before the message is
         known to be good: after a failure, discard what C{out} got.
 
-        @param source: L{bytes}, a file's path or a binary stream.
+        @param source: L{bytes}, a file's path or a binary stream (read
+            from where it is; gpg's failures are retried as L{decrypt}'s
+            are only if it can seek back there).
         @param out: anything with C{write}.
         @param authenticated: C{source} is known to be what its sender made
             (see L{p2pmta.openpgp.decrypt}; gpg checks the MDC all the same).
@@ -606,7 +608,12 @@ class Keyring:
         args = ["--max-output", str(max(1, maxOutput))]
         args += ["--skip-verify"] if sender is None else []
         retried = None
+        # A stream is read to its end by the first try: the second reads it
+        # again from where it began, if it can.
+        start = source.tell() if hasattr(source, "read") and source.seekable() else None
         for attempt in (1, 2):
+            if attempt == 2 and start is not None:
+                source.seek(start)
             with _source(source) as stream:
                 try:
                     result = self._gpg.decrypt_file(stream, extra_args=args)
@@ -616,7 +623,7 @@ class Keyring:
             if problem is None:
                 return result.data, retried
             error, transient = problem
-            if not transient or attempt == 2:
+            if not transient or attempt == 2 or (hasattr(source, "read") and start is None):
                 raise error
             retried = str(error)
 

@@ -876,13 +876,31 @@ class _BatchOpener:
 class _Chunks:
     """
     A binary stream over a list of L{bytes}: C{read(n)} returns at most the
-    rest of one of them, so that none is copied to be read.
+    rest of one of them, so that none is copied to be read.  It can go
+    back to where it was (C{tell}, C{seek}), as gpg's second try needs
+    (L{p2pmta.crypto.Keyring.decryptInto}).
     """
 
     def __init__(self, chunks: list) -> None:
         self._chunks = chunks
         self._next = 0  # the index of the chunk being read
         self._at = 0  # where in it
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return sum(len(chunk) for chunk in self._chunks[: self._next]) + self._at
+
+    def seek(self, offset: int) -> int:
+        """Go to C{offset} bytes from the beginning (or to the end)."""
+        self._next, self._at = 0, max(0, offset)
+        while self._next < len(self._chunks) and self._at >= len(self._chunks[self._next]):
+            self._at -= len(self._chunks[self._next])
+            self._next += 1
+        if self._next == len(self._chunks):
+            self._at = 0
+        return self.tell()
 
     def read(self, n: int) -> bytes:
         while self._next < len(self._chunks):

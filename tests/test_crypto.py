@@ -2,6 +2,7 @@
 Tests for L{p2pmta.crypto}, against the real gpg binary.
 """
 
+import io
 import logging
 import os
 import resource
@@ -34,6 +35,7 @@ from p2pmta.errors import (
 )
 from p2pmta.gpg import fingerprintOf
 from p2pmta.interfaces import IKeyring
+from p2pmta.receiving import _Chunks
 
 GPG = shutil.which("gpg")
 
@@ -130,6 +132,13 @@ def _withoutMDC(message, sessionKey, plaintext):
     )
     body = Cipher(algorithms.AES(key), CFB(head[2:18])).encryptor().update(literal)
     return _sessionKeyPackets(message) + _packet(9, head + body)
+
+
+class _NoSecretKey:
+    """What python-gnupg gives for a decryption gpg-agent failed (transient)."""
+
+    returncode, ok, data = 2, False, b""
+    stderr = "[GNUPG:] NO_SECKEY 0123456789ABCDEF\n[GNUPG:] DECRYPTION_FAILED\n"
 
 
 class KeyringTests(TestCase):
@@ -651,16 +660,58 @@ class KeyringTests(TestCase):
         real = bob._gpg.decrypt_file
         calls = []
 
-        class Failed:
-            returncode, ok, data = 2, False, b""
-            stderr = "[GNUPG:] NO_SECKEY 0123456789ABCDEF\n[GNUPG:] DECRYPTION_FAILED\n"
-
         def flaky(*args, **kwargs):
             calls.append(1)
-            return Failed() if len(calls) % 2 else real(*args, **kwargs)
+            return _NoSecretKey() if len(calls) % 2 else real(*args, **kwargs)
 
         bob._gpg.decrypt_file = flaky
         self.assertEqual(await bob.decrypt(ciphertext, 100), b"hello")
         self.assertEqual(len(calls), 2)
-        bob._gpg.decrypt_file = lambda *a, **k: Failed()
+        bob._gpg.decrypt_file = lambda *a, **k: _NoSecretKey()
         await self.assertFailure(bob.decrypt(ciphertext, 100), DecryptionFailed)
+
+    async def test_transientFailureRetriedFromStream(self):
+        """
+        The second try of a decryption from a stream reads it again from
+        where the first began, a pulled ciphertext's chunks included; a
+        stream that cannot go back is not tried twice.
+        """
+        alice, bob = await self.pair("alice@demo", "bob@demo")
+        message = os.urandom(100_000)
+        ciphertext = await alice.encrypt(message, ["bob@demo"])
+        bob._secret = None  # the gpg path, as for a key only gpg handles
+        real = bob._gpg.decrypt_file
+        calls = []
+
+        def flaky(stream, **kwargs):
+            calls.append(1)
+            if len(calls) % 2:
+                while stream.read(4096):  # as gpg reads it before failing
+                    pass
+                return _NoSecretKey()
+            return real(stream, **kwargs)
+
+        bob._gpg.decrypt_file = flaky
+
+        def opened(source):
+            out = io.BytesIO()
+            bob.decryptInto(source, out, len(message))
+            return out.getvalue()
+
+        chunks = [ciphertext[i : i + 7000] for i in range(0, len(ciphertext), 7000)]
+        skipped = io.BytesIO(b"ahead" + ciphertext)
+        skipped.read(5)
+        for source in (_Chunks(chunks), skipped):
+            self.assertEqual(await bob.whileShared(opened, source), message)
+        self.assertEqual(len(calls), 4)
+
+        class OneWay:
+            def __init__(self):
+                self.read = io.BytesIO(ciphertext).read
+
+            def seekable(self):
+                return False
+
+        del calls[:]
+        await self.assertFailure(bob.whileShared(opened, OneWay()), DecryptionFailed)
+        self.assertEqual(len(calls), 1)

@@ -476,6 +476,23 @@ class DecryptTests(_GPGTestCase):
                 secretKey=self.keys["alice"],
             )
 
+    def test_chunksSeek(self):
+        """
+        L{receiving._Chunks} tells where it is and goes back there, across
+        its chunks, empty ones included.
+        """
+        chunks = [b"abc", b"", b"defg", b"h"]
+        stream = _Chunks(chunks)
+        self.assertTrue(stream.seekable())
+        self.assertEqual((stream.read(2), stream.tell()), (b"ab", 2))
+        self.assertEqual((stream.read(10), stream.read(2), stream.tell()), (b"c", b"de", 5))
+        self.assertEqual(b"".join(iter(lambda: stream.read(3), b"")), b"fgh")
+        self.assertEqual(stream.tell(), 8)
+        for offset in range(9):
+            self.assertEqual(stream.seek(offset), offset)
+            self.assertEqual(b"".join(iter(lambda: stream.read(1), b"")), b"abcdefgh"[offset:])
+        self.assertEqual((stream.seek(20), stream.read(1)), (8, b""))
+
     def test_severalRecipients(self):
         """Any recipient of a gpg message to several decrypts it."""
         _gpg(self.homes["alice"], "--import", input=self.public["bob"])
