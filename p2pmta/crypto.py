@@ -610,7 +610,8 @@ class Keyring:
         retried = None
         # A stream is read to its end by the first try: the second reads it
         # again from where it began, if it can.
-        start = source.tell() if hasattr(source, "read") and source.seekable() else None
+        isStream = hasattr(source, "read")
+        start = source.tell() if isStream and getattr(source, "seekable", lambda: False)() else None
         for attempt in (1, 2):
             if attempt == 2 and start is not None:
                 source.seek(start)
@@ -623,7 +624,7 @@ class Keyring:
             if problem is None:
                 return result.data, retried
             error, transient = problem
-            if not transient or attempt == 2 or (hasattr(source, "read") and start is None):
+            if not transient or attempt == 2 or (isStream and start is None):
                 raise error
             retried = str(error)
 

@@ -709,9 +709,6 @@ class KeyringTests(TestCase):
             def __init__(self):
                 self.read = io.BytesIO(ciphertext).read
 
-            def seekable(self):
-                return False
-
         del calls[:]
         await self.assertFailure(bob.whileShared(opened, OneWay()), DecryptionFailed)
         self.assertEqual(len(calls), 1)
