@@ -367,6 +367,24 @@ def _dieWithParent() -> None:
         os._exit(0)  # it died before prctl took
 
 
+#: How much lower than its peer's a sealing process's CPU priority is (its
+#: niceness above the peer's).  Sealing is work that can wait; the SMTP
+#: sessions, whose 250s a mail client waits for, cannot.  On two cores,
+#: the one process sealing at the peer's priority took the CPU from the
+#: session in the moments when both wanted it: 1000 messages of 1 MB were
+#: submitted in 14.15-14.83 s against 14.96-15.18 s (raw peers, N = 1000,
+#: alternated twice), and listed as soon after the last 250.
+NICENESS = 10
+
+
+def _yieldToSessions() -> None:
+    """Lower this process's CPU priority (see L{NICENESS})."""
+    try:
+        os.nice(NICENESS)
+    except OSError:
+        pass  # not allowed here: seal at the peer's priority
+
+
 def main() -> None:
     """
     Serve requests on standard input until it ends (the peer stopped or
@@ -376,6 +394,7 @@ def main() -> None:
     # decides when this process ends, by closing its input.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _dieWithParent()
+    _yieldToSessions()
     # A 1 MB message passes through buffers of its size, as in the peer.
     allocator.keepFreedMemory()
     requests, answers = sys.stdin.buffer, sys.stdout.buffer

@@ -238,6 +238,9 @@ class SealersTests(_Folders, TestCase):
         [process] = sealers._processes
         pid = process.transport.pid
         self.assertNotEqual(pid, os.getpid())
+        # It yields the CPU to the peer's sessions.
+        ours = os.getpriority(os.PRIO_PROCESS, 0)
+        self.assertEqual(os.getpriority(os.PRIO_PROCESS, pid), min(19, ours + sealing.NICENESS))
         # Keys go once to a process; a later batch names them only.
         asked, ask = [], process.ask
         process.ask = lambda request: (asked.append(request), ask(request))[1]
@@ -333,16 +336,18 @@ class MainTests(TestCase):
     def test_keepsFreedMemory(self) -> None:
         """
         The child sets its allocator as a peer does (see L{p2pmta.allocator}):
-        a 1 MB message passes through buffers of its size there too.
+        a 1 MB message passes through buffers of its size there too.  It
+        lowers its priority first (see L{sealing.NICENESS}).
         """
         calls = []
         self.patch(sealing.allocator, "keepFreedMemory", lambda: calls.append(True))
         self.patch(sealing, "_dieWithParent", lambda: None)
+        self.patch(sealing, "_yieldToSessions", lambda: calls.append("nice"))
         self.patch(sealing.signal, "signal", lambda *args: None)
         self.patch(sys, "stdin", SimpleNamespace(buffer=io.BytesIO()))
         self.patch(sys, "stdout", SimpleNamespace(buffer=io.BytesIO()))
         sealing.main()
-        self.assertEqual(calls, [True])
+        self.assertEqual(calls, ["nice", True])
 
 
 #: A stand-in peer: starts a sealing process reading the descriptor given,
