@@ -436,16 +436,24 @@ class Receiver:
         @return: for each, L{None} if its bytes are not the ones notified,
             else the message or the L{Failure} of opening it.
         """
-        outcomes: list = []
-        for row, extra, ciphertext in jobs:
-            if hashlib.sha256(ciphertext).hexdigest() != row["digest"]:
-                outcomes.append(None)
-                continue
-            try:
-                outcomes.append(self._openPulled(ciphertext, row, "", extra))
-            except Exception:
-                outcomes.append(Failure())
-        return outcomes
+        return [
+            self._openedOrFailure(ciphertext, row, extra)
+            if hashlib.sha256(ciphertext).hexdigest() == row["digest"]
+            else None
+            for row, extra, ciphertext in jobs
+        ]
+
+    def _openedOrFailure(self, source, row, extra: bytes):
+        """
+        L{_openPulled} on a ciphertext in memory whose hash was found to
+        be the notified one (blocking).
+
+        @return: the message, or the L{Failure} of opening it.
+        """
+        try:
+            return self._openPulled(source, row, "", extra)
+        except Exception:
+            return Failure()
 
     def _incomingRow(self, key: str) -> Deferred:
         """
@@ -691,10 +699,7 @@ class Receiver:
         @raise BodyUnavailable: for that one.
         """
         _checkDigest(url, _sha256(chunks), row)
-        try:
-            return [self._openPulled(_Chunks(chunks), row, "", extra)]
-        except Exception:
-            return [Failure()]
+        return [self._openedOrFailure(_Chunks(chunks), row, extra)]
 
     # Step 10: receive notifications
 
