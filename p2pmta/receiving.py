@@ -443,15 +443,15 @@ class Receiver:
             for row, extra, ciphertext in jobs
         ]
 
-    def _openedOrFailure(self, source, row, extra: bytes):
+    def _openedOrFailure(self, source, row, extra: bytes, base: str = ""):
         """
-        L{_openPulled} on a ciphertext in memory whose hash was found to
-        be the notified one (blocking).
+        L{_openPulled} on a ciphertext whose hash was found to be the
+        notified one (blocking).
 
         @return: the message, or the L{Failure} of opening it.
         """
         try:
-            return self._openPulled(source, row, "", extra)
+            return self._openPulled(source, row, base, extra)
         except Exception:
             return Failure()
 
@@ -536,10 +536,10 @@ class Receiver:
     async def _pull(self, row, sender: Address, base: str):
         peer = self._peer
         started = time.monotonic()
+        extra = authenticationResults(self.address, sender, row["reason"])
         if row["ciphertext_size"] <= IN_MEMORY_PULL:
             # No ciphertext file: its chunks as they came, hashed, decrypted
             # and checked by one thread call, never joined.
-            extra = authenticationResults(self.address, sender, row["reason"])
             opened: list = []
 
             async def attempt(descriptor) -> str:
@@ -558,11 +558,7 @@ class Receiver:
             url = await self._fromSenderOrGroup(sender, row["digest"], attempt)
         finally:
             await peer.inThreads(f.close)
-        extra = authenticationResults(self.address, sender, row["reason"])
-        try:
-            message = await peer.keyring.whileShared(self._openPulled, base + ".gpg", row, base, extra)
-        except Exception:
-            message = Failure()
+        message = await peer.keyring.whileShared(self._openedOrFailure, base + ".gpg", row, extra, base)
         return self._logOpened(message, row, url, started)
 
     def _logOpened(self, message, row, url: str, started: float):
