@@ -166,6 +166,9 @@ class PaperBenchmarkTests(TestCase):
             self.assertEqual((int(row["fetched"]), int(row["matched"])), (wanted, wanted), row)
             self.assertGreater(int(row["rx_bytes"]), 0, row)
             self.assertIn(row["traffic_method"], ("iptables", "lo-total"))
+            self.assertTrue(0 < float(row["fetch_s"]) < float(row["e2e_s"]), row)
+            self.assertGreaterEqual(float(row["client_fetch_cpu_s"]), 0, row)
+            self.assertGreaterEqual(int(row["client_fetch_minflt"]), 0, row)
         with open(os.path.join(self.out, "summary.json")) as f:
             summary = json.load(f)
         for key in SUMMARY_KEYS:
