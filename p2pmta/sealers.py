@@ -23,15 +23,12 @@ import p2pmta
 from p2pmta.errors import SealingFailed
 from p2pmta.sealing import PARENT_PID, factsOf, frame, keyFields
 
-#: How many sealing processes a peer runs at most.  While SMTP sessions
-#: are open, a batch goes whole to one, which leaves a core to the
-#: sessions: 1000 messages of 10 KB were submitted and listed in 2.47 s
-#: against 2.80 s with the threads (means of twelve, alternated); two,
-#: sealing halves side by side, gained less (2.65 s against 2.83 s).  A
-#: large batch sealed once none is open, the tail of a burst that its
-#: sender waits on to see listed, is split between them (see
-#: L{p2pmta.sending.SPLIT_BYTES}).  Each process holds some 30 MB.
-SEALERS = 2
+#: How many sealing processes a peer runs at most.  One, sealing whole
+#: batches, leaves a core to the SMTP sessions: 1000 messages of 10 KB
+#: were submitted and listed in 2.47 s against 2.80 s with the threads
+#: (means of twelve, alternated); two, sealing halves side by side, gained
+#: less (2.65 s against 2.83 s).  Each process holds some 30 MB.
+SEALERS = 1
 
 #: After a sealing process ends unasked, how long the peer seals in its
 #: own threads before it starts another (a child that cannot even start
@@ -188,18 +185,6 @@ class Sealers:
         if "error" in answer:
             raise SealingFailed(answer["error"])
         return [_facts(result) for result in answer["results"]]
-
-    def warm(self) -> None:
-        """
-        Start the processes not running yet, so that a batch to split
-        between them soon finds them ready (a child takes some 0.1 s to
-        start).
-        """
-        while self.available() and len(self._processes) < self.count:
-            try:
-                self._spawn()
-            except SealingFailed:
-                return
 
     def _process(self) -> _SealingProcess:
         """The process to ask: an idle one, a new one, or the least busy."""

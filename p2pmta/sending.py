@@ -42,18 +42,6 @@ KEY_RETENTION = 90 * 86400.0
 #: How many messages go through the pipeline's steps together.
 PIPELINE_BATCH = 64
 
-#: A batch of at least this many bytes sealed while no SMTP session is
-#: open, as the messages that came in while the last batch of a burst was
-#: sealed, is split between the sealing processes
-#: (L{p2pmta.sealers.SEALERS}): its last message is listed at the
-#: recipient sooner.  With 1000 messages of 1 MB through one session, the
-#: last was listed 0.12-0.46 s after its 250 (median 0.27 s) against
-#: 0.10-0.73 s (0.41 s) with the batch whole (twelve rounds each,
-#: alternated; what is left to seal at the end varies from round to
-#: round).  While the sessions run, a batch this large starts the other
-#: processes, ready for the tail.
-SPLIT_BYTES = 16 * 1024 * 1024
-
 
 @implementer(ISubmission)
 class Sender:
@@ -373,9 +361,8 @@ class Sender:
     async def _encryptAll(self, rows, recipients: dict) -> list:
         """
         Encrypt spooled messages, each once for all its recipients, straight
-        into the outbox: in a sealing process (see L{_encryptPart}), or a
-        part in each if the batch is large and no session is open (see
-        L{SPLIT_BYTES}); or, if none can, a half in each of two threads.
+        into the outbox: a part of the batch in each sealing process (see
+        L{_encryptPart}), or a half in each of two threads.
 
         @return: for each row, the facts to record (digest, ciphertext
             size, size, headers, attachments and session key), or the
@@ -383,14 +370,7 @@ class Sender:
         """
         started = time.monotonic()
         sealers = getattr(self._peer, "sealers", None)
-        count = 2
-        if sealers is not None and sealers.available():
-            count = 1
-            if sum(row["spool_size"] or 0 for row in rows) >= SPLIT_BYTES:
-                if self._sessions:
-                    sealers.warm()
-                else:
-                    count = sealers.count
+        count = sealers.count if sealers is not None and sealers.available() else 2
         size = -(-len(rows) // count)
         parts = [rows[start : start + size] for start in range(0, len(rows), size)]
         done = await DeferredList(

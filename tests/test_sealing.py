@@ -254,29 +254,6 @@ class SealersTests(_Folders, TestCase):
         self.assertRaises(ProcessLookupError, os.kill, pid, 0)
         self.assertFalse(sealers.available())
 
-    async def test_warmedSealSideBySide(self) -> None:
-        """
-        L{Sealers.warm} starts every process not running yet, and batches
-        asked at once go to different ones.
-        """
-        sealers = self.sealers()
-        self.assertEqual(sealers.count, 2)
-        sealers.warm()
-        sealers.warm()
-        self.assertEqual(len(sealers._processes), 2)
-        pids = {process.transport.pid for process in sealers._processes}
-        self.assertEqual(len(pids), 2)
-        asked = []
-        for process in sealers._processes:
-            ask = process.ask
-            process.ask = lambda request, ask=ask, pid=process.transport.pid: (asked.append(pid), ask(request))[1]
-        first = sealers.seal(self.outbox, 1 << 20, [self.job("a")], self.keys)
-        second = sealers.seal(self.outbox, 1 << 20, [self.job("b", BINARY)], self.keys)
-        [a], [b] = await first, await second
-        self.assertEqual(set(asked), pids)
-        self.assertSealed(a, os.path.join(self.spool, "a"), self.bob)
-        self.assertSealed(b, os.path.join(self.spool, "b"), self.bob)
-
     async def test_sparesClaimedAndGivenBack(self) -> None:
         """The outbox's spares go to the child; those it does not use come back."""
         for n in range(3):

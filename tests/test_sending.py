@@ -16,7 +16,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from p2pmta.notices import Notices
 from p2pmta.sealing import HUFFMAN_ONLY, compression
-from p2pmta.sending import SPLIT_BYTES, Sender
+from p2pmta.sending import Sender
 
 
 class PipelineTestCase(SynchronousTestCase):
@@ -158,79 +158,6 @@ class QuietTests(PipelineTestCase):
         self.sender.sessions(0)
         notices.notifyPending()
         self.assertEqual(len(runs), 2, "no wait: nothing more can come")
-
-
-class _Sealers:
-    """What L{Sender} asks of L{p2pmta.sealers.Sealers} before it seals."""
-
-    count = 2
-
-    def __init__(self, available: bool = True) -> None:
-        self._available = available
-        self.warmed = 0
-
-    def available(self) -> bool:
-        return self._available
-
-    def warm(self) -> None:
-        self.warmed += 1
-
-
-class SplitTests(SynchronousTestCase):
-    """
-    A batch goes whole to one sealing process, unless it is large and no
-    SMTP session is open (L{SPLIT_BYTES}): then it is split between them.
-    """
-
-    def parts(self, sizes: list, sessions: int, sealers: _Sealers) -> list:
-        """
-        The parts L{Sender._encryptAll} makes of rows of C{sizes} with
-        C{sessions} sessions open: the ids of each part's rows.
-        """
-        peer = SimpleNamespace(reactor=Clock(), dataDir=SimpleNamespace(spool="spool"), track=lambda d: d)
-        peer.sealers = sealers
-        sender = Sender(peer, 1 << 30)
-        sender.sessions(sessions)
-        parts: list = []
-
-        async def encryptPart(rows, recipients):
-            parts.append([row["id"] for row in rows])
-            return [("digest", 1, 1, b"", "", b"") for row in rows]
-
-        sender._encryptPart = encryptPart
-        rows = [{"id": n, "spool_size": size} for n, size in enumerate(sizes)]
-        results = self.successResultOf(Deferred.fromCoroutine(sender._encryptAll(rows, {})))
-        self.assertEqual(len(results), len(rows))
-        return parts
-
-    def test_largeTailSplit(self) -> None:
-        """A large batch sealed while no session is open goes half to each process."""
-        sealers = _Sealers()
-        size = SPLIT_BYTES // 4 + 1
-        self.assertEqual(self.parts([size] * 4, 0, sealers), [[0, 1], [2, 3]])
-        self.assertEqual(self.parts([size] * 5, 0, sealers), [[0, 1, 2], [3, 4]])
-        self.assertEqual(sealers.warmed, 0)
-
-    def test_largeWhileSessionsRunWhole(self) -> None:
-        """
-        While a session is open, a large batch goes whole to one process,
-        and the others are started for the tail.
-        """
-        sealers = _Sealers()
-        self.assertEqual(self.parts([SPLIT_BYTES // 2] * 4, 1, sealers), [[0, 1, 2, 3]])
-        self.assertEqual(sealers.warmed, 1)
-
-    def test_smallWhole(self) -> None:
-        """A batch smaller than L{SPLIT_BYTES} goes whole to one process, session or not."""
-        sealers = _Sealers()
-        for sessions in (0, 1):
-            self.assertEqual(self.parts([SPLIT_BYTES // 8, None, 1000], sessions, sealers), [[0, 1, 2]])
-        self.assertEqual(sealers.warmed, 0)
-
-    def test_withoutProcessesTwoThreads(self) -> None:
-        """Where no process can seal, two threads share every batch."""
-        for sealers in (_Sealers(available=False), None):
-            self.assertEqual(self.parts([1000] * 4, 1, sealers), [[0, 1], [2, 3]])
 
 
 class CompressionTests(SynchronousTestCase):
