@@ -149,7 +149,7 @@ class Sealers:
             and self._reactor.seconds() >= self._pausedUntil
         )
 
-    def seal(self, outbox, limit: int, jobs: list, keys: dict) -> Deferred:
+    def seal(self, outbox, limit: int, jobs: list, keys: dict, lanes: int = 1) -> Deferred:
         """
         Seal spooled messages into C{outbox} in one of the processes.
 
@@ -158,14 +158,16 @@ class Sealers:
         @param jobs: C{(spool path, fingerprints)} of each message: its file
             and the keys to encrypt it to.
         @param keys: Those keys (L{p2pmta.openpgp.PublicKey}) by fingerprint.
+        @param lanes: How many of them the process seals at once (see
+            L{p2pmta.sealing.LANES}).
         @return: a Deferred firing with, for each job, the facts that
             L{p2pmta.sealing.sealSpooled} returns or the L{Failure} that
             stopped it; or failing with L{SealingFailed} if no process
             could seal them.
         """
-        return Deferred.fromCoroutine(self._seal(outbox, limit, jobs, keys))
+        return Deferred.fromCoroutine(self._seal(outbox, limit, jobs, keys, lanes))
 
-    async def _seal(self, outbox, limit: int, jobs: list, keys: dict) -> list:
+    async def _seal(self, outbox, limit: int, jobs: list, keys: dict, lanes: int) -> list:
         process = self._process()
         spares = outbox.spares.claim(len(jobs))
         # A key is named by its encryption subkey too: should a peer's key
@@ -177,6 +179,7 @@ class Sealers:
             "limit": limit,
             "jobs": [{"spool": spool, "keys": [names[fpr] for fpr in fingerprints]} for spool, fingerprints in jobs],
             "spares": spares,
+            "lanes": lanes,
             "keys": {names[fpr]: keyFields(key) for fpr, key in keys.items() if names[fpr] not in process.keys},
         }
         process.keys.update(request["keys"])

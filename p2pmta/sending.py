@@ -33,7 +33,7 @@ from p2pmta.interfaces import ISubmission
 from p2pmta.logs import logFailure
 from p2pmta.notices import Notices
 from p2pmta.notification import BadNotification, ReceiveNotification
-from p2pmta.sealing import sealSpooled
+from p2pmta.sealing import LANES, sealSpooled
 from p2pmta.spool import sizeAndCrc
 
 #: How long the key of a peer not seen (no mail to or from it) is kept.
@@ -402,10 +402,20 @@ class Sender:
             prepared = await peer.keyring.whileShared(self._sealingJobs, rows, recipients)
             if prepared is not None:
                 try:
-                    return await sealers.seal(peer.outbox, self.maxMessageSize, *prepared)
+                    return await sealers.seal(peer.outbox, self.maxMessageSize, *prepared, lanes=self._sealingLanes())
                 except SealingFailed as e:
                     self.log.warn("sealing {n} messages in threads instead: {e}", n=len(rows), e=e)
         return await peer.keyring.whileShared(self._encryptSome, rows, recipients)
+
+    def _sealingLanes(self) -> int:
+        """
+        How many messages of a batch its sealing process seals at once
+        (L{p2pmta.sealing.LANES}): one while an SMTP session is open, so
+        that a core is left to it; as many as there are cores, up to
+        L{LANES}, once none is, for the messages that came in while the
+        last batch of a burst was sealed.
+        """
+        return 1 if self._sessions else max(1, min(LANES, os.cpu_count() or 1))
 
     def _sealingJobs(self, rows, recipients: dict) -> tuple[list, dict] | None:
         """

@@ -18,6 +18,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from types import SimpleNamespace
 from unittest import skipUnless
@@ -209,6 +210,58 @@ class SealBatchTests(_Folders, TestCase):
         self.assertIn("cannot answer", result["error"])
         self.assertEqual(os.listdir(self.outbox.directory), [])
 
+    def test_lanesSealSideBySide(self) -> None:
+        """
+        With C{lanes}, that many messages are sealed at once, each in a
+        thread of its own; the answers keep the jobs' order, a failed job
+        failing alone.
+        """
+        fingerprint = self.bob.publicKey.fingerprint
+        messages = [TEXT, BINARY, None, TEXT + b"d", BINARY + b"e"]
+        jobs = [
+            {"spool": os.path.join(self.spool, "gone") if message is None else _spooled(self.spool, str(n), message), "keys": [fingerprint]}
+            for n, message in enumerate(messages)
+        ]
+        # The first two messages wait for each other: were they sealed one
+        # after the other, the first would wait in vain and fail.
+        meet = threading.Barrier(2, timeout=30)
+        threads = []
+        encrypt = openpgp.encrypt
+
+        def encrypting(*args, **kwargs):
+            threads.append(threading.current_thread().name)
+            if len(threads) <= 2:
+                meet.wait()
+            return encrypt(*args, **kwargs)
+
+        self.patch(openpgp, "encrypt", encrypting)
+        results = sealBatch(dict(self.request(jobs), lanes=2), self.keys)["results"]
+        self.assertEqual(len(threads), 4)
+        self.assertTrue(all(name.startswith("p2pmta-seal") for name in threads), threads)
+        self.assertIn("FileNotFoundError", results[2]["error"])
+        for job, result in zip(jobs, results):
+            if job is not jobs[2]:
+                self.assertSealed(factsOf(result), job["spool"], self.bob)
+        self.assertEqual(len(os.listdir(self.outbox.directory)), 4)
+
+    def test_oneLaneByDefault(self) -> None:
+        """Without C{lanes}, or with one, the messages are sealed one by one, here."""
+        fingerprint = self.bob.publicKey.fingerprint
+        threads = []
+        encrypt = openpgp.encrypt
+
+        def encrypting(*args, **kwargs):
+            threads.append(threading.current_thread())
+            return encrypt(*args, **kwargs)
+
+        self.patch(openpgp, "encrypt", encrypting)
+        for n, lanes in enumerate((None, 1)):
+            jobs = [{"spool": _spooled(self.spool, f"{n}{m}", TEXT + bytes([m])), "keys": [fingerprint]} for m in range(2)]
+            request = self.request(jobs) if lanes is None else dict(self.request(jobs), lanes=lanes)
+            for job, result in zip(jobs, sealBatch(request, self.keys)["results"]):
+                self.assertSealed(factsOf(result), job["spool"], self.bob)
+        self.assertEqual(threads, [threading.current_thread()] * 4)
+
     def test_keysCrossWhole(self) -> None:
         """A key sent to a child as fields is the key it was."""
         key = self.bob.publicKey
@@ -253,6 +306,20 @@ class SealersTests(_Folders, TestCase):
         self.assertFalse(process.running)
         self.assertRaises(ProcessLookupError, os.kill, pid, 0)
         self.assertFalse(sealers.available())
+
+    async def test_lanesCrossToTheChild(self) -> None:
+        """The lanes asked for reach the child, which seals the batch with them."""
+        sealers = self.sealers()
+        asked = []
+        await sealers.seal(self.outbox, 1 << 20, [self.job("warm")], self.keys)
+        [process] = sealers._processes
+        ask = process.ask
+        process.ask = lambda request: (asked.append(request), ask(request))[1]
+        jobs = [self.job(str(n), BINARY + bytes([n])) for n in range(3)]
+        results = await sealers.seal(self.outbox, 1 << 20, jobs, self.keys, lanes=2)
+        self.assertEqual([request["lanes"] for request in asked], [2])
+        for (spool, _), facts in zip(jobs, results):
+            self.assertSealed(facts, spool, self.bob)
 
     async def test_sparesClaimedAndGivenBack(self) -> None:
         """The outbox's spares go to the child; those it does not use come back."""

@@ -10,12 +10,12 @@ import os
 import zlib
 from types import SimpleNamespace
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from p2pmta.notices import Notices
-from p2pmta.sealing import HUFFMAN_ONLY, compression
+from p2pmta.sealing import HUFFMAN_ONLY, LANES, compression
 from p2pmta.sending import Sender
 
 
@@ -158,6 +158,49 @@ class QuietTests(PipelineTestCase):
         self.sender.sessions(0)
         notices.notifyPending()
         self.assertEqual(len(runs), 2, "no wait: nothing more can come")
+
+
+class LanesTests(SynchronousTestCase):
+    """
+    A batch is sealed one message at a time while an SMTP session is open,
+    and L{LANES} at a time (as the cores allow) once none is.
+    """
+
+    def lanesAsked(self, sessions: int) -> int:
+        """The lanes L{Sender} asks its sealing process for, C{sessions} open."""
+        asked = []
+
+        class Sealers:
+            def available(self) -> bool:
+                return True
+
+            def seal(self, outbox, limit, jobs, keys, lanes=1):
+                asked.append(lanes)
+                return succeed([("digest", 1, 1, b"", "[]", b"")] * len(jobs))
+
+        keyring = SimpleNamespace(whileShared=lambda f, rows, recipients: succeed(([("spool", ["key"])] * len(rows), {})))
+        peer = SimpleNamespace(
+            reactor=Clock(), dataDir=SimpleNamespace(spool="spool"), track=lambda d: d,
+            sealers=Sealers(), keyring=keyring, outbox=object(),
+        )  # fmt: skip
+        sender = Sender(peer, 1000)
+        sender.sessions(sessions)
+        results = self.successResultOf(Deferred.fromCoroutine(sender._encryptPart([{"id": "a"}, {"id": "b"}], {})))
+        self.assertEqual(len(results), 2)
+        [lanes] = asked
+        return lanes
+
+    def test_oneWhileASessionIsOpen(self) -> None:
+        """While a session is open, one message at a time: a core is left to it."""
+        self.assertEqual(self.lanesAsked(1), 1)
+
+    def test_asManyAsCoresOnceNone(self) -> None:
+        """Once no session is open, L{LANES} at a time, no more than there are cores."""
+        self.assertEqual(self.lanesAsked(0), max(1, min(LANES, os.cpu_count() or 1)))
+        self.patch(os, "cpu_count", lambda: 1)
+        self.assertEqual(self.lanesAsked(0), 1)
+        self.patch(os, "cpu_count", lambda: 64)
+        self.assertEqual(self.lanesAsked(0), LANES)
 
 
 class CompressionTests(SynchronousTestCase):
