@@ -14,7 +14,7 @@ from email.message import EmailMessage
 from email.policy import SMTP
 
 from twisted.internet import reactor
-from twisted.internet.defer import ensureDeferred, gatherResults
+from twisted.internet.defer import Deferred, ensureDeferred, gatherResults
 from twisted.internet.threads import deferToThread
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SkipTest, TestCase
@@ -24,6 +24,7 @@ from p2pmta.address import Address
 from p2pmta.dht import NOTIFICATION_TTL
 from p2pmta.errors import DecryptionFailed
 from p2pmta.notification import splitHeaders
+from p2pmta.sealing import LANES
 from p2pmta.spool import keepsEnvelopes
 from p2pmta.store import sha256Hex
 from tests.peers import PeerHarness, eventually, sleep, uids
@@ -400,6 +401,21 @@ class MailFlowTests(TestCase):
         """
         return ensureDeferred(self._batchOpened())
 
+    def submitInOneSession(self, name: str, recipient: str, messages: list):
+        """
+        Submit C{messages} to C{recipient} at peer C{name}'s SMTP server, one
+        after the other in one session (in a thread), which then ends.
+        """
+        port, config = self.harness.port(name, "smtp"), self.harness.configs[name]
+
+        def submitAll():
+            with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+                client.login(str(config.address), config.password)
+                for message in messages:
+                    client.sendmail(str(config.address), [recipient], message)
+
+        return deferToThread(submitAll)
+
     async def _burstEnds(self):
         await self.peers("alice", "bob")
         h = self.harness
@@ -408,15 +424,7 @@ class MailFlowTests(TestCase):
         # the pipeline runs dry, never this long.
         sender.notices.burst, sender.notices.burstDelay = 2, 120.0
         messages = [makeMessage("alice@demo", ["bob@demo"], f"burst {n}", os.urandom(2000)) for n in range(30)]
-        port, config = h.port("alice", "smtp"), h.configs["alice"]
-
-        def submitAll():
-            with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
-                client.login(str(config.address), config.password)
-                for message in messages:
-                    client.sendmail(str(config.address), ["bob@demo"], message)
-
-        await deferToThread(submitAll)
+        await self.submitInOneSession("alice", "bob@demo", messages)
         listed = await h.listed("bob", len(messages), timeout=20)
         self.assertEqual(len(listed), len(messages))
         notices = await h.running["alice"].ledger.query("SELECT id FROM notices")
@@ -428,6 +436,50 @@ class MailFlowTests(TestCase):
         soon as the pipeline has none left to take.
         """
         return ensureDeferred(self._burstEnds())
+
+    async def _burstTailInLanes(self):
+        await self.peers("alice", "bob")
+        h = self.harness
+        peer = h.running["alice"]
+        sealers, seal = peer.sealers, peer.sealers.seal
+        asked: list = []  # (messages, lanes) of each batch
+        release: Deferred = Deferred()
+
+        def sealing(outbox, limit, jobs, keys, lanes=1):
+            asked.append((len(jobs), lanes))
+            if len(asked) == 1:
+                # The burst's first batch waits for the session to end: the
+                # rest of the burst comes in meanwhile, as it does when the
+                # sealing falls behind.
+                return release.addCallback(lambda _: seal(outbox, limit, jobs, keys, lanes=lanes))
+            return seal(outbox, limit, jobs, keys, lanes=lanes)
+
+        sealers.seal = sealing
+        messages = [makeMessage("alice@demo", ["bob@demo"], f"tail {n}", os.urandom(2000 + 3000 * n)) for n in range(12)]
+        await self.submitInOneSession("alice", "bob@demo", messages)
+
+        async def closed():
+            return not peer.sender._sessions
+
+        await eventually(closed)
+        release.callback(None)
+        listed = await h.listed("bob", len(messages), timeout=30)
+        typ, data, _ = await h.imap("bob", lambda c: fetchBodies(c, listed))
+        self.assertEqual(typ, "OK")
+        bodies = sorted(stripAdded(item[1]) for item in data if isinstance(item, tuple))
+        self.assertEqual(bodies, sorted(messages))
+        self.assertEqual(asked[0], (1, 1), "sealed one at a time while the session ran")
+        lanes = max(1, min(LANES, os.cpu_count() or 1))
+        self.assertEqual(sum(n for n, _ in asked[1:]), len(messages) - 1)
+        self.assertEqual({used for _, used in asked[1:]}, {lanes})
+
+    def test_burstTailSealedInLanes(self):
+        """
+        The messages of a burst still to seal once its session has ended
+        are sealed in the sealing process's lanes, side by side, and reach
+        their recipient whole; while the session ran, one at a time.
+        """
+        return ensureDeferred(self._burstTailInLanes())
 
     async def _twoRecipients(self):
         await self.peers("alice", "bob", "carol")
